@@ -1,0 +1,289 @@
+"""Invariants of the VQRAE tokenizer model: presets, quantizer, encoder towers, decoder, persistence, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+
+from tokenizer import PRESETS, VQRAE, ConfigError, EncoderConfig, VQRAEConfig, apply_overrides, from_dict, get_preset
+from tokenizer.config import to_dict
+from tokenizer.encoder import VisionEncoder
+from tokenizer.quantizer import SimVQ, nearest_code, nearest_code_full, perplexity
+
+
+def tiny_model(seed: int = 0, **encoder_overrides) -> VQRAE:
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny")
+    if encoder_overrides:
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **encoder_overrides))
+    return VQRAE(cfg)
+
+
+def images(b: int = 2, size: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ----- presets ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = VQRAE(cfg)
+        x = torch.empty(1, 3, cfg.encoder.image_size, cfg.encoder.image_size)
+        feats = model.encoder(x)
+        q = model.quantizer.in_proj(feats)
+        out = model.decoder(q)
+    assert feats.shape == (1, cfg.num_tokens, cfg.encoder.hidden_size)
+    assert model.quantizer.codebook.shape == (cfg.quantizer.codebook_size, cfg.quantizer.codebook_dim)
+    assert model.quantizer.codebook_proj.weight.shape == (cfg.quantizer.codebook_dim,) * 2
+    assert out.shape == x.shape
+    assert from_dict(VQRAEConfig, to_dict(cfg)) == cfg
+
+
+def test_published_preset_shapes():
+    so400m = get_preset("siglip2-so400m-p16-256")
+    assert (so400m.encoder.hidden_size, so400m.encoder.patch_size, so400m.encoder.image_size) == (1152, 16, 256)
+    assert so400m.encoder.tower["num_hidden_layers"] == 27 and so400m.encoder.tower["intermediate_size"] == 4304
+    assert (so400m.quantizer.codebook_size, so400m.quantizer.codebook_dim) == (16384, 1536)
+    intern = get_preset("internvit-300m-p14-448")
+    assert (intern.encoder.hidden_size, intern.encoder.patch_size, intern.encoder.image_size) == (1024, 14, 448)
+    assert intern.num_tokens == 32 * 32
+
+
+# ----- quantizer ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget_mb", [0, 1, 64])
+def test_chunked_search_equals_full_search(budget_mb):
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.randn(700, 48, generator=gen)
+    z = torch.randn(1000, 48, generator=gen)
+    chunked = nearest_code(z, codebook, budget_mb=budget_mb)  # budget 0 -> one row per block
+    assert torch.equal(chunked, nearest_code_full(z, codebook))
+    # an independent computation: the true nearest neighbour by pairwise distances
+    assert torch.equal(chunked, torch.cdist(z.double(), codebook.double()).argmin(1))
+
+
+def test_search_finds_exact_codes():
+    codebook = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+    idx = torch.randint(0, 300, (500,), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(nearest_code(codebook[idx] + 1e-4, codebook, budget_mb=0), idx)
+
+
+def test_quantizer_eval_quantized_equals_lookup():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        enc = model.encode(images())
+    assert torch.equal(enc.quantized, model.quantizer.decode_codes(enc.indices))
+    assert enc.indices.dtype == torch.int64 and enc.indices.shape == (2, 64)
+
+
+def test_straight_through_and_loss_formula():
+    torch.manual_seed(0)
+    q = SimVQ(get_preset("tiny").quantizer, in_dim=32)
+    feats = torch.randn(2, 10, 32, requires_grad=True)
+    out = q(feats)
+    z = q.in_proj(feats)
+    z_q = q.decode_codes(out.indices)
+    assert torch.equal(out.quantized, z_q)  # forward value is exactly the code vector
+    expected = 0.25 * ((z - z_q) ** 2).mean() + ((z_q - z) ** 2).mean()
+    torch.testing.assert_close(out.loss, expected)
+    # straight-through: d(sum(g * quantized)) / dz = g, so in_proj sees the decoder's gradient
+    g = torch.randn_like(out.quantized)
+    grad_feats = torch.autograd.grad((out.quantized * g).sum(), feats, retain_graph=True)[0]
+    torch.testing.assert_close(grad_feats, g @ q.in_proj.weight)
+    # the codebook term trains W (the frozen C gets nothing), the commitment term trains in_proj
+    out.loss.backward()
+    assert q.codebook_proj.weight.grad.abs().sum() > 0
+    assert q.codebook.grad is None and not q.codebook.requires_grad
+
+
+def test_usage_metrics_match_direct_computation():
+    q = SimVQ(get_preset("tiny").quantizer, in_dim=64)
+    out1, out2 = q(torch.randn(4, 64, 64)), q(torch.randn(4, 64, 64))
+    for out in (out1, out2):
+        counts = torch.bincount(out.indices.flatten(), minlength=512).double()
+        p = counts[counts > 0] / counts.sum()
+        assert out.metrics["code_usage"].item() == pytest.approx(len(p) / 512)
+        assert out.metrics["code_perplexity"].item() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-5)
+    both = torch.cat([out1.indices.flatten(), out2.indices.flatten()])
+    assert q.usage()["utilisation"] == pytest.approx(both.unique().numel() / 512)
+    q.reset_usage()
+    assert q.usage() == {"utilisation": 0.0, "perplexity": 1.0}
+    assert perplexity(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0)
+
+
+# ----- model --------------------------------------------------------------------------------------------------
+
+
+def test_forward_backward_finite_and_gradients_reach_encoder_side():
+    model = tiny_model()
+    x = images()
+    out = model(x)
+    assert out.reconstruction.shape == x.shape
+    loss = F.mse_loss(out.reconstruction, x) + out.vq_loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # the reconstruction loss alone reaches the projection before the quantizer through the STE
+    model.zero_grad()
+    F.mse_loss(model(x).reconstruction, x).backward()
+    assert model.quantizer.in_proj.weight.grad.abs().sum() > 0
+    assert model.encoder.tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_decode_matches_forward_in_eval():
+    model = tiny_model().eval()
+    x = images()
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(model.decode(out.indices), out.reconstruction)
+        assert torch.equal(model.decode(out.indices.view(2, 8, 8)), out.reconstruction)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    x = images()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(seed=5)
+        model.set_gradient_checkpointing(ckpt)
+        F.mse_loss(model(x).reconstruction, x).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no temporary left behind
+    loaded = VQRAE.from_pretrained(tmp_path / "tok").eval()
+    assert loaded.config == model.config
+    x = images()
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.reconstruction, b.reconstruction) and torch.equal(a.indices, b.indices)
+    model.save_pretrained(tmp_path / "tok")  # overwriting an export is atomic too
+    assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+
+
+def test_feature_layer_penultimate_matches_hidden_states():
+    full = tiny_model(seed=2)
+    penult = tiny_model(seed=2, feature_layer=-2)
+    assert len(penult.encoder.tower.encoder.layers) == 1
+    penult.encoder.tower.load_state_dict(full.encoder.tower.state_dict(), strict=False)
+    x = images()
+    with torch.no_grad():
+        hidden = full.encoder.tower(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(penult.encode_features(x), hidden)
+        torch.testing.assert_close(full.encode_features(x), full.encoder.tower(pixel_values=x).last_hidden_state)
+
+
+def test_encoder_normalisation_follows_config():
+    enc = VisionEncoder(dataclasses.replace(get_preset("tiny").encoder, image_mean=(0.485, 0.456, 0.406),
+                                            image_std=(0.229, 0.224, 0.225)))
+    x = images()
+    expected = ((x + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), enc.tower(pixel_values=expected).last_hidden_state)
+
+
+def _tiny_siglip_config() -> SiglipConfig:
+    tiny = get_preset("tiny").encoder.tower
+    vision = {k: v for k, v in tiny.items() if k != "model_type"}
+    text = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+            "vocab_size": 99}
+    return SiglipConfig(vision_config=vision, text_config=text)
+
+
+@pytest.mark.parametrize("kind", ["dual", "vision"])
+def test_load_pretrained_encoder_from_local_directory(tmp_path, kind):
+    torch.manual_seed(0)
+    dual = SiglipModel(_tiny_siglip_config())
+    reference = SiglipVisionModel(dual.config.vision_config)
+    reference.load_state_dict({k.removeprefix("vision_model."): v for k, v in dual.state_dict().items()
+                               if k.startswith("vision_model.")}, strict=False)
+    (dual if kind == "dual" else reference).save_pretrained(tmp_path / "siglip")
+    (tmp_path / "siglip" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    model = VQRAE.from_pretrained_encoder(get_preset("tiny"), tmp_path / "siglip")
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_features(x), reference.eval()(pixel_values=x).last_hidden_state)
+    # the exported tokenizer no longer needs the encoder directory
+    model.save_pretrained(tmp_path / "tok")
+    with torch.no_grad():
+        torch.testing.assert_close(VQRAE.from_pretrained(tmp_path / "tok").encode_features(x), model.encode_features(x))
+
+
+def test_siglip2_naflex_tower_patch_order():
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    tower = {"model_type": "siglip2_vision_model", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128, "patch_size": 8, "num_patches": 64, "vision_use_head": False}
+    enc = VisionEncoder(EncoderConfig(tower=tower))
+    assert EncoderConfig(tower=tower).image_size == 64
+    x = images()
+    patches = torch.stack([convert_image_to_patches(img, 8) for img in x])  # the processor's own patch order
+    with torch.no_grad():
+        ref = enc.tower(pixel_values=patches, spatial_shapes=torch.tensor([[8, 8]] * 2),
+                        pixel_attention_mask=torch.ones(2, 64, dtype=torch.long)).last_hidden_state
+        torch.testing.assert_close(enc(x), ref)
+
+
+def test_internvit_tower_drops_cls_token():
+    cfg = get_preset("internvit-300m-p14-448")
+    small = dict(cfg.encoder.tower, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 image_size=56)
+    enc = VisionEncoder(dataclasses.replace(cfg.encoder, tower=small))
+    with torch.no_grad():
+        out = enc(images(size=56))
+        full = enc.tower(pixel_values=(images(size=56) * enc.scale + enc.shift)).last_hidden_state
+    assert out.shape == (2, 16, 32)
+    torch.testing.assert_close(out, full[:, 1:])
+
+
+# ----- errors -------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    model = tiny_model().eval()
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        model.encode(torch.zeros(1, 4, 64, 64))
+    with pytest.raises(ValueError, match="not divisible by the encoder patch size 8"):
+        model.encode(torch.zeros(1, 3, 60, 64))
+    with pytest.raises(ValueError, match="does not match the model's 64x64"):
+        model.encode(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="\\(B, 3, H, W\\)"):
+        model.encode(torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="out of range"):
+        model.decode(torch.full((1, 64), 512))
+    with pytest.raises(ValueError, match="out of range"):
+        model.decode(torch.full((1, 64), -1))
+    with pytest.raises(ValueError, match="must have shape \\(B, 64\\)"):
+        model.decode(torch.zeros(1, 63, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        model.decode(torch.zeros(1, 64))
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ConfigError, match="unknown config key 'quantizer.codebook_sz'"):
+        from_dict(VQRAEConfig, {"quantizer": {"codebook_sz": 3}, "encoder": to_dict(get_preset("tiny").encoder)})
+    with pytest.raises(ConfigError, match="unknown config key 'decoder.depth'"):
+        apply_overrides(get_preset("tiny"), ["decoder.depth=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(get_preset("tiny"), ["quantizer.codebook_size=big"])
+    with pytest.raises(FileNotFoundError, match="not a VQRAE directory"):
+        VQRAE.from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="encoder weights directory"):
+        VQRAE.from_pretrained_encoder(get_preset("tiny"), tmp_path / "missing")
+    assert apply_overrides(get_preset("tiny"), ["quantizer.beta=0.5"]).quantizer.beta == 0.5

@@ -1,0 +1,20 @@
+"""The VQRAE tokenizer: config + presets, encoder, SimVQ quantizer, ViT decoder, model."""
+
+from tokenizer.config import (
+    PRESETS,
+    ConfigError,
+    DecoderConfig,
+    EncoderConfig,
+    QuantizerConfig,
+    VQRAEConfig,
+    apply_overrides,
+    from_dict,
+    get_preset,
+    to_dict,
+)
+from tokenizer.model import VQRAE, VQRAEEncoding, VQRAEOutput
+
+__all__ = [
+    "PRESETS", "ConfigError", "DecoderConfig", "EncoderConfig", "QuantizerConfig", "VQRAEConfig", "VQRAE",
+    "VQRAEEncoding", "VQRAEOutput", "apply_overrides", "from_dict", "get_preset", "to_dict",
+]

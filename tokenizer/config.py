@@ -1,0 +1,352 @@
+"""VQRAE configuration: dataclasses for encoder, quantizer and decoder, the named presets, and the strict
+dict <-> dataclass conversion every config in this repository uses (unknown keys are errors).
+
+A preset is a complete `VQRAEConfig`; an experiment overrides fields of it:
+
+    cfg = get_preset("siglip2-so400m-p16-256")
+    cfg = apply_overrides(cfg, ["quantizer.codebook_size=32768"])
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be built: unknown key, wrong type, unknown preset, inconsistent sizes."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strict dataclass <-> dict conversion
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass inside `tp` (also inside `X | None`), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; lists become tuples for tuple fields, ints become floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} does not match {tp}")
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if args and len(args) != len(value):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args or [Any] * len(value)))
+    if origin is list:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, key) for v in value]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested mapping; unknown keys and wrongly typed values raise ConfigError.
+
+    Args:
+        cls: the dataclass type.
+        data: nested mapping (e.g. parsed yaml/json); missing keys take the dataclass defaults.
+        prefix: dotted path of `data` inside a larger config, used in error messages.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section '{prefix or cls.__name__}' must be a mapping, got {data!r}")
+    types = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(names)})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        sub = _dataclass_of(types[name])
+        if sub is not None and isinstance(value, Mapping):
+            kwargs[name] = from_dict(sub, value, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, types[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as a plain nested dict (tuples become lists) that json/yaml can write."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(obj)
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Return a copy of `cfg` with `key.sub=value` overrides applied (values parsed as yaml scalars/lists).
+
+    Args:
+        cfg: a dataclass config.
+        overrides: strings like "quantizer.beta=0.5" or "data.paths=[a, b]".
+    """
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, obj = data, cfg
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+                raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override {item!r}")
+            if i < len(parts) - 1:
+                obj = getattr(obj, part)
+                node = node[part]
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys ({item!r})")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return from_dict(type(cfg), data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VQRAE model config
+
+
+@dataclass
+class EncoderConfig:
+    """The vision foundation model whose continuous features are the tokenizer's latent.
+
+    Args:
+        tower: a transformers config as a dict with its `model_type` (e.g. "siglip_vision_model",
+            "siglip2_vision_model", "internvl_vision", or any AutoModel vision tower); built with random weights,
+            or read from a pretrained directory by `tokenizer.encoder.load_pretrained_encoder`.
+        feature_layer: -1 takes the tower's output (after its final norm); -k (k >= 2) takes the output of the
+            k-th layer from the end (LLaVA uses -2); the layers after it are removed from the model.
+        image_mean, image_std: the tower's input normalisation (applied to images in [0, 1]).
+        attn_implementation: "auto" (flash_attention_2 when the flash-attn package and a GPU are present, else
+            sdpa), "sdpa", "flash_attention_2" or "eager".
+    """
+
+    tower: dict[str, Any] = field(default_factory=dict)
+    feature_layer: int = -1
+    image_mean: tuple[float, float, float] = SIGLIP_MEAN_STD[0]
+    image_std: tuple[float, float, float] = SIGLIP_MEAN_STD[1]
+    attn_implementation: str = "auto"
+
+    @property
+    def model_type(self) -> str:
+        return self.tower.get("model_type", "")
+
+    def _tower_int(self, key: str) -> int:
+        value = self.tower.get(key)
+        if isinstance(value, (list, tuple)):
+            value = value[0]
+        if not isinstance(value, int):
+            raise ConfigError(f"encoder.tower needs an integer '{key}' (got {value!r})")
+        return value
+
+    @property
+    def hidden_size(self) -> int:
+        return self._tower_int("hidden_size")
+
+    @property
+    def patch_size(self) -> int:
+        return self._tower_int("patch_size")
+
+    @property
+    def image_size(self) -> int:
+        if self.model_type == "siglip2_vision_model":  # NaFlex towers have a patch budget instead of a size
+            return self.patch_size * int(round(self._tower_int("num_patches") ** 0.5))
+        return self._tower_int("image_size")
+
+
+@dataclass
+class QuantizerConfig:
+    """SimVQ: features -> linear to `codebook_dim` -> nearest row of C W (C frozen, W learned).
+
+    Args:
+        codebook_size: K, the number of codes.
+        codebook_dim: D, the code dimension (the paper: >= the encoder width; 1536 for SigLIP2-so400m).
+        beta: weight of the commitment term ||sg(z_q) - z||^2.
+        search_budget_mb: memory for one chunk of the (rows x K) fp32 distance matrix in nearest-code search.
+    """
+
+    codebook_size: int = 16384
+    codebook_dim: int = 1536
+    beta: float = 0.25
+    search_budget_mb: int = 64
+
+
+@dataclass
+class DecoderConfig:
+    """A ViT mirroring the encoder: bottleneck projection, transformer layers, linear pixel head, unpatchify.
+
+    Args:
+        hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: transformer shape.
+        patch_size: output pixels per token side; 0 means the encoder's patch size (output = input resolution).
+        hidden_act, layer_norm_eps: as in the SigLIP layers the decoder is built from.
+    """
+
+    hidden_size: int = 1152
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    intermediate_size: int = 4304
+    patch_size: int = 0
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+
+@dataclass
+class VQRAEConfig:
+    """The whole tokenizer. Pixel range of inputs and decoded images: [-1, 1]."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per image side."""
+        return self.encoder.image_size // self.encoder.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def output_patch_size(self) -> int:
+        return self.decoder.patch_size or self.encoder.patch_size
+
+    def validate(self) -> None:
+        if not self.encoder.model_type:
+            raise ConfigError("encoder.tower needs a 'model_type' (e.g. 'siglip_vision_model')")
+        if self.encoder.image_size % self.encoder.patch_size:
+            raise ConfigError(
+                f"encoder image size {self.encoder.image_size} is not divisible by patch size {self.encoder.patch_size}"
+            )
+        if self.encoder.feature_layer == 0 or self.encoder.feature_layer < -self.encoder._tower_int("num_hidden_layers"):
+            raise ConfigError(f"encoder.feature_layer must be in [-num_layers, -1], got {self.encoder.feature_layer}")
+        if self.decoder.hidden_size % self.decoder.num_attention_heads:
+            raise ConfigError("decoder.hidden_size must be divisible by decoder.num_attention_heads")
+        if self.quantizer.codebook_size < 2 or self.quantizer.codebook_dim < 1:
+            raise ConfigError("quantizer.codebook_size must be >= 2 and quantizer.codebook_dim >= 1")
+        if self.encoder.attn_implementation not in ("auto", "sdpa", "flash_attention_2", "eager"):
+            raise ConfigError(f"unknown encoder.attn_implementation {self.encoder.attn_implementation!r}")
+
+
+def _siglip_tower(hidden: int, layers: int, heads: int, mlp: int, patch: int, image: int) -> dict[str, Any]:
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": mlp,
+        "patch_size": patch,
+        "image_size": image,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "vision_use_head": False,
+    }
+
+
+def _so400m(image: int) -> VQRAEConfig:
+    return VQRAEConfig(
+        encoder=EncoderConfig(tower=_siglip_tower(1152, 27, 16, 4304, 16, image)),
+        quantizer=QuantizerConfig(codebook_size=16384, codebook_dim=1536),
+        decoder=DecoderConfig(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304),
+    )
+
+
+def _internvit_300m() -> VQRAEConfig:
+    tower = {
+        "model_type": "internvl_vision",
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "patch_size": 14,
+        "image_size": 448,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "use_mean_pooling": False,
+    }
+    return VQRAEConfig(
+        encoder=EncoderConfig(tower=tower, image_mean=IMAGENET_MEAN_STD[0], image_std=IMAGENET_MEAN_STD[1]),
+        quantizer=QuantizerConfig(codebook_size=16384, codebook_dim=1536),
+        decoder=DecoderConfig(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+            hidden_act="gelu", layer_norm_eps=1e-6,
+        ),
+    )
+
+
+def _tiny() -> VQRAEConfig:
+    return VQRAEConfig(
+        encoder=EncoderConfig(tower=_siglip_tower(64, 2, 4, 256, 8, 64)),
+        quantizer=QuantizerConfig(codebook_size=512, codebook_dim=128),
+        decoder=DecoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    )
+
+
+PRESETS: dict[str, Callable[[], VQRAEConfig]] = {
+    "siglip2-so400m-p16-256": lambda: _so400m(256),
+    "siglip2-so400m-p16-512": lambda: _so400m(512),
+    "internvit-300m-p14-448": _internvit_300m,
+    "tiny": _tiny,
+}
+
+
+def get_preset(name: str) -> VQRAEConfig:
+    """A fresh copy of a named preset config."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name]())

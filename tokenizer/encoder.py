@@ -1,0 +1,211 @@
+"""The encoder: a transformers vision tower (SigLIP, SigLIP2, InternViT, CLIP, or any AutoModel vision tower) whose
+continuous patch features (B, N, C) are both the understanding features and the input of the quantizer.
+
+Built from `EncoderConfig.tower` with random weights (tests, presets), or from a local pretrained directory with
+`load_pretrained_encoder` (the one place that reads pretrained weights).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from tokenizer.config import ConfigError, EncoderConfig
+
+log = logging.getLogger(__name__)
+
+# Keys of a transformers config that describe where it came from, not what it is.
+_NON_ARCH_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype", "id2label",
+                  "label2id", "_attn_implementation_autoset", "output_hidden_states", "return_dict")
+
+
+@dataclass(frozen=True)
+class TowerFamily:
+    """How to run one kind of transformers vision tower as a patch-feature encoder.
+
+    Args:
+        layers: dotted path of the tower's ModuleList of transformer layers.
+        final_norm: dotted path of a norm applied to `last_hidden_state` after the last layer (None if none).
+        prefix_tokens: tokens before the patch tokens in the output (a CLS token: 1).
+        naflex: the tower takes flattened patches + `spatial_shapes` (SigLIP2 NaFlex) instead of an image.
+        unused: dotted paths of modules VQRAE never runs (pooling heads), removed at build time.
+    """
+
+    layers: str
+    final_norm: str | None = None
+    prefix_tokens: int = 0
+    naflex: bool = False
+    unused: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, TowerFamily] = {
+    "siglip_vision_model": TowerFamily("encoder.layers", "post_layernorm", unused=("head",)),
+    "siglip2_vision_model": TowerFamily("encoder.layers", "post_layernorm", naflex=True, unused=("head",)),
+    "internvl_vision": TowerFamily("encoder.layer", "layernorm", prefix_tokens=1),
+    "clip_vision_model": TowerFamily("encoder.layers", None, prefix_tokens=1),
+}
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """'auto' -> flash_attention_2 when the flash-attn package and a CUDA device exist, else sdpa."""
+    if requested != "auto":
+        return requested
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def set_gradient_checkpointing(module: nn.Module, enable: bool = True) -> None:
+    """Turn activation checkpointing on/off for every transformers layer inside `module` (non-reentrant)."""
+    for sub in module.modules():
+        if hasattr(sub, "gradient_checkpointing"):
+            sub._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+            sub.gradient_checkpointing = enable
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    return functools.reduce(getattr, path.split("."), module)
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(module, parent) if parent else module, name, value)
+
+
+def tower_config(cfg: EncoderConfig) -> PretrainedConfig:
+    """The transformers config of the tower described by `cfg.tower`."""
+    kwargs = {k: v for k, v in cfg.tower.items() if k != "model_type"}
+    try:
+        config = AutoConfig.for_model(cfg.model_type, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"encoder.tower: unknown transformers model_type {cfg.model_type!r}") from e
+    config._attn_implementation = resolve_attn_implementation(cfg.attn_implementation)
+    return config
+
+
+def tower_dict(config: PretrainedConfig) -> dict[str, Any]:
+    """The architecture-defining part of a transformers config, for `EncoderConfig.tower`."""
+    out = {"model_type": config.model_type}
+    out.update({k: v for k, v in config.to_diff_dict().items() if k not in _NON_ARCH_KEYS and k != "model_type"})
+    for key in ("hidden_size", "patch_size", "image_size", "num_hidden_layers"):  # always explicit
+        if hasattr(config, key):
+            out[key] = getattr(config, key)
+    return out
+
+
+class VisionEncoder(nn.Module):
+    """Images in [-1, 1] (B, 3, H, W) -> continuous patch features (B, N, C).
+
+    No `torch.no_grad` inside: stage 1 freezes the parameters from outside, stage 2 trains them.
+    """
+
+    def __init__(self, cfg: EncoderConfig, tower: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tower = tower if tower is not None else AutoModel.from_config(tower_config(cfg))
+        self.family = FAMILIES.get(cfg.model_type)
+        self.patch_size = cfg.patch_size
+        self.hidden_size = cfg.hidden_size
+        if self.family is not None:
+            self._prune(self.family)
+        mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+        # x_tower = ((x + 1) / 2 - mean) / std = x * scale + shift
+        self.register_buffer("scale", 0.5 / std, persistent=False)
+        self.register_buffer("shift", (0.5 - mean) / std, persistent=False)
+
+    def _prune(self, family: TowerFamily) -> None:
+        """Drop the layers after `feature_layer` (and the final norm with them) and unused heads."""
+        for path in family.unused:
+            parent, _, name = path.rpartition(".")
+            owner = _get(self.tower, parent) if parent else self.tower
+            if hasattr(owner, name):
+                delattr(owner, name)
+                if hasattr(owner, "use_head"):
+                    owner.use_head = False
+        if self.cfg.feature_layer == -1:
+            return
+        layers = _get(self.tower, family.layers)
+        keep = len(layers) + self.cfg.feature_layer + 1
+        _set(self.tower, family.layers, nn.ModuleList(list(layers)[:keep]))
+        if family.final_norm is not None:
+            _set(self.tower, family.final_norm, nn.Identity())
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Args: pixel_values (B, 3, H, W) in [-1, 1]. Returns: features (B, N, C), N = (H / p) * (W / p)."""
+        x = pixel_values * self.scale.to(pixel_values.dtype) + self.shift.to(pixel_values.dtype)
+        dtype = next(self.tower.parameters()).dtype
+        x = x.to(dtype)
+        if self.family is None:  # any other tower: read the requested hidden state
+            out = self.tower(pixel_values=x, output_hidden_states=self.cfg.feature_layer != -1)
+            hidden = out.last_hidden_state if self.cfg.feature_layer == -1 else out.hidden_states[self.cfg.feature_layer]
+            grid = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
+            return hidden[:, hidden.shape[1] - grid :]
+        if self.family.naflex:
+            hidden = self.tower(**self._naflex_inputs(x)).last_hidden_state
+        else:
+            hidden = self.tower(pixel_values=x).last_hidden_state
+        return hidden[:, self.family.prefix_tokens :]
+
+    def _naflex_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SigLIP2 NaFlex towers take (B, N, p*p*3) patches in (row, col, channel) order plus the grid shape."""
+        b, c, h, w = x.shape
+        p = self.patch_size
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), -1)
+        shapes = torch.tensor([[h // p, w // p]], device=x.device).expand(b, 2)
+        mask = torch.ones(b, patches.shape[1], dtype=torch.long, device=x.device)
+        return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
+
+
+def _vision_config(path: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "vision_config", None) or config
+
+
+def _preprocessor_mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return None
+    data = json.loads(file.read_text())
+    if "image_mean" in data and "image_std" in data:
+        return tuple(data["image_mean"]), tuple(data["image_std"])
+    return None
+
+
+def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) -> VisionEncoder:
+    """Load a pretrained vision tower from a local directory (never downloads).
+
+    The directory may hold a vision tower (e.g. SiglipVisionModel) or a dual model whose config has a
+    `vision_config` (e.g. a SiglipModel / Siglip2Model / CLIPModel checkpoint); only the vision weights are read.
+    Normalisation comes from the directory's preprocessor_config.json when present.
+
+    Args:
+        path: local directory with config.json and weights.
+        cfg: the encoder config whose `feature_layer` and `attn_implementation` to use (its `tower` is replaced by the
+            directory's).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"encoder weights directory {path} not found or has no config.json")
+    cfg = EncoderConfig() if cfg is None else cfg
+    vision = _vision_config(path)
+    tower_cls = AutoModel._model_mapping[type(vision)]
+    attn = resolve_attn_implementation(cfg.attn_implementation)
+    tower = tower_cls.from_pretrained(path, config=vision, attn_implementation=attn)
+    mean_std = _preprocessor_mean_std(path) or (cfg.image_mean, cfg.image_std)
+    loaded = EncoderConfig(
+        tower=tower_dict(vision), feature_layer=cfg.feature_layer, image_mean=tuple(mean_std[0]),
+        image_std=tuple(mean_std[1]), attn_implementation=cfg.attn_implementation,
+    )
+    log.info("loaded %s vision tower from %s", vision.model_type, path)
+    return VisionEncoder(loaded, tower=tower)

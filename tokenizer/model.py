@@ -1,0 +1,153 @@
+"""VQRAE: a pretrained vision encoder whose continuous features serve understanding, a high-dimensional SimVQ
+codebook that turns them into discrete codes for generation, and a symmetric ViT decoder back to pixels.
+
+    model = VQRAE(get_preset("tiny"))
+    enc = model.encode(images)            # images (B, 3, H, W) in [-1, 1]
+    enc.features                          # (B, N, C) continuous, for understanding
+    enc.indices                           # (B, N) int64 codes, for generation
+    images = model.decode(enc.indices)    # (B, 3, H, W) in [-1, 1]
+    model.save_pretrained("out/tok"); VQRAE.from_pretrained("out/tok")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from data.atomic import atomic_directory
+from tokenizer.config import ConfigError, VQRAEConfig, from_dict, to_dict
+from tokenizer.decoder import ViTDecoder
+from tokenizer.encoder import VisionEncoder, load_pretrained_encoder, set_gradient_checkpointing
+from tokenizer.quantizer import SimVQ
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class VQRAEEncoding:
+    """Args: features (B, N, C) continuous encoder features; indices (B, N) int64 codes; quantized (B, N, D)."""
+
+    features: torch.Tensor
+    indices: torch.Tensor
+    quantized: torch.Tensor
+
+
+@dataclass
+class VQRAEOutput:
+    """Args: reconstruction (B, 3, H, W); features (B, N, C); indices (B, N); vq_loss scalar (beta * commitment +
+    codebook); metrics: detached scalars (commitment, codebook, code_usage, code_perplexity)."""
+
+    reconstruction: torch.Tensor
+    features: torch.Tensor
+    indices: torch.Tensor
+    vq_loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+class VQRAE(nn.Module):
+    """The unified tokenizer. Pixel range of inputs and outputs: [-1, 1]."""
+
+    def __init__(self, config: VQRAEConfig, encoder: VisionEncoder | None = None):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder if encoder is not None else VisionEncoder(config.encoder)
+        self.quantizer = SimVQ(config.quantizer, in_dim=config.encoder.hidden_size)
+        self.decoder = ViTDecoder(
+            config.decoder, in_dim=config.quantizer.codebook_dim, grid=config.grid_size,
+            patch_size=config.output_patch_size, attn_implementation=config.encoder.attn_implementation,
+        )
+
+    # ----- encoding / decoding -----------------------------------------------------------------------------
+
+    def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Continuous features for understanding, (B, N, C); never quantized."""
+        self._check_pixels(pixel_values)
+        return self.encoder(pixel_values)
+
+    def encode(self, pixel_values: torch.Tensor) -> VQRAEEncoding:
+        """Images (B, 3, H, W) in [-1, 1] -> features, code indices and quantized vectors."""
+        features = self.encode_features(pixel_values)
+        q = self.quantizer(features)
+        return VQRAEEncoding(features=features, indices=q.indices, quantized=q.quantized)
+
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, N) or (B, h, w) -> images (B, 3, H, W) in [-1, 1] (unclamped)."""
+        if indices.dim() == 3:
+            indices = indices.flatten(1)
+        if indices.dim() != 2 or indices.shape[1] != self.config.num_tokens:
+            raise ValueError(
+                f"code indices must have shape (B, {self.config.num_tokens}) or (B, {self.config.grid_size}, "
+                f"{self.config.grid_size}), got {tuple(indices.shape)}"
+            )
+        return self.decode_quantized(self.quantizer.decode_codes(indices))
+
+    def decode_quantized(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Quantized vectors (B, N, D) -> images (B, 3, H, W)."""
+        return self.decoder(quantized.to(self.decoder.embed.weight.dtype))
+
+    def forward(self, pixel_values: torch.Tensor) -> VQRAEOutput:
+        """Encode, quantize and reconstruct. The losses that need the images (L2, LPIPS, GAN) live in the trainer."""
+        features = self.encode_features(pixel_values)
+        q = self.quantizer(features)
+        reconstruction = self.decode_quantized(q.quantized)
+        return VQRAEOutput(reconstruction, features, q.indices, q.loss, q.metrics)
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must be a (B, 3, H, W) tensor, got {shape}")
+        _, c, h, w = pixel_values.shape
+        if c != 3:
+            raise ValueError(f"pixel_values must have 3 (RGB) channels, got {c}")
+        p, size = self.config.encoder.patch_size, self.config.encoder.image_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the encoder patch size {p}")
+        if (h, w) != (size, size):
+            raise ValueError(f"image size {h}x{w} does not match the model's {size}x{size}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be floating point in [-1, 1], got dtype {pixel_values.dtype}")
+
+    # ----- training helpers --------------------------------------------------------------------------------
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every transformer layer (encoder and decoder)."""
+        set_gradient_checkpointing(self, enable)
+
+    # ----- persistence -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors to `directory` atomically (fp32 unless the model is in another dtype)."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        with atomic_directory(directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps({"model_type": "vqrae", **to_dict(self.config)}, indent=2))
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> VQRAE:
+        """Load a model written by `save_pretrained` (or by the tokenizer export script)."""
+        directory = Path(directory)
+        config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not config_file.is_file() or not weights_file.is_file():
+            raise FileNotFoundError(f"{directory} is not a VQRAE directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        data = json.loads(config_file.read_text())
+        if data.pop("model_type", None) != "vqrae":
+            raise ConfigError(f"{config_file} is not a VQRAE config (model_type must be 'vqrae')")
+        model = cls(from_dict(VQRAEConfig, data))
+        model.load_state_dict(load_file(str(weights_file)), strict=True)
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+    @classmethod
+    def from_pretrained_encoder(cls, config: VQRAEConfig, encoder_path: str | Path) -> VQRAE:
+        """A new VQRAE whose encoder is a pretrained vision tower read from `encoder_path` (quantizer and decoder are
+        freshly initialised). The tower's own config replaces `config.encoder.tower`."""
+        encoder = load_pretrained_encoder(encoder_path, config.encoder)
+        config = VQRAEConfig(encoder=encoder.cfg, quantizer=config.quantizer, decoder=config.decoder)
+        return cls(config, encoder=encoder)
