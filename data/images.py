@@ -1,0 +1,459 @@
+"""Map-style image datasets over three on-disk formats, and their collate function.
+
+- image folder: every .png/.jpg/.jpeg/.webp/.bmp file under a root (recursive, sorted), caption "".
+- jsonl list: one JSON object a line, {"image": path relative to the jsonl folder (or absolute),
+  "caption" or "text": str, ...other keys kept as metadata}.
+- webdataset tar shards: members grouped by key (the member path up to the first dot of its file name): one image
+  member (png/jpg/jpeg/webp), optional "txt" caption, optional "json" metadata. Shard headers are scanned once
+  (no decoding) and samples are read by offset, so the dataset is map-style and works with DataLoader workers.
+
+Every dataset returns `dict(pixel_values=(3, H, W) in [-1, 1], caption=str, index=int, meta=dict)`, or None for
+an unreadable image (one warning names the file); `collate_images` drops the Nones and counts them. Random
+transforms are seeded by (seed, epoch, index), so a resumed run sees the same pixels:
+
+    dataset = build_image_dataset("/data/imagenet/train", ImageTransform(256, mode="random"), seed=0)
+    dataset.set_epoch(epoch)  # before iterating the DataLoader of that epoch
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import re
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.transforms import pil_to_tensor, sample_seed, to_rgb
+
+logger = logging.getLogger(__name__)
+
+FOLDER_IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "webp", "bmp"})
+TAR_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # priority when a sample holds several
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+Transform = Callable[..., torch.Tensor]
+
+
+class StringArray:
+    """An immutable list of strings in two numpy arrays (utf-8 bytes + offsets).
+
+    Python lists of str in a Dataset are copied page by page into every forked DataLoader worker (reference counts
+    write to them); numpy buffers are not.
+    """
+
+    def __init__(self, strings: Sequence[str]):
+        encoded = [s.encode("utf-8", "surrogateescape") for s in strings]
+        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        start, end = self._offsets[i], self._offsets[i + 1]
+        return self._data[start:end].tobytes().decode("utf-8", "surrogateescape")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Common base: subclasses implement `__len__` and `_read(i) -> (image bytes or path, caption, meta, name)`.
+
+    Args:
+        transform: called as `transform(pil_image, seed=...)` -> (3, H, W) in [-1, 1]; None converts the image
+            to a tensor at its own size.
+        seed: the data seed; sample i of epoch e uses `sample_seed(seed, e, i)`.
+    """
+
+    def __init__(self, transform: Transform | None = None, seed: int = 0):
+        self.transform = transform
+        self.seed = seed
+        # Shared memory: forked, spawned and persistent DataLoader workers all see `set_epoch`.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops `__getitem__` reproduces; call before iterating that epoch.
+
+        Args:
+            epoch: the epoch number.
+        """
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def _read(self, i: int) -> tuple[bytes | str, str, dict[str, Any], str]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """Sample `key`: an index (crops of the epoch set by `set_epoch`) or an (epoch, index) pair, which a
+        sampler that crosses epochs uses so that prefetching workers never see the wrong epoch."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{type(self).__name__}: index {i} out of range for {len(self)} samples")
+        name = f"sample {i}"
+        try:
+            source, caption, meta, name = self._read(i)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                image.load()
+                image = to_rgb(image)
+        except DECODE_ERRORS as err:
+            reason = (str(err).splitlines() or [""])[0]
+            logger.warning("skipping unreadable image %s: %s: %s", name, type(err).__name__, reason)
+            return None
+        if self.transform is None:
+            pixels = pil_to_tensor(image)
+        else:
+            pixels = self.transform(image, seed=sample_seed(self.seed, epoch, i))
+        return {"pixel_values": pixels, "caption": caption, "index": i, "meta": meta}
+
+
+def _extension(path: str) -> str:
+    return path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
+
+
+class ImageFolderDataset(ImageDataset):
+    """Every image file under `root`, recursively, sorted by relative path; captions are "".
+
+    Args:
+        root: the folder.
+        transform: see `ImageDataset`.
+        seed: see `ImageDataset`.
+    """
+
+    def __init__(self, root: str | Path, transform: Transform | None = None, seed: int = 0):
+        super().__init__(transform, seed)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        paths = []
+        for folder, dirs, files in os.walk(self.root, followlinks=True):
+            dirs.sort()
+            rel = os.path.relpath(folder, self.root)
+            paths += [os.path.normpath(os.path.join(rel, f)) for f in files if _extension(f) in FOLDER_IMAGE_EXTS]
+        self.paths = StringArray(sorted(Path(p).as_posix() for p in paths))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _read(self, i: int) -> tuple[str, str, dict[str, Any], str]:
+        rel = self.paths[i]
+        path = str(self.root / rel)
+        return path, "", {"path": rel}, path
+
+
+class JsonlImageDataset(ImageDataset):
+    """Images listed in a jsonl file: {"image": path, "caption" | "text": str, ...metadata}.
+
+    Args:
+        path: the .jsonl file; relative image paths are relative to its folder.
+        transform: see `ImageDataset`.
+        seed: see `ImageDataset`.
+    """
+
+    def __init__(self, path: str | Path, transform: Transform | None = None, seed: int = 0):
+        super().__init__(transform, seed)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"jsonl file not found: {self.path}")
+        lines = []
+        with open(self.path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{self.path}:{number}: invalid JSON ({err.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                    raise ValueError(f"{self.path}:{number}: expected an object with a string 'image' key")
+                lines.append(line.strip())
+        self.records = StringArray(lines)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _read(self, i: int) -> tuple[str, str, dict[str, Any], str]:
+        record = json.loads(self.records[i])
+        image = str(self.path.parent / record.pop("image"))  # an absolute path replaces the folder
+        caption = record.pop("caption", None)
+        if caption is None:
+            caption = record.pop("text", "")
+        return image, caption, record, image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Webdataset tar shards
+
+
+def _tar_number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    records, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def scan_tar(path: str) -> list[tuple[str, int, int]]:
+    """(member path, data offset, size) of every regular file in an uncompressed tar, reading headers only.
+
+    Handles ustar prefixes, GNU long names and pax path/size records; much faster than `tarfile` per member.
+
+    Args:
+        path: the .tar file.
+    """
+    members, offset, long_name, pax = [], 0, None, {}
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        while True:
+            f.seek(offset)
+            header = f.read(512)
+            if not header or header.count(0) == len(header) == 512:
+                break
+            if len(header) < 512:
+                raise ValueError(f"not an uncompressed tar file, or truncated (at byte {offset}): {path}")
+            try:
+                valid = _tar_number(header[148:156]) == sum(header) - sum(header[148:156]) + 8 * 32
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ValueError(f"not an uncompressed tar file, or corrupt (bad header at byte {offset}): {path}")
+            kind = header[156:157]
+            size = int(pax.get("size", _tar_number(header[124:136])))
+            data = offset + 512
+            offset = data + (size + 511) // 512 * 512
+            if data + size > file_size:
+                raise ValueError(f"truncated tar file (a member ends past the end of the file): {path}")
+            if kind in (b"L", b"x"):
+                f.seek(data)
+                payload = f.read(size)
+                if kind == b"L":
+                    long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                else:
+                    pax = _pax_records(payload)
+                continue
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            if header[257:263] == b"ustar\0" and header[345]:
+                name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+            name = pax.get("path", long_name or name)
+            long_name, pax = None, {}
+            if kind in (b"0", b"\0", b"7"):
+                members.append((name, data, size))
+    return members
+
+
+def split_key(member: str) -> tuple[str, str]:
+    """Webdataset key and extension: "a/b/0001.seg.png" -> ("a/b/0001", "seg.png")."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+class TarShardDataset(ImageDataset):
+    """Samples of webdataset-style tar shards, random access by byte offset.
+
+    Args:
+        shards: a folder of .tar files, a glob, one .tar file, or a list of .tar files.
+        transform: see `ImageDataset`.
+        seed: see `ImageDataset`.
+        index_threads: threads scanning shard headers (helps on network file systems).
+        max_open_files: open shard files kept per process.
+    """
+
+    def __init__(
+        self,
+        shards: str | Path | Sequence[str | Path],
+        transform: Transform | None = None,
+        seed: int = 0,
+        index_threads: int = 8,
+        max_open_files: int = 64,
+    ):
+        super().__init__(transform, seed)
+        self.shards = resolve_shards(shards)
+        self.max_open_files = max_open_files
+        with ThreadPoolExecutor(max_workers=max(1, min(index_threads, len(self.shards)))) as pool:
+            listings = list(pool.map(scan_tar, self.shards))
+        keys, table = [], []  # table rows: shard, image offset, image size, txt offset, txt size, json ...
+        missing_image = 0
+        for shard_id, members in enumerate(listings):
+            samples: dict[str, dict[str, tuple[int, int]]] = {}
+            for name, offset, size in members:
+                key, ext = split_key(name)
+                samples.setdefault(key, {}).setdefault(ext, (offset, size))
+            for key, parts in samples.items():
+                image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
+                if image_ext is None:
+                    missing_image += 1
+                    continue
+                txt, meta = parts.get("txt", (-1, 0)), parts.get("json", (-1, 0))
+                keys.append(f"{key}.{image_ext}")
+                table.append((shard_id, *parts[image_ext], *txt, *meta))
+        if missing_image:
+            logger.warning("%d tar samples without a png/jpg/jpeg/webp member were skipped", missing_image)
+        self.keys = StringArray(keys)
+        self.table = np.asarray(table, dtype=np.int64).reshape(-1, 7)
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard id -> descriptor, least recently used first
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_files"] = OrderedDict()  # descriptors mean nothing in another process
+        return state
+
+    def _pread(self, shard_id: int, offset: int, size: int) -> bytes:
+        # pread does not move a shared file offset, so descriptors inherited by forked workers stay correct.
+        fd = self._files.pop(shard_id, None)
+        if fd is None:
+            fd = os.open(self.shards[shard_id], os.O_RDONLY)
+            while len(self._files) >= self.max_open_files:
+                os.close(self._files.popitem(last=False)[1])
+        self._files[shard_id] = fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"short read ({len(data)} of {size} bytes)")
+        return data
+
+    def _read(self, i: int) -> tuple[bytes, str, dict[str, Any], str]:
+        shard_id, image_offset, image_size, txt_offset, txt_size, json_offset, json_size = map(int, self.table[i])
+        shard = self.shards[shard_id]
+        name = f"{shard}:{self.keys[i]}"
+        meta: dict[str, Any] = {}
+        if json_offset >= 0:
+            try:
+                meta = json.loads(self._pread(shard_id, json_offset, json_size))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"bad json member ({err.msg})") from None
+            meta = meta if isinstance(meta, dict) else {"json": meta}
+        meta.update(__key__=self.keys[i].rsplit(".", 1)[0], __shard__=shard)
+        caption = self._pread(shard_id, txt_offset, txt_size).decode("utf-8").strip() if txt_offset >= 0 else ""
+        return self._pread(shard_id, image_offset, image_size), caption, meta, name
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
+
+
+def resolve_shards(shards: str | Path | Sequence[str | Path]) -> list[str]:
+    """The sorted list of .tar files named by a folder, a glob, a file or a list of files.
+
+    Args:
+        shards: the shard specification.
+    """
+    if isinstance(shards, (list, tuple)):
+        paths = [str(p) for p in shards]
+    elif os.path.isdir(shards):
+        paths = sorted(glob.glob(os.path.join(glob.escape(str(shards)), "*.tar")))
+    elif glob.has_magic(str(shards)):
+        paths = sorted(glob.glob(str(shards)))
+    else:
+        paths = [str(shards)]
+    if not paths:
+        raise FileNotFoundError(f"no .tar shards found at {shards}")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"tar shard not found: {p}")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collate and dispatch
+
+
+def collate_images(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack the readable samples; `skipped` counts the None ones (an all-None batch has zero rows).
+
+    Args:
+        samples: what `ImageDataset.__getitem__` returned.
+    """
+    kept = [s for s in samples if s is not None]
+    if kept:
+        pixel_values = torch.stack([s["pixel_values"] for s in kept])  # (B, 3, H, W)
+    else:
+        pixel_values = torch.zeros(0, 3, 0, 0)
+    return {
+        "pixel_values": pixel_values,
+        "captions": [s["caption"] for s in kept],
+        "indices": torch.tensor([s["index"] for s in kept], dtype=torch.int64),
+        "meta": [s["meta"] for s in kept],
+        "skipped": len(samples) - len(kept),
+    }
+
+
+DATASET_KINDS: dict[str, type[ImageDataset]] = {
+    "folder": ImageFolderDataset,
+    "jsonl": JsonlImageDataset,
+    "tar": TarShardDataset,
+}
+
+
+def _infer_kind(path: str) -> str:
+    if glob.has_magic(path):
+        return "tar"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset path not found: {path}")
+    if os.path.isdir(path):
+        return "tar" if glob.glob(os.path.join(glob.escape(path), "*.tar")) else "folder"
+    ext = _extension(path)
+    if ext in ("jsonl", "tar"):
+        return ext
+    raise ValueError(f"cannot tell the dataset kind of {path} (expected a folder, a .jsonl or a .tar file)")
+
+
+def build_image_dataset(
+    path_or_spec: str | Path | Sequence[str] | dict[str, Any],
+    transform: Transform | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Open a dataset, inferring its kind from the path or taking it from "kind:path" / {"kind", "path"}.
+
+    A folder holding *.tar files, a glob or a list are tar shards; a .jsonl file is a jsonl list; another folder is
+    an image folder.
+
+    Args:
+        path_or_spec: the path, "kind:path", a list of shards, or {"kind": ..., "path": ...}.
+        transform: see `ImageDataset`.
+        seed: see `ImageDataset`.
+    """
+    if isinstance(path_or_spec, dict):
+        unknown = set(path_or_spec) - {"kind", "path"}
+        if unknown or "path" not in path_or_spec:
+            raise ValueError(f"dataset spec needs 'path' and optionally 'kind', got keys {sorted(path_or_spec)}")
+        kind, path = path_or_spec.get("kind"), path_or_spec["path"]
+    elif isinstance(path_or_spec, (list, tuple)):
+        kind, path = "tar", list(path_or_spec)
+    else:
+        kind, path = None, str(path_or_spec)
+        match = re.fullmatch(r"([A-Za-z]\w+):(?!//)(.+)", path)
+        if match and not os.path.exists(path):
+            kind, path = match.group(1), match.group(2)
+    if kind is None:
+        kind = _infer_kind(path)
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"unknown dataset kind {kind!r} in {path_or_spec!r} (expected one of {sorted(DATASET_KINDS)})")
+    dataset = DATASET_KINDS[kind](path, transform=transform, seed=seed)
+    if len(dataset) == 0:
+        raise ValueError(f"no images found in {kind} dataset {path}")
+    return dataset
