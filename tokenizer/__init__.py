@@ -15,6 +15,17 @@ from tokenizer.config import (
 from tokenizer.model import VQRAE, VQRAEEncoding, VQRAEOutput
 
 __all__ = [
-    "PRESETS", "ConfigError", "DecoderConfig", "EncoderConfig", "QuantizerConfig", "VQRAEConfig", "VQRAE",
-    "VQRAEEncoding", "VQRAEOutput", "apply_overrides", "from_dict", "get_preset", "to_dict",
+    "PRESETS",
+    "VQRAE",
+    "ConfigError",
+    "DecoderConfig",
+    "EncoderConfig",
+    "QuantizerConfig",
+    "VQRAEConfig",
+    "VQRAEEncoding",
+    "VQRAEOutput",
+    "apply_overrides",
+    "from_dict",
+    "get_preset",
+    "to_dict",
 ]

@@ -202,7 +202,7 @@ class EncoderConfig:
     @property
     def image_size(self) -> int:
         if self.model_type == "siglip2_vision_model":  # NaFlex towers have a patch budget instead of a size
-            return self.patch_size * int(round(self._tower_int("num_patches") ** 0.5))
+            return self.patch_size * round(self._tower_int("num_patches") ** 0.5)
         return self._tower_int("image_size")
 
 

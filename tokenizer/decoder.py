@@ -37,6 +37,18 @@ def unpatchify(patches: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, 3, grid * patch, grid * patch)
 
 
+class LearnedPositions(nn.Module):
+    """Adds a learned (grid*grid, d) position table initialised to 2D sin-cos. A module of its own, so every
+    parameter is used inside the forward of the module that owns it (what ZeRO-3's gathering hooks need)."""
+
+    def __init__(self, grid: int, dim: int):
+        super().__init__()
+        self.table = nn.Parameter(sincos_2d(grid, dim)[None])  # (1, N, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.table.to(x.dtype)
+
+
 class ViTDecoder(nn.Module):
     """Pixel decoder over a grid x grid token map."""
 
@@ -56,25 +68,25 @@ class ViTDecoder(nn.Module):
         )
         layer_cfg._attn_implementation = resolve_attn_implementation(attn_implementation)
         self.embed = nn.Linear(in_dim, d)  # bottleneck projection
-        self.pos_embed = nn.Parameter(sincos_2d(grid, d)[None])  # (1, N, d), learned from a sin-cos start
+        self.pos_embed = LearnedPositions(grid, d)
         self.layers = SiglipEncoder(layer_cfg)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(d, patch_size * patch_size * 3)
         self.apply(_init_weights)
         nn.init.zeros_(self.head.bias)
 
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The weight the adaptive GAN weight is measured on."""
-        return self.head.weight
+    def forward_features(self, z: torch.Tensor) -> torch.Tensor:
+        """Args: z (B, N, D) quantized vectors, N = grid*grid. Returns: normalised states (B, N, d) fed to the head."""
+        x = self.pos_embed(self.embed(z))  # (B, N, d)
+        x = self.layers(inputs_embeds=x).last_hidden_state  # (B, N, d)
+        return self.norm(x)
+
+    def forward_head(self, states: torch.Tensor) -> torch.Tensor:
+        """Args: states (B, N, d). Returns: images (B, 3, grid*p, grid*p)."""
+        return unpatchify(self.head(states), self.grid, self.patch_size)  # head: (B, N, p*p*3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Args: z (B, N, D) quantized vectors, N = grid*grid. Returns: images (B, 3, grid*p, grid*p)."""
-        x = self.embed(z) + self.pos_embed.to(z.dtype)  # (B, N, d)
-        x = self.layers(inputs_embeds=x).last_hidden_state  # (B, N, d)
-        x = self.head(self.norm(x))  # (B, N, p*p*3)
-        return unpatchify(x, self.grid, self.patch_size)
-
+        return self.forward_head(self.forward_features(z))
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):

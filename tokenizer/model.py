@@ -41,13 +41,15 @@ class VQRAEEncoding:
 @dataclass
 class VQRAEOutput:
     """Args: reconstruction (B, 3, H, W); features (B, N, C); indices (B, N); vq_loss scalar (beta * commitment +
-    codebook); metrics: detached scalars (commitment, codebook, code_usage, code_perplexity)."""
+    codebook); metrics: detached scalars (commitment, codebook, code_usage, code_perplexity); decoder_states
+    (B, N, d): the decoder's normalised states fed to its pixel head (for the adaptive GAN weight)."""
 
     reconstruction: torch.Tensor
     features: torch.Tensor
     indices: torch.Tensor
     vq_loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    decoder_states: torch.Tensor
 
 
 class VQRAE(nn.Module):
@@ -95,8 +97,9 @@ class VQRAE(nn.Module):
         """Encode, quantize and reconstruct. The losses that need the images (L2, LPIPS, GAN) live in the trainer."""
         features = self.encode_features(pixel_values)
         q = self.quantizer(features)
-        reconstruction = self.decode_quantized(q.quantized)
-        return VQRAEOutput(reconstruction, features, q.indices, q.loss, q.metrics)
+        states = self.decoder.forward_features(q.quantized.to(self.decoder.embed.weight.dtype))
+        reconstruction = self.decoder.forward_head(states)
+        return VQRAEOutput(reconstruction, features, q.indices, q.loss, q.metrics, states)
 
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
