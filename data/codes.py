@@ -1,0 +1,98 @@
+"""Pre-tokenised image codes for generator training: what `scripts/extract_codes.py` writes and trainers read.
+
+On disk (DIR):
+    manifest.json                 tokenizer (path, codebook size, grid), source dataset, chunk size
+    chunk_000000.codes.npy        (n, grid*grid) uint16 (int32 when K > 65535) code indices
+    chunk_000000.jsonl            one line per row: {"index": dataset index, "caption": str}
+A chunk covers dataset indices [c * chunk_size, (c + 1) * chunk_size) minus unreadable images; its .jsonl is
+written last, so a chunk is complete exactly when its .jsonl exists. Codes are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.atomic import atomic_write
+from data.images import StringArray
+
+MANIFEST = "manifest.json"
+
+
+def chunk_paths(directory: Path, chunk: int) -> tuple[Path, Path]:
+    return directory / f"chunk_{chunk:06d}.codes.npy", directory / f"chunk_{chunk:06d}.jsonl"
+
+
+def write_chunk(directory: Path, chunk: int, codes: np.ndarray, rows: list[dict[str, Any]]) -> None:
+    """Write one chunk atomically (codes first, then the .jsonl that marks it complete).
+
+    Args:
+        codes: (n, N) integer code indices; rows: n dicts with "index" and "caption".
+    """
+    if len(codes) != len(rows):
+        raise ValueError(f"chunk {chunk}: {len(codes)} code rows but {len(rows)} captions")
+    npy, jsonl = chunk_paths(directory, chunk)
+    with atomic_write(npy, "wb") as f:
+        np.save(f, codes)
+    with atomic_write(jsonl) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def complete_chunks(directory: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1].split(".")[0]) for p in directory.glob("chunk_*.jsonl"))
+
+
+def code_dtype(codebook_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+
+
+class CodeDataset(torch.utils.data.Dataset):
+    """Rows of a code directory: `__getitem__(i) -> {"codes": (N,) int64 tensor, "caption": str, "index": int}`.
+
+    Args:
+        directory: a folder written by scripts/extract_codes.py.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        manifest = self.directory / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.directory} is not a code directory (no {MANIFEST}); "
+                                    "run scripts/extract_codes.py first")
+        self.manifest = json.loads(manifest.read_text())
+        chunks = complete_chunks(self.directory)
+        if not chunks:
+            raise ValueError(f"code directory {self.directory} holds no complete chunk")
+        self.codes = [np.load(chunk_paths(self.directory, c)[0], mmap_mode="r") for c in chunks]
+        captions, indices = [], []
+        for c in chunks:
+            for line in chunk_paths(self.directory, c)[1].read_text().splitlines():
+                row = json.loads(line)
+                captions.append(row["caption"])
+                indices.append(row["index"])
+        self.captions = StringArray(captions)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.offsets = np.cumsum([0] + [len(c) for c in self.codes])
+        if self.offsets[-1] != len(self.indices):
+            raise ValueError(f"{self.directory}: code rows and caption lines disagree")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["num_tokens"])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.manifest["codebook_size"])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) keys from the resumable sampler
+        chunk = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        codes = torch.from_numpy(np.asarray(self.codes[chunk][i - self.offsets[chunk]], dtype=np.int64))
+        return {"codes": codes, "caption": self.captions[i], "index": int(self.indices[i])}

@@ -1,0 +1,154 @@
+"""Tokenizer training-step benchmark: images/s, model FLOPs utilisation (MFU) and peak memory.
+
+    python scripts/bench_tokenizer.py                                   # tiny preset, CPU, fp32, stage 1 and 2
+    python scripts/bench_tokenizer.py --preset siglip2-so400m-p16-256 --device cuda --dtype bf16 --batch 32
+
+One step = VQRAE forward + backward of L2 + VQ loss (stage 2 adds the teacher forward and the distillation loss and
+trains the encoder) + AdamW update, the compute the trainer runs per micro-batch (LPIPS and the discriminator
+excluded). FLOPs are counted by torch.utils.flop_counter on one step; MFU = counted FLOPs / step time / the dense
+matmul throughput of this device measured in the same run (--peak-n square matmuls in the same dtype).
+Each configuration runs with gradient checkpointing off and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from tokenizer import VQRAE, get_preset  # noqa: E402
+from tokenizer.losses import distillation_loss  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
+    """Measured dense matmul FLOP/s of an (n x n) @ (n x n) product."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
+def make_step(model: VQRAE, teacher: torch.nn.Module | None, opt: torch.optim.Optimizer, x: torch.Tensor,
+              dtype: torch.dtype):
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+            loss = F.mse_loss(out.reconstruction.float(), x) + out.vq_loss
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = loss + distillation_loss(out.features, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _rss_peak_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    cfg = get_preset(args.preset)
+    cfg.encoder.attn_implementation = args.attn
+    model = VQRAE(cfg).to(device)
+    teacher = None
+    if stage == 1:
+        model.encoder.requires_grad_(False)
+    else:
+        teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+    model.set_gradient_checkpointing(ckpt)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    size = cfg.encoder.image_size
+    x = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
+    step = make_step(model, teacher, opt, x, dtype)
+    if args.compile:
+        model.compile()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _rss_peak_reset()
+        base = _rss_kb("VmRSS:") * 1024
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+    else:
+        mem = _rss_kb("VmHWM:") / 2**20
+        extra = (_rss_kb("VmHWM:") * 1024 - base) / 2**30
+    return {"stage": stage, "ckpt": ckpt, "img_s": args.batch / dt, "step_s": dt, "tflop_step": flops / 1e12,
+            "mfu": flops / dt / peak, "peak_gib": mem, "step_extra_gib": extra}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 GPU, 2048 CPU)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    peak = matmul_peak(device, DTYPES[args.dtype], args.peak_n or (8192 if device.type == "cuda" else 2048))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"tokenizer training step  preset={args.preset} batch={args.batch} dtype={args.dtype} attn={args.attn} "
+          f"compile={args.compile}  device={name}")
+    print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
+    print(f"{'stage':>5} {'ckpt':>5} {'img/s':>9} {'step s':>8} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9} "
+          f"{'step +GiB':>9}")
+    for stage in (int(s) for s in args.stages.split(",")):
+        for ckpt in (False, True):
+            r = bench(args, stage, ckpt, peak)
+            print(f"{r['stage']:>5} {str(r['ckpt']):>5} {r['img_s']:9.1f} {r['step_s']:8.3f} {r['tflop_step']:11.3f} "
+                  f"{r['mfu']:6.1%} {r['peak_gib']:9.2f} {r['step_extra_gib']:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
