@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.atomic import atomic_write
-from data.images import StringArray
+from data.images import StringArray, collate_images
 
 MANIFEST = "manifest.json"
 
@@ -96,3 +97,37 @@ class CodeDataset(torch.utils.data.Dataset):
         chunk = int(np.searchsorted(self.offsets, i, side="right")) - 1
         codes = torch.from_numpy(np.asarray(self.codes[chunk][i - self.offsets[chunk]], dtype=np.int64))
         return {"codes": codes, "caption": self.captions[i], "index": int(self.indices[i])}
+
+
+@torch.no_grad()
+def extract_codes(model: Any, dataset: torch.utils.data.Dataset, out: Path, chunk_size: int, batch_size: int, rank: int = 0, world: int = 1,
+            num_workers: int = 0, dtype: torch.dtype = torch.float32, progress: bool = True) -> dict[str, int]:
+    """Encode this rank's missing chunks of `dataset` (an ImageDataset) with `model` (a VQRAE in eval mode) into
+    `out`; chunks are dealt round-robin to ranks. Returns counts {"chunks", "images", "skipped"}."""
+    device = next(model.parameters()).device
+    n_chunks = (len(dataset) + chunk_size - 1) // chunk_size
+    todo = [c for c in range(rank, n_chunks, world) if not chunk_paths(out, c)[1].is_file()]
+    total = sum(min(chunk_size, len(dataset) - c * chunk_size) for c in todo)
+    counts = {"chunks": 0, "images": 0, "skipped": 0}
+    bar = tqdm(total=total, desc=f"codes rank {rank}", unit="img", disable=not progress)
+    np_dtype = code_dtype(model.config.quantizer.codebook_size)
+    for chunk in todo:
+        indices = list(range(chunk * chunk_size, min((chunk + 1) * chunk_size, len(dataset))))
+        subset = torch.utils.data.Subset(dataset, indices)
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_images,
+                                             num_workers=num_workers)
+        codes, rows = [], []
+        for batch in loader:
+            counts["skipped"] += batch["skipped"]
+            bar.update(len(batch["captions"]) + batch["skipped"])
+            if not batch["captions"]:
+                continue
+            x = batch["pixel_values"].to(device, dtype)
+            codes.append(model.encode(x).indices.cpu().numpy().astype(np_dtype))
+            rows += [{"index": int(i), "caption": c} for i, c in zip(batch["indices"], batch["captions"])]
+        width = model.config.num_tokens
+        write_chunk(out, chunk, np.concatenate(codes) if codes else np.zeros((0, width), np_dtype), rows)
+        counts["chunks"] += 1
+        counts["images"] += len(rows)
+    bar.close()
+    return counts

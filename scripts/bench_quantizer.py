@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from tokenizer.quantizer import nearest_code  # noqa: E402
+from tokenizer.quantizer import nearest_code
 
 
 def _rss_kb(field: str) -> int:

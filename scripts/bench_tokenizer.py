@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from tokenizer import VQRAE, get_preset  # noqa: E402
-from tokenizer.losses import distillation_loss  # noqa: E402
+from tokenizer import VQRAE, get_preset
+from tokenizer.losses import distillation_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -20,49 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from data.atomic import atomic_write  # noqa: E402
-from data.codes import MANIFEST, chunk_paths, code_dtype, write_chunk  # noqa: E402
-from data.images import build_image_dataset, collate_images  # noqa: E402
-from data.transforms import ImageTransform  # noqa: E402
-from tokenizer import VQRAE  # noqa: E402
-
-
-@torch.no_grad()
-def extract(model: VQRAE, dataset, out: Path, chunk_size: int, batch_size: int, rank: int = 0, world: int = 1,
-            num_workers: int = 0, dtype: torch.dtype = torch.float32, progress: bool = True) -> dict[str, int]:
-    """Encode this rank's missing chunks; returns counts {"chunks", "images", "skipped"}."""
-    device = next(model.parameters()).device
-    n_chunks = (len(dataset) + chunk_size - 1) // chunk_size
-    todo = [c for c in range(rank, n_chunks, world) if not chunk_paths(out, c)[1].is_file()]
-    total = sum(min(chunk_size, len(dataset) - c * chunk_size) for c in todo)
-    counts = {"chunks": 0, "images": 0, "skipped": 0}
-    bar = tqdm(total=total, desc=f"codes rank {rank}", unit="img", disable=not progress)
-    np_dtype = code_dtype(model.config.quantizer.codebook_size)
-    for chunk in todo:
-        indices = list(range(chunk * chunk_size, min((chunk + 1) * chunk_size, len(dataset))))
-        subset = torch.utils.data.Subset(dataset, indices)
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, collate_fn=collate_images,
-                                             num_workers=num_workers)
-        codes, rows = [], []
-        for batch in loader:
-            counts["skipped"] += batch["skipped"]
-            bar.update(len(batch["captions"]) + batch["skipped"])
-            if not batch["captions"]:
-                continue
-            x = batch["pixel_values"].to(device, dtype)
-            codes.append(model.encode(x).indices.cpu().numpy().astype(np_dtype))
-            rows += [{"index": int(i), "caption": c} for i, c in zip(batch["indices"], batch["captions"])]
-        width = model.config.num_tokens
-        write_chunk(out, chunk, np.concatenate(codes) if codes else np.zeros((0, width), np_dtype), rows)
-        counts["chunks"] += 1
-        counts["images"] += len(rows)
-    bar.close()
-    return counts
+from data.atomic import atomic_write
+from data.codes import MANIFEST, extract_codes
+from data.images import build_image_dataset
+from data.transforms import ImageTransform
+from tokenizer import VQRAE
 
 
 def main() -> None:
@@ -105,7 +70,7 @@ def main() -> None:
     elif rank == 0:
         with atomic_write(existing) as f:
             json.dump(manifest, f, indent=2)
-    counts = extract(model, dataset, args.out, args.chunk_size, args.batch_size, rank, world, args.num_workers, dtype)
+    counts = extract_codes(model, dataset, args.out, args.chunk_size, args.batch_size, rank, world, args.num_workers, dtype)
     if world > 1:
         totals = torch.tensor([counts["chunks"], counts["images"], counts["skipped"]])
         dist.all_reduce(totals)

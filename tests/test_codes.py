@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from data.codes import CodeDataset, chunk_paths
+from data.codes import extract_codes as extract
 from data.images import build_image_dataset, collate_images
 from data.shapes import export_world
 from data.transforms import ImageTransform
 from tokenizer import VQRAE, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from extract_codes import extract  # noqa: E402
 
 
 @pytest.fixture(scope="module")
