@@ -578,7 +578,7 @@ class TrainLoop:
                 st["step"] += 1
                 step = st["step"]
                 self.after_step(step)
-                scalars = {k: float(v) for k, v in metrics.items()} | {"loss": float(loss),
+                scalars = {k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach()),
                                                                        "lr": self.engine.get_lr()[0]}
                 logger.advance(1, {k: scalars[k] for k in ("loss", "code_usage") if k in scalars})
                 if run.log_every and step % run.log_every == 0:

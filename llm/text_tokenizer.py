@@ -1,0 +1,122 @@
+"""Small byte-level BPE text tokenizers trained locally, loadable offline as Qwen2-style tokenizers.
+
+Real runs use the LLM's own tokenizer (`AutoTokenizer.from_pretrained(qwen3_dir)`). Tests and the CPU default need a
+tokenizer without downloads: `train_text_tokenizer` trains a byte-level BPE with `tokenizers` using Qwen2's
+pre-tokenizer (transformers' own split regex, so the merges match what `Qwen2Tokenizer` applies), saves vocab.json + merges.txt + tokenizer_config.json
+naming `Qwen2Tokenizer`, and reloads the folder through `AutoTokenizer`. Any text encodes (byte-level alphabet).
+
+    from llm.text_tokenizer import shapes_world_tokenizer
+    tok = shapes_world_tokenizer("runs/tokenizers/shapes")  # then AutoTokenizer.from_pretrained(that folder) works
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from data.atomic import atomic_directory
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, *CHAT_TOKENS)  # ids 0..3, in this order
+# ChatML, the format of Qwen's own chat template, without the tool/thinking branches.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GENERIC_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "0 1 2 3 4 5 6 7 8 9 10 100 1000",
+    "Hello, world! What is in this image? Describe it in one sentence.",
+    "user assistant system: yes no left right above below and or of a an the",
+)
+
+
+def train_text_tokenizer(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512, min_frequency: int = 1,
+    chat_template: str | None = CHATML_TEMPLATE,
+) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE on `texts`, save it as a Qwen2-style tokenizer in `out_dir` (atomically), reload it.
+
+    Special tokens: "<|endoftext|>" (eos, id 0), "<|pad|>" (pad, id 1), "<|im_start|>", "<|im_end|>" (ChatML).
+    The vocabulary may end up smaller than `vocab_size` when the texts admit no more merges.
+
+    Args:
+        texts: training texts (deterministic order gives a deterministic tokenizer).
+        out_dir: folder to write vocab.json, merges.txt, tokenizer_config.json (replaced if it exists).
+        vocab_size: upper bound on the vocabulary size, at least 256 bytes + the special tokens.
+        min_frequency: a pair must occur this often to be merged.
+        chat_template: jinja chat template stored in tokenizer_config.json; None for a tokenizer without one.
+    """
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("train_text_tokenizer needs a non-empty iterable of strings")
+    smallest = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size must be at least {smallest} (256 bytes + special tokens), got {vocab_size}")
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": None,
+        "bos_token": None,
+        "additional_special_tokens": list(CHAT_TOKENS),
+        "model_max_length": 32768,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False,
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        bpe.model.save(str(tmp))  # vocab.json + merges.txt
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return AutoTokenizer.from_pretrained(str(out_dir))
+
+
+def shapes_world_texts() -> list[str]:
+    """Every distinct shapes-world caption (all GenEval tasks, sorted) followed by a few generic strings."""
+    from data.shapes import TAGS, task_records
+
+    captions = sorted({r["prompt"] for tag in TAGS for r in task_records(tag)})
+    return captions + list(GENERIC_TEXTS)
+
+
+def shapes_world_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerBase:
+    """The CPU default text tokenizer: a BPE trained on every shapes-world caption, deterministic for a vocab size.
+
+    Args:
+        out_dir: where to save it; None writes to a fresh temporary folder (the tokenizer is returned loaded).
+        vocab_size: upper bound on the vocabulary size.
+    """
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-")) / "tokenizer"
+    return train_text_tokenizer(shapes_world_texts(), out_dir, vocab_size=vocab_size)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the tokenizer's vocabulary (token -> id), to check that two tokenizers agree."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+

@@ -1,0 +1,235 @@
+"""Images per second of the project's sampler against two baselines on the same model, prompts and settings.
+
+    python scripts/bench_generate.py --model tiny --device cpu --threads 1
+    python scripts/bench_generate.py --qwen3-0.6b-shape --device cuda --dtype bfloat16
+
+Methods (batch B prompts, N = grid^2 codes each, temperature / top-k identical everywhere):
+- ours:        llm.sampler.Engine, CFG off.
+- hf_generate: transformers `generate` (do_sample, CFG off, restricted to codes by a logits processor).
+- ours_cfg:    llm.sampler.Engine with CFG (conditional + unconditional rows batched).
+- plain_loop:  the loop Janus and LlamaGen ship: the transformers model called once per step with its default
+               dynamic KV cache, cond / uncond rows batched, eager, CFG + top-k + multinomial on the code logits.
+Ratios printed: ours / hf_generate and ours_cfg / plain_loop. On CUDA also the per-step time of ours_cfg against the
+bound set by the bytes one decode step must read (decoder weights + code rows of the head + the filled KV cache) over
+the device-to-device copy bandwidth measured in the same run. The models are random: speed does not depend on the
+weights.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
+
+from data.shapes import geneval_prompts
+from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig, left_pad
+from llm.text_tokenizer import shapes_world_tokenizer
+from llm.vocab import (
+    ImageVocab,
+    build_prompt_ids,
+    build_tiny_qwen3,
+    expand_vocabulary,
+    image_prefix_ids,
+    unconditional_prompt_ids,
+)
+
+QWEN3_06B_SHAPE = {
+    "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 128, "intermediate_size": 3072, "max_position_embeddings": 40960, "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+}
+QWEN3_TEXT_VOCAB, QWEN3_PAD, QWEN3_CODES, QWEN3_TOKENS = 151936, 151643, 16384, 256
+
+
+def build(args, tokenizer) -> tuple[torch.nn.Module, ImageVocab, int]:
+    """The model, its image vocabulary and the number of codes per image."""
+    dtype = getattr(torch, args.dtype)
+    if args.qwen3_06b_shape:
+        if args.device == "cpu":
+            raise SystemExit("--qwen3-0.6b-shape is meant for a GPU (pass --device cuda)")
+        rows = -(-(QWEN3_TEXT_VOCAB + 2 + QWEN3_CODES) // 64) * 64
+        vocab = ImageVocab(codebook_size=QWEN3_CODES, code_offset=QWEN3_TEXT_VOCAB + 2,
+                           image_start_id=QWEN3_TEXT_VOCAB, image_end_id=QWEN3_TEXT_VOCAB + 1, pad_id=QWEN3_PAD,
+                           text_vocab_size=QWEN3_TEXT_VOCAB, embedding_rows=rows)
+        config = Qwen3Config(vocab_size=rows, pad_token_id=QWEN3_PAD, eos_token_id=QWEN3_PAD, **QWEN3_06B_SHAPE)
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = Qwen3ForCausalLM(config).to(dtype).eval()
+        return model, vocab, QWEN3_TOKENS
+    model = build_tiny_qwen3(tokenizer)
+    vocab = expand_vocabulary(model, tokenizer, codebook_size=512)
+    return model.to(args.device, dtype).eval(), vocab, 64
+
+
+@torch.no_grad()
+def plain_loop(model, vocab: ImageVocab, rows: list[list[int]], num_tokens: int, cfg_scale: float,
+               temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """Janus / LlamaGen-style sampling: rows = B conditional then B unconditional prefixes."""
+    device = next(model.parameters()).device
+    ids, starts = left_pad(rows, vocab.pad_id, device)
+    cols = torch.arange(ids.shape[1], device=device)
+    mask = (cols[None] >= starts[:, None]).long()
+    positions = (cols[None] - starts[:, None]).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    codes = []
+    for t in range(num_tokens):
+        logits = out.logits[:, -1, vocab.code_offset : vocab.code_end]
+        cond, uncond = torch.split(logits, len(logits) // 2, dim=0)
+        logits = (uncond + cfg_scale * (cond - uncond)) / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, -1:]
+            logits[logits < kth] = -float("inf")
+        nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+        codes.append(nxt)
+        if t + 1 < num_tokens:
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=torch.cat([nxt, nxt]) + vocab.code_offset, attention_mask=mask,
+                        position_ids=positions, cache=out.cache, use_cache=True)
+    return torch.cat(codes, dim=1)
+
+
+@torch.no_grad()
+def hf_generate(model, vocab: ImageVocab, rows: list[list[int]], num_tokens: int, temperature: float,
+                top_k: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    ids, starts = left_pad(rows, vocab.pad_id, device)
+    mask = (torch.arange(ids.shape[1], device=device)[None] >= starts[:, None]).long()
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0,
+        max_new_tokens=num_tokens, min_new_tokens=num_tokens, pad_token_id=vocab.pad_id,
+        logits_processor=LogitsProcessorList([CodeRangeLogitsProcessor(vocab)]),
+    )
+    return vocab.token_to_code(out[:, ids.shape[1] :])
+
+
+def time_methods(methods: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each method, the methods interleaved round by round so that a change in machine
+    load hits all of them alike (CUDA synchronised around every call)."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (each copy reads and writes `gib`)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    return 2 * src.numel() * repeats / (time.perf_counter() - start)
+
+
+def step_bytes(model, vocab: ImageVocab, n_rows: int, prompt_len: int, num_tokens: int) -> tuple[int, int, int]:
+    """Bytes one decode step must read: (decoder weights + code head rows, same with the full head, mean KV)."""
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    size = head.weight.element_size()
+    layers = sum(p.numel() for p in body.layers.parameters()) + body.norm.weight.numel()
+    config = model.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
+    kv = n_rows * per_token * (prompt_len + num_tokens / 2)
+    h = head.weight.shape[1]
+    return (layers + vocab.codebook_size * h) * size, (layers + head.weight.shape[0] * h) * size, int(kv)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny"], default="tiny")
+    parser.add_argument("--qwen3-0.6b-shape", dest="qwen3_06b_shape", action="store_true",
+                        help="random Qwen3-0.6B-shaped model, 16384 codes, 256 tokens per image (GPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on CUDA, else float32)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="timed batches per method (median; after a warm-up)")
+    parser.add_argument("--cfg-scale", type=float, default=7.5)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--no-cuda-graph", action="store_true")
+    parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    tokenizer = shapes_world_tokenizer(Path(tempfile.mkdtemp(prefix="bench-tok-")) / "tok")
+    model, vocab, num_tokens = build(args, tokenizer)
+    captions = [p["prompt"] for p in geneval_prompts()][: args.batch]
+    prompts = [build_prompt_ids(tokenizer, c) for c in captions]
+    uncond = [unconditional_prompt_ids(tokenizer, p, vocab) for p in prompts]
+    base = {"temperature": args.temperature, "top_k": args.top_k, "top_p": 1.0, "seed": 0,
+            "cuda_graph": not args.no_cuda_graph, "compile": args.compile}
+    cfg_off, cfg_on = SamplingConfig(cfg_scale=1.0, **base), SamplingConfig(cfg_scale=args.cfg_scale, **base)
+    engine = Engine(model, vocab)
+    cond_rows = [image_prefix_ids(p, vocab) for p in prompts]
+    all_rows = cond_rows + [image_prefix_ids(p, vocab) for p in uncond]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    methods = {
+        "ours": lambda: engine.generate(prompts, num_tokens, cfg_off),
+        "ours_cfg": lambda: engine.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
+    }
+    if not args.skip_baselines:
+        methods["hf_generate"] = lambda: hf_generate(model, vocab, cond_rows, num_tokens, args.temperature, args.top_k)
+        methods["plain_loop"] = lambda: plain_loop(model, vocab, all_rows, num_tokens, args.cfg_scale,
+                                                   args.temperature, args.top_k, gen)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+          f"dtype {args.dtype}, threads {torch.get_num_threads()}, batch {args.batch}, {num_tokens} tokens/image, "
+          f"{vocab.codebook_size} codes, vocab {vocab.embedding_rows}")
+    print("settings:", json.dumps({"cfg_off": cfg_off.to_dict(), "cfg_on": cfg_on.to_dict()}))
+    results: dict = {"settings": vars(args), "seconds_per_batch": {}, "images_per_second": {}}
+    for name, fn in methods.items():  # first calls: warm-up (CUDA graph capture, compilation) and a validity check
+        start = time.perf_counter()
+        codes = fn()
+        valid = 0 <= int(codes.min()) <= int(codes.max()) < vocab.codebook_size
+        if codes.shape != (args.batch, num_tokens) or not valid:
+            raise RuntimeError(f"{name} returned invalid codes of shape {tuple(codes.shape)}")
+        print(f"{name:12s} first call {time.perf_counter() - start:.2f} s")
+    for name, sec in time_methods(methods, device, args.repeats).items():
+        results["seconds_per_batch"][name] = sec
+        results["images_per_second"][name] = args.batch / sec
+        print(f"{name:12s} {args.batch / sec:9.2f} images/s  {sec / num_tokens * 1e3:8.3f} ms/step")
+    ips = results["images_per_second"]
+    if "hf_generate" in ips:
+        results["ratios"] = {"ours/hf_generate": ips["ours"] / ips["hf_generate"],
+                             "ours_cfg/plain_loop": ips["ours_cfg"] / ips["plain_loop"]}
+        print("ratios:", " ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items()))
+    if device.type == "cuda":
+        bw = copy_bandwidth(device)
+        width = max(len(r) for r in all_rows)
+        weights, weights_full, kv = step_bytes(model, vocab, len(all_rows), width, num_tokens)
+        step = results["seconds_per_batch"]["ours_cfg"] / num_tokens
+        bound, bound_full = (weights + kv) / bw, (weights_full + kv) / bw
+        results["bandwidth"] = {"copy_GBps": bw / 1e9, "step_ms": step * 1e3, "bound_ms": bound * 1e3,
+                                "bound_full_head_ms": bound_full * 1e3, "step_over_bound": step / bound}
+        print(f"bandwidth {bw / 1e9:.0f} GB/s; ours_cfg step {step * 1e3:.3f} ms vs bound {bound * 1e3:.3f} ms "
+              f"({(weights + kv) / 1e9:.2f} GB: weights+code head {weights / 1e9:.2f}, mean KV {kv / 1e9:.2f}) "
+              f"-> {step / bound:.2f}x the bound (full-vocabulary head bound {bound_full * 1e3:.3f} ms)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Sampler: the sampling math against independent computations, and the Engine against transformers' own forward and
+generate on a tiny random Qwen3."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+from llm.sampler import (
+    PRESETS,
+    CodeRangeLogitsProcessor,
+    Engine,
+    SamplingConfig,
+    apply_cfg,
+    generate_codes,
+    restrict_to_codes,
+    sample_codes,
+    top_k_mask,
+    top_p_mask,
+)
+from llm.text_tokenizer import shapes_world_tokenizer
+from llm.vocab import (
+    ImageVocab,
+    build_prompt_ids,
+    build_tiny_qwen3,
+    expand_vocabulary,
+    image_prefix_ids,
+    unconditional_prompt_ids,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a photo of a red square", "a photo of three circles", "a photo of a circle",
+            "a photo of a purple triangle below a green square"]
+N = 24  # codes per test image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model is all per-op overhead: one intra-op thread is faster, and immune to the spin-waiting of
+    OpenMP threads on a busy machine (which made these tests 10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An untied tiny Qwen3 with large random weights, so that codes depend on the prompt and greedy choices have
+    clear margins; prompts of different lengths."""
+    tok = shapes_world_tokenizer(tmp_path_factory.mktemp("tok") / "shapes")
+    model = build_tiny_qwen3(tok, tie_word_embeddings=False)
+    vocab = expand_vocabulary(model, tok, codebook_size=128)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.shape[0] == vocab.embedding_rows else 0.5))
+    prompts = [build_prompt_ids(tok, c) for c in CAPTIONS]
+    assert len({len(p) for p in prompts}) > 1
+    uncond = [unconditional_prompt_ids(tok, p, vocab) for p in prompts]
+    return tok, model, vocab, prompts, uncond
+
+
+def greedy(**kw) -> SamplingConfig:
+    return SamplingConfig(cfg_scale=1.0, temperature=0.0, **kw)
+
+
+def full_forward_code_logits(model, vocab, prompt, codes) -> torch.Tensor:
+    """Reference: one no-cache transformers forward over prompt + <start> + codes[:-1]; (N, K) code logits."""
+    ids = torch.tensor([image_prefix_ids(prompt, vocab) + (codes[:-1] + vocab.code_offset).tolist()])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    return restrict_to_codes(logits[-len(codes) :], vocab)
+
+
+# ----------------------------------------------------------------------------------------------- math
+
+
+def test_apply_cfg_matches_the_formula():
+    cond, uncond = torch.randn(3, 50), torch.randn(3, 50)
+    for s in (0.0, 1.0, 1.5, 5.0, 7.5):
+        expected = uncond.double() + s * (cond.double() - uncond.double())
+        assert torch.allclose(apply_cfg(cond, uncond, s).double(), expected, atol=1e-5)
+    assert torch.allclose(apply_cfg(cond, uncond, 1.0), cond, atol=1e-6)
+
+
+def _rank_top_k(row: list[float], k: int) -> list[bool]:
+    """Independent rule: keep an entry when fewer than k entries are strictly larger."""
+    return [sum(o > x for o in row) < k for x in row]
+
+
+def test_top_k_mask_against_rank_rule_and_transformers():
+    for row, k in [([1, 3, 3, 2], 1), ([1, 3, 3, 2], 2), ([1, 3, 3, 2], 3), ([5, 4, 4, 4, 1], 2),
+                   ([2, 2, 2], 1), ([0, -math.inf, 1, -math.inf], 2)]:
+        assert top_k_mask(torch.tensor([row]), k)[0].tolist() == _rank_top_k(row, k), (row, k)
+    x = torch.randn(6, 40)
+    for k in (1, 5, 39):
+        ours = x.masked_fill(~top_k_mask(x, k), -math.inf)
+        assert torch.equal(ours, TopKLogitsWarper(k)(None, x.clone()))
+        assert (top_k_mask(x, k).sum(-1) == k).all()
+    assert top_k_mask(x, 0).all() and top_k_mask(x, 40).all() and top_k_mask(x, 1000).all()
+
+
+def _smallest_nucleus(probs: list[float], p: float) -> list[bool]:
+    """Independent rule (distinct probabilities): the shortest prefix of the sorted order reaching p."""
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    keep, total = set(), 0.0
+    for i in order:
+        keep.add(i)
+        total += probs[i]
+        if total >= p:
+            break
+    return [i in keep for i in range(len(probs))]
+
+
+def test_top_p_mask_against_smallest_set_rule_and_transformers():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=gen) * 2
+    probs = x.double().softmax(-1)
+    for p in (0.05, 0.3, 0.5, 0.9, 0.99):
+        ours = top_p_mask(x, p)
+        hf = TopPLogitsWarper(p)(None, x.clone()) > -math.inf
+        for r in range(len(x)):
+            cum = probs[r].sort(descending=True).values.cumsum(0)
+            if (cum - p).abs().min() < 1e-5:
+                continue  # p on a boundary: float rounding may decide
+            assert ours[r].tolist() == _smallest_nucleus(probs[r].tolist(), p)
+            assert ours[r].tolist() == hf[r].tolist()
+    # ties are kept or dropped together; the argmax is always kept; p = 1 keeps everything
+    tied = torch.tensor([[2.0, 1.0, 1.0, 0.0]])
+    assert top_p_mask(tied, 0.6)[0].tolist() == [True, True, True, False]  # probs .58 .21 .21 .08
+    assert top_p_mask(tied, 1e-9)[0].tolist() == [True, False, False, False]
+    assert top_p_mask(torch.tensor([[1.0, 1.0, 0.0]]), 1e-9)[0].tolist() == [True, True, False]
+    assert top_p_mask(x, 1.0).all()
+
+
+def test_restrict_to_codes():
+    vocab = ImageVocab(codebook_size=4, code_offset=6, image_start_id=4, image_end_id=5, pad_id=0,
+                       text_vocab_size=4, embedding_rows=16)
+    logits = torch.arange(32.0).view(2, 16)
+    assert restrict_to_codes(logits, vocab).tolist() == [[6, 7, 8, 9], [22, 23, 24, 25]]
+    with pytest.raises(ValueError, match="columns"):
+        restrict_to_codes(logits[:, :8], vocab)
+
+
+def test_sample_codes_distribution_support_and_seed():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40000, -1)
+    cfg = SamplingConfig(temperature=1.0)
+    draws = sample_codes(logits, cfg, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert (freq - logits[0].double().softmax(-1)).abs().max() < 0.01
+    hot = sample_codes(logits, SamplingConfig(temperature=2.0), torch.Generator().manual_seed(0))
+    freq_hot = torch.bincount(hot, minlength=5).double() / len(hot)
+    assert (freq_hot - (logits[0].double() / 2).softmax(-1)).abs().max() < 0.01
+    top2 = sample_codes(logits, SamplingConfig(top_k=2), torch.Generator().manual_seed(0))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = sample_codes(logits, SamplingConfig(top_p=0.6), torch.Generator().manual_seed(0))
+    assert set(nucleus.tolist()) == {0, 1}  # p(0) = 0.53 < 0.6 <= p(0) + p(1)
+    assert (sample_codes(logits, SamplingConfig(temperature=0.0), None) == 0).all()
+    again = sample_codes(logits, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_sampling_config_validation_and_record():
+    cfg = SamplingConfig(cfg_scale=7.5, temperature=0.9, top_k=1000, top_p=0.95, seed=3)
+    record = cfg.to_dict()
+    assert set(record) == {"cfg_scale", "temperature", "top_k", "top_p", "seed", "backend", "cuda_graph", "compile"}
+    assert SamplingConfig(**record) == cfg
+    assert PRESETS["llamagen"].cfg_scale == 7.5 and PRESETS["llamagen"].top_k == 1000
+    for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"backend": "vllm"},
+                {"cfg_scale": float("nan")}):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+def test_greedy_matches_transformers_generate(setup):
+    """CFG off + greedy == transformers generate(do_sample=False) restricted to codes, token for token; and the
+    restriction matters: on this model unrestricted greedy decoding leaves the code range."""
+    _, model, vocab, prompts, _ = setup
+    engine = Engine(model, vocab)
+    ours = engine.generate(prompts, N, greedy())
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        saved = head[: vocab.text_vocab_size].clone()
+        head[: vocab.text_vocab_size] *= 3  # text tokens now win unrestricted argmax
+        try:
+            for prompt in prompts:
+                ids = torch.tensor([image_prefix_ids(prompt, vocab)])
+                kwargs = {"max_new_tokens": N, "do_sample": False, "pad_token_id": vocab.pad_id}
+                restricted = model.generate(ids, logits_processor=LogitsProcessorList(
+                    [CodeRangeLogitsProcessor(vocab)]), **kwargs)[0, ids.shape[1] :]
+                free = model.generate(ids, **kwargs)[0, ids.shape[1] :]
+                assert not vocab.is_code(free).all()
+                assert torch.equal(vocab.token_to_code(restricted), engine.generate([prompt], N, greedy())[0])
+        finally:
+            head[: vocab.text_vocab_size] = saved
+    # and on the unmodified model both agree with the codes sampled above
+    for prompt, codes in zip(prompts, ours):
+        ids = torch.tensor([image_prefix_ids(prompt, vocab)])
+        ref = model.generate(ids, max_new_tokens=N, do_sample=False, pad_token_id=vocab.pad_id,
+                             logits_processor=LogitsProcessorList([CodeRangeLogitsProcessor(vocab)]))
+        assert torch.equal(vocab.token_to_code(ref[0, ids.shape[1] :]), codes)
+    assert len({tuple(c.tolist()) for c in ours}) == len(prompts)  # the codes depend on the prompt
+
+
+@pytest.mark.parametrize("backend", ["fused", "hf"])
+def test_cached_step_logits_equal_a_full_forward(setup, backend):
+    """Left-padded batch, KV cache, sampled trajectory: every step's code logits equal one no-cache forward of
+    transformers over that row's own (unpadded) sequence."""
+    _, model, vocab, prompts, _ = setup
+    cfg = SamplingConfig(cfg_scale=1.0, temperature=1.0, top_k=50, seed=1, backend=backend)
+    codes, logits = Engine(model, vocab).generate(prompts, N, cfg, return_logits=True)
+    assert logits.shape == (len(prompts), N, vocab.codebook_size)
+    for prompt, row_codes, row_logits in zip(prompts, codes, logits):
+        ref = full_forward_code_logits(model, vocab, prompt, row_codes)
+        assert torch.allclose(row_logits.double(), ref, atol=1e-3 * ref.abs().max().item())
+
+
+def test_cfg_logits_equal_guidance_of_two_full_forwards(setup):
+    _, model, vocab, prompts, uncond = setup
+    scale = 4.0
+    cfg = SamplingConfig(cfg_scale=scale, temperature=1.0, top_p=0.9, seed=2)
+    codes, guided = Engine(model, vocab).generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
+    for i in range(len(prompts)):
+        c = full_forward_code_logits(model, vocab, prompts[i], codes[i])
+        u = full_forward_code_logits(model, vocab, uncond[i], codes[i])
+        expected = u + scale * (c - u)
+        assert torch.allclose(guided[i].double(), expected, atol=2e-3 * expected.abs().max().item())
+
+
+def test_batched_equals_one_by_one_and_backends_agree(setup):
+    _, model, vocab, prompts, uncond = setup
+    engine = Engine(model, vocab)
+    batched = engine.generate(prompts, N, greedy())
+    for i, prompt in enumerate(prompts):
+        assert torch.equal(engine.generate([prompt], N, greedy())[0], batched[i])
+    assert torch.equal(Engine(model, vocab).generate(prompts, N, greedy(backend="hf")), batched)
+    guided = SamplingConfig(cfg_scale=3.0, temperature=0.0)
+    both = engine.generate(prompts, N, guided, uncond_ids=uncond)
+    single = engine.generate(prompts[1:2], N, guided, uncond_ids=uncond[1:2])
+    assert torch.equal(both[1], single[0])
+    assert not torch.equal(both, batched)  # guidance changes the codes
+
+
+def test_sdpa_attention_path_matches_matmul_path(setup):
+    """The SDPA path (used on GPUs) and the explicit-matmul path (CPU) of the fused decoder agree."""
+    _, model, vocab, prompts, uncond = setup
+    cfg = SamplingConfig(cfg_scale=2.0, temperature=1.0, seed=4)
+    engine = Engine(model, vocab)
+    codes, logits = engine.generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
+    engine.decoder.matmul_attention = False
+    sdpa_codes, sdpa_logits = engine.generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
+    assert not engine.decoder.matmul_attention  # the same decoder was used
+    assert torch.equal(sdpa_codes, codes)
+    assert torch.allclose(sdpa_logits, logits, atol=1e-4 * logits.abs().max().item())
+
+
+def test_seeds_reproducible(setup):
+    _, model, vocab, prompts, uncond = setup
+    engine = Engine(model, vocab)
+    cfg = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=64, top_p=0.95, seed=7)
+    a = engine.generate(prompts, N, cfg, uncond_ids=uncond)
+    b = generate_codes(model, vocab, prompts, N, cfg, uncond_ids=uncond)  # a fresh engine
+    c = engine.generate(prompts, N, SamplingConfig(**{**cfg.to_dict(), "seed": 8}), uncond_ids=uncond)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.long and a.min() >= 0 and a.max() < vocab.codebook_size
+
+
+def test_engine_follows_weight_updates(setup):
+    """A reused Engine notices an in-place weight change (a training step) and samples from the new weights."""
+    _, model, vocab, prompts, _ = setup
+    engine = Engine(model, vocab)
+    before = engine.generate(prompts, N, greedy())
+    qkv = model.model.layers[0].self_attn.q_proj.weight
+    saved = qkv.detach().clone()
+    with torch.no_grad():
+        qkv.mul_(-1.5)
+    try:
+        after = engine.generate(prompts, N, greedy())
+        assert torch.equal(after, Engine(model, vocab).generate(prompts, N, greedy()))
+        assert not torch.equal(after, before)
+    finally:
+        with torch.no_grad():
+            qkv.copy_(saved)
+    assert torch.equal(engine.generate(prompts, N, greedy()), before)
+
+
+def test_engine_input_errors(setup):
+    _, model, vocab, prompts, uncond = setup
+    engine = Engine(model, vocab)
+    with pytest.raises(ValueError, match="unconditional"):
+        engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0))
+    with pytest.raises(ValueError, match="unconditional"):
+        engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond[:1])
+    with pytest.raises(ValueError, match="num_tokens"):
+        engine.generate(prompts, 0, greedy())
+    with pytest.raises(ValueError, match="token ids"):
+        engine.generate([[vocab.embedding_rows]], N, greedy())
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], N, greedy())
+    with pytest.raises(ValueError, match="different model"):
+        generate_codes(model, vocab, prompts, N, greedy(), engine=Engine(model, ImageVocab(**{
+            **vocab.__dict__, "codebook_size": 8})))
+
+
+def test_chat_template_and_empty_unconditional(setup):
+    tok, model, vocab, _, _ = setup
+    prompts = [build_prompt_ids(tok, c, "chat") for c in CAPTIONS[:2]]
+    uncond = [unconditional_prompt_ids(tok, p, vocab, "empty", "chat") for p in prompts]
+    codes = generate_codes(model, vocab, prompts, 8, SamplingConfig(cfg_scale=3.0, top_k=10), uncond_ids=uncond)
+    assert codes.shape == (2, 8)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_matches_eager(setup):
+    _, model, vocab, prompts, _ = setup
+    eager = Engine(model, vocab).generate(prompts, N, greedy())
+    assert torch.equal(Engine(model, vocab).generate(prompts, N, greedy(compile=True)), eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_matches_eager_and_generate(setup):
+    _, model, vocab, prompts, uncond = setup
+    gpu = model.to("cuda")
+    try:
+        engine = Engine(gpu, vocab)
+        graphed, logits = engine.generate(prompts, N, greedy(), return_logits=True)
+        eager, eager_logits = engine.generate(prompts, N, greedy(cuda_graph=False), return_logits=True)
+        assert torch.equal(graphed, eager)
+        assert torch.allclose(logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
+        again = engine.generate(prompts[:2], N, greedy())  # a cached graph, new prompts
+        assert torch.equal(again, graphed[:2])
+        cfg = SamplingConfig(cfg_scale=3.0, seed=5)
+        assert torch.equal(engine.generate(prompts, N, cfg, uncond_ids=uncond),
+                           engine.generate(prompts, N, cfg, uncond_ids=uncond))
+    finally:
+        model.to("cpu")
+
+
+@pytest.mark.slow
+def test_bench_script_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--device", "cpu",
+                           "--batch", "2", "--repeats", "1", "--json", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "ratios:" in proc.stdout and out.is_file()

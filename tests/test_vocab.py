@@ -1,0 +1,257 @@
+"""Text tokenizer, vocabulary expansion and the generation sequence format."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
+
+from llm.text_tokenizer import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    shapes_world_texts,
+    shapes_world_tokenizer,
+    tokenizer_fingerprint,
+    train_text_tokenizer,
+)
+from llm.vocab import (
+    FALLBACK_CHAT,
+    IGNORE_INDEX,
+    IMAGE_END,
+    IMAGE_START,
+    PAD_FALLBACK,
+    VOCAB_FILE,
+    ImageVocab,
+    build_prompt_ids,
+    build_sequence,
+    build_tiny_qwen3,
+    code_token,
+    codebook_rows,
+    expand_vocabulary,
+    image_prefix_ids,
+    unconditional_prompt_ids,
+)
+
+CAPTIONS = ["a photo of a red square", "a photo of three circles", "a photo of a triangle left of a circle"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "shapes"
+    shapes_world_tokenizer(out)
+    return out
+
+
+def fresh(tok_dir):
+    return AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_loads_offline_as_qwen2_and_round_trips(tok_dir):
+    tok = fresh(tok_dir)
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    assert tok.eos_token == EOS_TOKEN and tok.pad_token == PAD_TOKEN and tok.eos_token_id != tok.pad_token_id
+    assert json.loads((tok_dir / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+    for text in [*CAPTIONS, "Zebra 123, ünïcode ✓ and\nnewlines"]:  # byte-level: any text encodes losslessly
+        assert tok.decode(tok(text)["input_ids"]) == text
+    # BPE learned the world's words: a caption is a handful of tokens, not one per byte
+    assert len(tok(CAPTIONS[0])["input_ids"]) < len(CAPTIONS[0]) / 2
+
+
+def test_tokenizer_is_deterministic_and_validates(tmp_path, tok_dir):
+    again = shapes_world_tokenizer(tmp_path / "again")
+    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(fresh(tok_dir))
+    other = train_text_tokenizer(shapes_world_texts()[:50], tmp_path / "small", vocab_size=300)
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(again) and len(other) <= 300
+    with pytest.raises(ValueError, match="non-empty"):
+        train_text_tokenizer([], tmp_path / "x")
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_text_tokenizer(["abc"], tmp_path / "x", vocab_size=100)
+
+
+# ----------------------------------------------------------------------------------------------- expansion
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_mean_expansion_keeps_text_and_initialises_new_rows(tok_dir, tied):
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok, tie_word_embeddings=tied)
+    before_ids = [tok(c)["input_ids"] for c in CAPTIONS]
+    text = len(tok)
+    w_in = model.get_input_embeddings().weight.detach().clone()
+    w_out = model.get_output_embeddings().weight.detach().clone()
+
+    vocab = expand_vocabulary(model, tok, codebook_size=100, pad_to_multiple_of=64)
+    assert [tok(c)["input_ids"] for c in CAPTIONS] == before_ids  # text tokenization unchanged
+    new_in, new_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert new_in.shape[0] == vocab.embedding_rows == model.config.vocab_size and new_in.shape[0] % 64 == 0
+    assert new_in.shape[0] >= len(tok) == text + 2 + 100
+    assert torch.equal(new_in[:text], w_in[:text]) and torch.equal(new_out[:text], w_out[:text])
+    assert torch.allclose(new_in[text:], w_in[:text].mean(0).expand(new_in.shape[0] - text, -1), atol=1e-6)
+    assert torch.allclose(new_out[text:], w_out[:text].mean(0).expand(new_in.shape[0] - text, -1), atol=1e-6)
+    assert (new_in.data_ptr() == new_out.data_ptr()) == tied
+    # codes: contiguous ids right after the two markers
+    assert tok.convert_tokens_to_ids([IMAGE_START, IMAGE_END]) == [text, text + 1]
+    assert tok.convert_tokens_to_ids([code_token(i, 100) for i in range(100)]) == list(range(text + 2, text + 102))
+    assert vocab.code_range == (text + 2, text + 102) and vocab.pad_id == tok.pad_token_id
+    assert tok.decode([vocab.code_offset + 42]) == "<|img_00042|>"
+
+
+def test_codebook_init_is_a_scaled_linear_map_of_the_codebook(tok_dir):
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok, tie_word_embeddings=False)
+    text_rows = model.get_input_embeddings().weight[: len(tok)].detach().clone()
+    text_out = model.get_output_embeddings().weight[: len(tok)].detach().clone()
+    codebook = torch.randn(50, 24)
+    codebook[2] = codebook[0] + 3 * codebook[1]  # linear relations must survive
+    codebook[3] = codebook[4]
+    vocab = expand_vocabulary(model, tok, 50, init="codebook", codebook=codebook)
+    rows = model.get_input_embeddings().weight[vocab.code_offset : vocab.code_end]
+    scale = rows.norm(dim=1).mean() / text_rows.norm(dim=1).mean()
+    assert torch.allclose(scale, torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(rows[2], rows[0] + 3 * rows[1], atol=1e-5) and torch.equal(rows[3], rows[4])
+    assert not torch.allclose(rows[0], rows[1])
+    assert torch.equal(rows, codebook_rows(codebook, text_rows, seed=0))  # deterministic for a seed
+    assert not torch.allclose(rows, codebook_rows(codebook, text_rows, seed=1))
+    out_rows = model.get_output_embeddings().weight[vocab.code_offset : vocab.code_end]
+    assert torch.allclose(out_rows, text_out.mean(0).expand_as(out_rows), atol=1e-6)  # untied head: mean
+    assert vocab.init == "codebook"
+
+
+def test_expansion_errors_and_pad_fallback(tok_dir, tmp_path):
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok)
+    with pytest.raises(ValueError, match="codebook"):
+        expand_vocabulary(model, tok, 16, init="codebook")
+    with pytest.raises(ValueError, match="shape"):
+        expand_vocabulary(model, tok, 16, init="codebook", codebook=torch.zeros(8, 4))
+    with pytest.raises(ValueError, match="init"):
+        expand_vocabulary(model, tok, 16, init="zeros")
+    expand_vocabulary(model, tok, 16)
+    with pytest.raises(ValueError, match="already expanded"):
+        expand_vocabulary(model, tok, 16)
+
+    # a tokenizer without a pad token gets one
+    nopad = train_text_tokenizer(CAPTIONS, tmp_path / "nopad", vocab_size=300)
+    nopad.pad_token = None
+    vocab = expand_vocabulary(build_tiny_qwen3(nopad), nopad, 8)
+    assert nopad.pad_token == PAD_FALLBACK and vocab.pad_id == nopad.convert_tokens_to_ids(PAD_FALLBACK)
+
+
+def test_real_qwen3_directory_round_trip(tok_dir, tmp_path):
+    """Save a (tiny) Qwen3 + tokenizer as a checkpoint folder, load it the way a real one is loaded, expand, save the
+    expanded model with image_vocab.json and reload all three."""
+    tok = fresh(tok_dir)
+    build_tiny_qwen3(tok, tie_word_embeddings=False).save_pretrained(tmp_path / "qwen3")
+    tok.save_pretrained(tmp_path / "qwen3")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "qwen3")
+    assert isinstance(model, Qwen3ForCausalLM)
+    vocab = expand_vocabulary(model, tok, 64)
+
+    model.save_pretrained(tmp_path / "expanded")
+    tok.save_pretrained(tmp_path / "expanded")
+    vocab.save(tmp_path / "expanded")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "expanded")
+    loaded_tok = AutoTokenizer.from_pretrained(tmp_path / "expanded")
+    loaded_vocab = ImageVocab.load(tmp_path / "expanded")
+    assert loaded_vocab == vocab
+    loaded_vocab.check_tokenizer(loaded_tok)
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert torch.equal(loaded.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    with pytest.raises(ValueError, match="does not match"):
+        loaded_vocab.check_tokenizer(fresh(tok_dir))
+
+
+# ----------------------------------------------------------------------------------------------- ImageVocab
+
+
+def test_image_vocab_mapping_and_json(tmp_path):
+    vocab = ImageVocab(codebook_size=10, code_offset=100, image_start_id=98, image_end_id=99, pad_id=1,
+                       text_vocab_size=98, embedding_rows=128)
+    codes = torch.tensor([[0, 9], [3, 4]])
+    assert torch.equal(vocab.code_to_token(codes), codes + 100)
+    assert torch.equal(vocab.token_to_code(vocab.code_to_token(codes)), codes)
+    assert vocab.is_code(torch.tensor([99, 100, 109, 110])).tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="not image codes"):
+        vocab.token_to_code(torch.tensor([100, 110]))
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        vocab.code_to_token(torch.tensor([10]))
+    vocab.save(tmp_path)
+    assert json.loads((tmp_path / VOCAB_FILE).read_text())["code_offset"] == 100
+    assert ImageVocab.load(tmp_path) == vocab
+    with pytest.raises(FileNotFoundError, match=VOCAB_FILE):
+        ImageVocab.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="inside the code id range"):
+        ImageVocab(codebook_size=10, code_offset=100, image_start_id=105, image_end_id=99, pad_id=1,
+                   text_vocab_size=98, embedding_rows=128)
+    with pytest.raises(ValueError, match="rows"):
+        ImageVocab(codebook_size=10, code_offset=120, image_start_id=98, image_end_id=99, pad_id=1,
+                   text_vocab_size=98, embedding_rows=128)
+
+
+# ----------------------------------------------------------------------------------------------- sequences
+
+
+@pytest.fixture(scope="module")
+def expanded(tok_dir):
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok, tie_word_embeddings=False)
+    vocab = expand_vocabulary(model, tok, 32)
+    return tok, model, vocab
+
+
+def test_prompt_templates(expanded, tok_dir, tmp_path):
+    tok, _, _ = expanded
+    caption = CAPTIONS[1]
+    assert build_prompt_ids(tok, caption) == tok(caption)["input_ids"]
+    chat = tok.decode(build_prompt_ids(tok, caption, "chat"))
+    assert chat == f"<|im_start|>user\n{caption}<|im_end|>\n<|im_start|>assistant\n"
+    plain_tok = train_text_tokenizer(CAPTIONS, tmp_path / "nochat", vocab_size=300, chat_template=None)
+    assert tok.decode(build_prompt_ids(plain_tok, caption, "chat")) != chat
+    assert plain_tok.decode(build_prompt_ids(plain_tok, caption, "chat")) == FALLBACK_CHAT.format(caption=caption)
+    with pytest.raises(ValueError, match="template"):
+        build_prompt_ids(tok, caption, "alpaca")
+
+
+def test_unconditional_prompts(expanded):
+    tok, _, vocab = expanded
+    plain = build_prompt_ids(tok, CAPTIONS[2])
+    assert unconditional_prompt_ids(tok, plain, vocab) == [vocab.pad_id] * len(plain)  # Janus: same length
+    chat = build_prompt_ids(tok, CAPTIONS[2], "chat")
+    uncond = unconditional_prompt_ids(tok, chat, vocab, template="chat")
+    specials = set(tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]))
+    assert len(uncond) == len(chat)
+    assert all((u == c) if c in specials else (u == vocab.pad_id) for u, c in zip(uncond, chat))
+    # the unconditional prompt is the same for every caption of the same token length
+    red, blue = (build_prompt_ids(tok, f"a photo of a {c} square", "chat") for c in ("red", "blue"))
+    assert red != blue and len(red) == len(blue)
+    assert unconditional_prompt_ids(tok, red, vocab, template="chat") == unconditional_prompt_ids(
+        tok, blue, vocab, template="chat")
+    assert unconditional_prompt_ids(tok, chat, vocab, "empty", "chat") == build_prompt_ids(tok, "", "chat")
+    assert unconditional_prompt_ids(tok, plain, vocab, "empty") == []
+    with pytest.raises(ValueError, match="unconditional mode"):
+        unconditional_prompt_ids(tok, plain, vocab, "null")
+
+
+def test_sequence_layout_and_labels_match_the_models_loss(expanded):
+    tok, model, vocab = expanded
+    prompt = build_prompt_ids(tok, CAPTIONS[0])
+    codes = torch.randint(0, vocab.codebook_size, (4, 4))
+    input_ids, labels = build_sequence(prompt, codes, vocab)
+    n = len(prompt)
+    assert input_ids.tolist() == [*prompt, vocab.image_start_id, *(codes.flatten() + vocab.code_offset).tolist(),
+                                  vocab.image_end_id]
+    assert input_ids[: n + 1].tolist() == image_prefix_ids(prompt, vocab)
+    assert (labels[: n + 1] == IGNORE_INDEX).all() and torch.equal(labels[n + 1 :], input_ids[n + 1 :])
+    # transformers shifts labels itself: its loss is the mean cross-entropy of predicting codes and <|image_end|>
+    with torch.no_grad():
+        out = model(input_ids=input_ids[None], labels=labels[None])
+    logits = out.logits[0, n:-1]  # positions that predict tokens n+1 .. end
+    manual = F.cross_entropy(logits.float(), input_ids[n + 1 :])
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    with pytest.raises(ValueError):
+        build_sequence(prompt, torch.tensor([vocab.codebook_size]), vocab)
