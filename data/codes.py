@@ -43,6 +43,30 @@ def write_chunk(directory: Path, chunk: int, codes: np.ndarray, rows: list[dict[
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def ensure_manifest(directory: Path, tokenizer_path: str | Path, model_config: Any, data: str, num_samples: int,
+                    chunk_size: int, write: bool = True) -> None:
+    """Record how the codes in `directory` are made (written once, by rank 0: `write`); a directory holding codes
+    made with other settings is refused with a ValueError naming them.
+
+    Args:
+        model_config: the VQRAEConfig of the tokenizer.
+    """
+    manifest = {"tokenizer": str(Path(tokenizer_path).resolve()), "data": str(data), "num_samples": num_samples,
+                "chunk_size": chunk_size, "codebook_size": model_config.quantizer.codebook_size,
+                "grid_size": model_config.grid_size, "num_tokens": model_config.num_tokens,
+                "image_size": model_config.encoder.image_size}
+    path = directory / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in manifest if k != "tokenizer" and old.get(k) != manifest[k])
+        if diff:
+            raise ValueError(f"{directory} holds codes made with other settings ({', '.join(diff)}); use another "
+                             "output folder")
+    elif write:
+        with atomic_write(path) as f:
+            json.dump(manifest, f, indent=2)
+
+
 def complete_chunks(directory: Path) -> list[int]:
     return sorted(int(p.name.split("_")[1].split(".")[0]) for p in directory.glob("chunk_*.jsonl"))
 

@@ -13,7 +13,6 @@ skipped and counted. Images go through the ADM centre crop at the tokenizer's re
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
-from data.atomic import atomic_write
-from data.codes import MANIFEST, extract_codes
+from data.codes import ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.transforms import ImageTransform
 from tokenizer import VQRAE
@@ -55,21 +53,12 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = model.to(device, dtype).eval()
     args.out.mkdir(parents=True, exist_ok=True)
-    manifest = {"tokenizer": str(args.tokenizer.resolve()), "data": args.data, "num_samples": len(dataset),
-                "chunk_size": args.chunk_size, "codebook_size": model.config.quantizer.codebook_size,
-                "grid_size": model.config.grid_size, "num_tokens": model.config.num_tokens,
-                "image_size": model.config.encoder.image_size}
-    existing = args.out / MANIFEST
-    if existing.is_file():
-        old = json.loads(existing.read_text())
-        diff = sorted(k for k in manifest if k != "tokenizer" and old.get(k) != manifest[k])
-        if diff:
-            print(f"error: {args.out} holds codes made with other settings ({', '.join(diff)}); use another --out",
-                  file=sys.stderr)
-            sys.exit(2)
-    elif rank == 0:
-        with atomic_write(existing) as f:
-            json.dump(manifest, f, indent=2)
+    try:
+        ensure_manifest(args.out, args.tokenizer, model.config, args.data, len(dataset), args.chunk_size,
+                        write=rank == 0)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     counts = extract_codes(model, dataset, args.out, args.chunk_size, args.batch_size, rank, world, args.num_workers, dtype)
     if world > 1:
         totals = torch.tensor([counts["chunks"], counts["images"], counts["skipped"]])

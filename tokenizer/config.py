@@ -142,14 +142,18 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node, obj = data, cfg
-        for i, part in enumerate(parts):
-            if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-                raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override {item!r}")
-            if i < len(parts) - 1:
+        for i, part in enumerate(parts[:-1]):
+            if dataclasses.is_dataclass(obj):
+                if part not in {f.name for f in dataclasses.fields(obj)}:
+                    raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override {item!r}")
                 obj = getattr(obj, part)
-                node = node[part]
-                if not isinstance(node, dict):
-                    raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys ({item!r})")
+            else:  # inside a free-form dict field (e.g. encoder.tower): any key
+                obj = None
+            node = node.setdefault(part, {}) if obj is None else node[part]
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys ({item!r})")
+        if dataclasses.is_dataclass(obj) and parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key '{key.strip()}' in override {item!r}")
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     return from_dict(type(cfg), data)
 

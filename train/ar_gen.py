@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from data.codes import MANIFEST, CodeDataset, extract_codes
+from data.codes import CodeDataset, ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.sequences import CaptionCodeSequences, collate_sequences
 from data.transforms import ImageTransform, make_grid_png
@@ -121,27 +121,23 @@ def build_lm(cfg: ARGenTrainConfig, vqrae: VQRAE, work_dir: Path):
 
 
 def ensure_codes(cfg: ARGenTrainConfig, vqrae: VQRAE, info: common.DistInfo) -> Path:
-    """The code directory, extracted first (every rank takes its chunks) when missing and data.images is set."""
+    """The code directory; with data.images set, its missing chunks are extracted first (every rank takes its share;
+    complete chunks are kept, so an interrupted extraction resumes)."""
     codes = Path(cfg.data.codes)
-    if (codes / MANIFEST).is_file() or not cfg.data.images:
+    if not cfg.data.images:
         return codes
     dataset = build_image_dataset(cfg.data.images, ImageTransform(vqrae.config.encoder.image_size, "center"))
+    chunk_size = 5000
     if info.is_main:
         codes.mkdir(parents=True, exist_ok=True)
+        ensure_manifest(codes, cfg.data.tokenizer, vqrae.config, cfg.data.images, len(dataset), chunk_size)
     common.barrier()
-    model = vqrae.to(info.device).eval()
-    counts = extract_codes(model, dataset, codes, chunk_size=5000, batch_size=cfg.data.extract_batch_size,
-                           rank=info.rank, world=info.world_size, progress=info.is_main)
+    counts = extract_codes(vqrae.to(info.device).eval(), dataset, codes, chunk_size=chunk_size,
+                           batch_size=cfg.data.extract_batch_size, rank=info.rank, world=info.world_size,
+                           progress=info.is_main)
     common.barrier()
-    if info.is_main:
-        manifest = {"tokenizer": str(Path(cfg.data.tokenizer).resolve()), "data": cfg.data.images,
-                    "num_samples": len(dataset), "chunk_size": 5000,
-                    "codebook_size": vqrae.config.quantizer.codebook_size, "grid_size": vqrae.config.grid_size,
-                    "num_tokens": vqrae.config.num_tokens, "image_size": vqrae.config.encoder.image_size}
-        (codes / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        log.info("extracted codes of %d images to %s (%d unreadable skipped)", counts["images"], codes,
-                 counts["skipped"])
-    common.barrier()
+    log.info("extracted codes of %d images to %s (%d unreadable skipped, this rank)", counts["images"], codes,
+             counts["skipped"])
     return codes
 
 

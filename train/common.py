@@ -7,6 +7,7 @@ Trainers (train/tokenizer.py, train/ar_gen.py) only wire these together.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -386,31 +387,32 @@ def consolidated_state_dict(checkpoint: Path, tag: str) -> dict[str, torch.Tenso
 
 
 class EMA:
-    """fp32 exponential moving average of named parameters: shadow = decay * shadow + (1 - decay) * param.
+    """fp32 exponential moving average of named parameters: shadow = d * shadow + (1 - d) * param, with the usual
+    warmup d = min(decay, (1 + step) / (10 + step)) so that short runs are not dominated by their first weights.
 
-    Under ZeRO-3 the parameters are gathered for the update (pass `zero3=True`).
+    Build it before `deepspeed.initialize` (it copies the fp32 weights); set `zero3` afterwards so updates gather the
+    partitioned parameters.
     """
 
     def __init__(self, named_params: dict[str, torch.nn.Parameter], decay: float, zero3: bool = False):
         self.decay, self.zero3 = decay, zero3
         self.params = named_params
-        with self._gathered():
-            self.shadow = {k: p.detach().float().clone() for k, p in named_params.items()}
+        self.shadow = {k: p.detach().float().clone() for k, p in named_params.items()}
 
-    def _gathered(self):
-        import contextlib
-
-        if not self.zero3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(self.params.values()), modifier_rank=None)
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self) -> None:
-        with self._gathered():
+    def update(self, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        context = contextlib.nullcontext()
+        if self.zero3:
+            import deepspeed
+
+            context = deepspeed.zero.GatheredParameters(list(self.params.values()), modifier_rank=None)
+        with context:
             for k, p in self.params.items():
-                self.shadow[k].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(p.detach().float(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.shadow.items()}

@@ -319,7 +319,7 @@ class TokenizerTrainer(common.TrainLoop):
         metrics.update(d_parts)
 
     def after_step(self, step: int) -> None:
-        self.ema.update()
+        self.ema.update(step)
 
     def write_samples(self, step: int) -> None:
         """Originals over reconstructions; every rank runs the forward (ZeRO-3 gathers collectively)."""

@@ -1,0 +1,130 @@
+"""GenEval: generate images for every prompt of a GenEval prompt file with an exported generator, then score them.
+
+    # the official benchmark (553 prompts, 4 images each), Mask2Former + CLIP from local directories
+    python eval/geneval.py --model runs/qwen3-0.6b-ar/export --out outputs/geneval \
+        --mask2former /ckpt/mask2former-swin-s-coco-instance --clip /ckpt/clip-vit-large-patch14
+    # the CPU default: held-out prompts of the shapes world, scored by its exact detector
+    python eval/geneval.py --model runs/tiny-ar/export --prompts data/shapes_geneval_prompts.jsonl \
+        --detector shapes --out runs/tiny-ar/geneval
+    # score an existing folder only (any generator that wrote GenEval's layout)
+    python eval/geneval.py --score-only --out outputs/geneval --mask2former ... --clip ...
+
+Layout (GenEval's): OUT/NNNNN/metadata.jsonl (the prompt's line), OUT/NNNNN/samples/NNNN.png; OUT/generation.json
+records the model and every sampling setting; OUT/results.jsonl and OUT/summary.json hold the scores. Generation
+resumes: prompt folders that already hold their images are kept. Every batch of prompts is sampled with seed
+`--seed + index of its first prompt`, so results do not depend on what ran before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from data.atomic import atomic_write
+from data.transforms import to_pil
+from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize, write_summary
+from llm.sampler import SamplingConfig
+
+OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
+
+
+def read_prompts(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows or any("prompt" not in r or "tag" not in r for r in rows):
+        raise ValueError(f"{path} is not a GenEval prompt file (one JSON object a line with 'tag' and 'prompt')")
+    return rows
+
+
+def prompt_done(folder: Path, n: int) -> bool:
+    return (folder / "metadata.jsonl").is_file() and all((folder / "samples" / f"{j:04d}.png").is_file()
+                                                         for j in range(n))
+
+
+def generate(model_dir: Path, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig,
+             prompts_per_batch: int, device: str, dtype: torch.dtype) -> None:
+    """Write n images per prompt in GenEval's layout (skipping finished prompts)."""
+    from llm.pipeline import TextToImage
+
+    t2i = TextToImage.from_pretrained(model_dir, device=device, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "generation.json") as f:
+        json.dump({"model": str(model_dir.resolve()), "images_per_prompt": n, "prompts_per_batch": prompts_per_batch,
+                   "sampling": sampling.to_dict(), "seed_rule": "seed + index of the batch's first prompt",
+                   "dtype": str(dtype)}, f, indent=2)
+    todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
+    for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
+        batch = todo[start : start + prompts_per_batch]
+        texts = [prompts[i]["prompt"] for i in batch for _ in range(n)]
+        seeded = SamplingConfig(**{**sampling.to_dict(), "seed": sampling.seed + batch[0]})
+        images, _ = t2i.generate(texts, seeded)
+        for k, i in enumerate(batch):
+            folder = out / f"{i:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            for j in range(n):
+                with atomic_write(folder / "samples" / f"{j:04d}.png", "wb") as f:
+                    to_pil(images[k * n + j].float().cpu()).save(f, format="PNG")
+            with atomic_write(folder / "metadata.jsonl") as f:
+                f.write(json.dumps(prompts[i]) + "\n")
+
+
+def build_detector(args: argparse.Namespace):
+    if args.detector == "shapes":
+        from eval.shapes_detector import ShapesDetector
+
+        return ShapesDetector()
+    from eval.detectors import Mask2FormerClipDetector
+
+    if not args.mask2former or not args.clip:
+        raise FileNotFoundError("--detector mask2former needs --mask2former DIR and --clip DIR (local checkpoints)")
+    return Mask2FormerClipDetector.from_pretrained(args.mask2former, args.clip, device=args.device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="generator export (train/ar_gen.py); not needed with --score-only")
+    parser.add_argument("--prompts", type=Path, default=OFFICIAL_PROMPTS)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("-n", "--images-per-prompt", type=int, default=4)
+    parser.add_argument("--prompts-per-batch", type=int, default=4)
+    parser.add_argument("--cfg-scale", type=float, default=5.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--detector", choices=("mask2former", "shapes"), default="mask2former")
+    parser.add_argument("--mask2former", default="", help="local Mask2Former COCO instance checkpoint directory")
+    parser.add_argument("--clip", default="", help="local CLIP ViT-L/14 directory")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--score-only", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        detector = build_detector(args)
+        if not args.score_only:
+            if args.model is None:
+                raise FileNotFoundError("--model is required unless --score-only")
+            sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p, seed=args.seed)
+            dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+            generate(args.model, read_prompts(args.prompts), args.out, args.images_per_prompt, sampling,
+                     args.prompts_per_batch, args.device, dtype)
+        results = evaluate_folder(args.out, detector, ScoringConfig())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    summary = summarize(results)
+    summary["detector"] = detector.name
+    write_summary(summary, args.out / "summary.json")
+
+
+if __name__ == "__main__":
+    main()
