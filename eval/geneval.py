@@ -49,17 +49,15 @@ def prompt_done(folder: Path, n: int) -> bool:
                                                          for j in range(n))
 
 
-def generate(model_dir: Path, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig,
-             prompts_per_batch: int, device: str, dtype: torch.dtype) -> None:
-    """Write n images per prompt in GenEval's layout (skipping finished prompts)."""
-    from llm.pipeline import TextToImage
-
-    t2i = TextToImage.from_pretrained(model_dir, device=device, dtype=dtype)
+def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
+             model_name: str) -> None:
+    """Write n images per prompt of `t2i` (an llm.pipeline.TextToImage) in GenEval's layout, skipping finished
+    prompts."""
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "generation.json") as f:
-        json.dump({"model": str(model_dir.resolve()), "images_per_prompt": n, "prompts_per_batch": prompts_per_batch,
+        json.dump({"model": model_name, "images_per_prompt": n, "prompts_per_batch": prompts_per_batch,
                    "sampling": sampling.to_dict(), "seed_rule": "seed + index of the batch's first prompt",
-                   "dtype": str(dtype)}, f, indent=2)
+                   "dtype": str(next(t2i.model.parameters()).dtype)}, f, indent=2)
     todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
     for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
         batch = todo[start : start + prompts_per_batch]
@@ -114,9 +112,12 @@ def main(argv: list[str] | None = None) -> None:
                 raise FileNotFoundError("--model is required unless --score-only")
             sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                       top_p=args.top_p, seed=args.seed)
+            from llm.pipeline import TextToImage
+
             dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-            generate(args.model, read_prompts(args.prompts), args.out, args.images_per_prompt, sampling,
-                     args.prompts_per_batch, args.device, dtype)
+            t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype)
+            generate(t2i, read_prompts(args.prompts), args.out, args.images_per_prompt, sampling,
+                     args.prompts_per_batch, str(args.model.resolve()))
         results = evaluate_folder(args.out, detector, ScoringConfig())
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.atomic import atomic_write
+from tokenizer.quantizer import perplexity as code_perplexity
 
 # ----------------------------------------------------------------------------------------------------------------
 # PSNR and SSIM
@@ -389,17 +390,13 @@ class CodeUsage:
         """Fraction of codes used at least once."""
         return (self.counts > 0).sum().item() / self.num_codes
 
+    def perplexity(self) -> float:
+        """exp(entropy): the effective number of codes (K for uniform use); 1.0 before any update."""
+        return float(code_perplexity(self.counts.double()))
+
     def entropy(self) -> float:
         """Entropy (nats) of the usage distribution; 0.0 before any update."""
-        total = self.counts.sum().item()
-        if total == 0:
-            return 0.0
-        p = self.counts[self.counts > 0].double() / total
-        return float(-(p * p.log()).sum())
-
-    def perplexity(self) -> float:
-        """exp(entropy): the effective number of codes (K for uniform use)."""
-        return math.exp(self.entropy())
+        return math.log(self.perplexity())
 
     def summary(self) -> dict[str, float]:
         """{"utilisation", "perplexity", "entropy", "tokens"} for logging."""

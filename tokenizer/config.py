@@ -341,11 +341,20 @@ def _tiny() -> VQRAEConfig:
     )
 
 
+def _tiny_p4_32() -> VQRAEConfig:
+    """The CPU default: `tiny` at 32 px with 4 px patches (still 8 x 8 tokens), whose reconstructions of the shapes
+    world keep shapes legible to its exact detector far sooner than 8 px patches at 64 px do."""
+    cfg = _tiny()
+    cfg.encoder.tower.update(patch_size=4, image_size=32)
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], VQRAEConfig]] = {
     "siglip2-so400m-p16-256": lambda: _so400m(256),
     "siglip2-so400m-p16-512": lambda: _so400m(512),
     "internvit-300m-p14-448": _internvit_300m,
     "tiny": _tiny,
+    "tiny-p4-32": _tiny_p4_32,
 }
 
 

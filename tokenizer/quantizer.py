@@ -132,11 +132,9 @@ class SimVQ(nn.Module):
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of a histogram of code counts; 1.0 for an empty histogram."""
+    """exp(entropy) of a histogram of code counts (float64); 1.0 for an empty histogram."""
     total = counts.sum()
     if total == 0:
-        return torch.tensor(1.0)
-    p = counts.float() / total
-    entropy = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum()
-    return entropy.exp()
-
+        return torch.tensor(1.0, dtype=torch.float64)
+    p = counts[counts > 0].double() / total
+    return torch.exp(-(p * p.log()).sum())

@@ -1,0 +1,89 @@
+"""Generator training data and runs: caption dropout, sequence collation, a 2-process ZeRO-3 run of
+train/ar_gen.py (codes extracted on the fly, samples, export), and sampling from the export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.codes import MANIFEST, CodeDataset, write_chunk
+from data.sequences import CaptionCodeSequences, collate_sequences
+from data.shapes import ShapesWorld, export_world
+from llm.pipeline import TextToImage
+from llm.sampler import SamplingConfig
+from llm.text_tokenizer import shapes_world_tokenizer
+from llm.vocab import IGNORE_INDEX, build_prompt_ids, build_tiny_qwen3, expand_vocabulary, unconditional_prompt_ids
+from tokenizer import VQRAE, get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def codes_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("codes")
+    world = ShapesWorld(400, 32, seed=0)
+    rng = np.random.default_rng(0)
+    write_chunk(root, 0, rng.integers(0, 512, (400, 64)).astype(np.uint16),
+                [{"index": i, "caption": world[i]["caption"]} for i in range(400)])
+    (root / MANIFEST).write_text(json.dumps({"num_tokens": 64, "codebook_size": 512}))
+    return root
+
+
+def test_caption_dropout_and_collation(codes_dir, tmp_path):
+    tokenizer = shapes_world_tokenizer(tmp_path / "tok")
+    vocab = expand_vocabulary(build_tiny_qwen3(tokenizer), tokenizer, 512)
+    codes = CodeDataset(codes_dir)
+    seqs = CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=0.3, seed=7)
+    items = [seqs[(2, i)] for i in range(len(seqs))]
+    rate = sum(it["dropped"] for it in items) / len(items)
+    assert 0.22 < rate < 0.38
+    assert [seqs[(2, i)]["dropped"] for i in range(50)] == [it["dropped"] for it in items[:50]]  # reproducible
+    assert [seqs[(3, i)]["dropped"] for i in range(400)] != [it["dropped"] for it in items]  # new epoch, new draws
+    for i, it in enumerate(items[:40]):
+        prompt = build_prompt_ids(tokenizer, codes[i]["caption"])
+        expected = unconditional_prompt_ids(tokenizer, prompt, vocab) if it["dropped"] else prompt
+        n = len(expected)
+        assert it["input_ids"][:n].tolist() == expected  # exactly the sampler's unconditional prompt
+        assert it["input_ids"][n] == vocab.image_start_id
+        assert torch.equal(vocab.token_to_code(it["input_ids"][n + 1 : n + 65]), codes[i]["codes"])
+        assert (it["labels"][: n + 1] == IGNORE_INDEX).all() and torch.equal(it["labels"][n + 1 :],
+                                                                              it["input_ids"][n + 1 :])
+    batch = collate_sequences(items[:5], vocab.pad_id)
+    lengths = [it["input_ids"].numel() for it in items[:5]]
+    assert batch["input_ids"].shape == (5, max(lengths))
+    for row, n in enumerate(lengths):
+        assert batch["attention_mask"][row].sum() == n
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all() and (batch["input_ids"][row, n:] == vocab.pad_id).all()
+    with pytest.raises(ValueError, match="caption_dropout"):
+        CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=1.5)
+
+
+def test_two_process_zero3_run_then_sample_from_export(tmp_path):
+    export_world(tmp_path / "world", 48, image_size=32, seed=0, fmt="shards", shard_size=16, progress=False)
+    torch.manual_seed(0)
+    VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29517",
+           str(REPO / "train" / "ar_gen.py"), f"data.tokenizer={tmp_path / 'tok'}", f"data.codes={tmp_path / 'codes'}",
+           f"data.images={tmp_path / 'world' / 'shards'}", f"run.output_dir={out}", "run.steps=4",
+           "run.sample_every=2", "run.ckpt_every=2", "run.log_every=1", "run.tensorboard=false",
+           "deepspeed.zero_stage=3", "deepspeed.micro_batch_size=4", "data.extract_batch_size=8"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+    assert (out / "samples" / "step_00000002.png").is_file() and len(CodeDataset(tmp_path / "codes")) == 48
+    t2i = TextToImage.from_pretrained(out / "export")
+    images, codes = t2i.generate(["a photo of a red circle"] * 2, SamplingConfig(cfg_scale=3.0, seed=1))
+    assert images.shape == (2, 3, 32, 32) and codes.shape == (2, 64)
+    assert (codes >= 0).all() and (codes < 512).all()
+    again, _ = t2i.generate(["a photo of a red circle"] * 2, SamplingConfig(cfg_scale=3.0, seed=1))
+    assert torch.equal(images, again)
