@@ -5,8 +5,9 @@
 
 One step = VQRAE forward + backward of L2 + VQ loss (stage 2 adds the teacher forward and the distillation loss and
 trains the encoder) + AdamW update, the compute the trainer runs per micro-batch (LPIPS and the discriminator
-excluded). FLOPs are counted by torch.utils.flop_counter on one step; MFU = counted FLOPs / step time / the dense
-matmul throughput of this device measured in the same run (--peak-n square matmuls in the same dtype).
+excluded). FLOPs are counted by torch.utils.flop_counter on one step without checkpointing (model FLOPs: the
+recomputation of checkpointed layers is not counted); MFU = those FLOPs / step time / the dense matmul throughput
+of this device measured in the same run (--peak-n square matmuls in the same dtype).
 Each configuration runs with gradient checkpointing off and on.
 """
 
@@ -76,7 +77,9 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict:
+def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float, model_flops: float | None = None) -> dict:
+    """One configuration. `model_flops`: the step's FLOPs without recomputation (MFU counts model FLOPs only);
+    None counts them on this run (call it with ckpt=False)."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
@@ -96,7 +99,7 @@ def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict
         model.compile()
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = counter.get_total_flops()
+    flops = model_flops if model_flops is not None else counter.get_total_flops()
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -117,7 +120,8 @@ def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict
     else:
         mem = _rss_kb("VmHWM:") / 2**20
         extra = (_rss_kb("VmHWM:") * 1024 - base) / 2**30
-    return {"stage": stage, "ckpt": ckpt, "img_s": args.batch / dt, "step_s": dt, "tflop_step": flops / 1e12,
+    return {"stage": stage, "ckpt": ckpt, "img_s": args.batch / dt, "step_s": dt, "flops": flops,
+            "tflop_step": flops / 1e12,
             "mfu": flops / dt / peak, "peak_gib": mem, "step_extra_gib": extra}
 
 
@@ -144,8 +148,10 @@ def main() -> None:
     print(f"{'stage':>5} {'ckpt':>5} {'img/s':>9} {'step s':>8} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9} "
           f"{'step +GiB':>9}")
     for stage in (int(s) for s in args.stages.split(",")):
+        flops = None
         for ckpt in (False, True):
-            r = bench(args, stage, ckpt, peak)
+            r = bench(args, stage, ckpt, peak, flops)
+            flops = r["flops"]
             print(f"{r['stage']:>5} {str(r['ckpt']):>5} {r['img_s']:9.1f} {r['step_s']:8.3f} {r['tflop_step']:11.3f} "
                   f"{r['mfu']:6.1%} {r['peak_gib']:9.2f} {r['step_extra_gib']:9.2f}")
 
