@@ -24,8 +24,8 @@ SCRIPT = REPO / "train" / "tokenizer.py"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
-    export_world(root / "train", 96, image_size=64, seed=0, fmt="shards", shard_size=32, progress=False)
-    export_world(root / "eval", 16, image_size=64, seed=1, fmt="shards", progress=False)
+    export_world(root / "train", 96, image_size=32, seed=0, fmt="shards", shard_size=32, progress=False)
+    export_world(root / "eval", 16, image_size=32, seed=1, fmt="shards", progress=False)
     return root
 
 
@@ -77,7 +77,7 @@ def test_resume_after_sigkill_reproduces_loss_curve(world, tmp_path):
     for step in range(1, 11):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
     exported = VQRAE.from_pretrained(out / "export")
-    assert exported.config.encoder.image_size == 64
+    assert exported.config.encoder.image_size == 32
 
 
 def test_export_matches_trained_weights(world, tmp_path):
@@ -114,7 +114,7 @@ def test_corrupt_images_are_skipped_and_counted(world, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(14):
-        render_sample(0, i, 64)[0].save(folder / f"{i:03d}.png")
+        render_sample(0, i, 32)[0].save(folder / f"{i:03d}.png")
     (folder / "014.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(100))  # truncated PNG
     (folder / "015.jpg").write_bytes(os.urandom(500))  # not an image
     out = tmp_path / "run"
