@@ -209,8 +209,10 @@ class DiscriminatorState:
 # One optimizer step
 
 
-def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc) -> tuple[torch.Tensor, dict]:
-    """The full generator-side loss and its parts (pure wiring of tokenizer.losses)."""
+def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc, patch: int
+                   ) -> tuple[torch.Tensor, dict]:
+    """The full generator-side loss and its parts (pure wiring of tokenizer.losses); `patch` is the decoder's output
+    patch size (for the adaptive GAN weight)."""
     rec = out.reconstruction
     parts = {"l2": F.mse_loss(rec.float(), x.float())}
     rec_loss = cfg.loss.l2_weight * parts["l2"]
@@ -229,8 +231,7 @@ def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc
         parts["g_adv"] = hinge_g_loss(disc.module(rec))  # the module, not the engine: no engine backward hooks
         weight = torch.tensor(1.0, device=x.device)
         if cfg.loss.adaptive_gan:
-            weight = adaptive_gan_weight(rec_loss, parts["g_adv"], rec, out.decoder_states,
-                                         out.reconstruction.shape[-1] // int(out.indices.shape[1] ** 0.5),
+            weight = adaptive_gan_weight(rec_loss, parts["g_adv"], rec, out.decoder_states, patch,
                                          cfg.loss.adaptive_max)
         parts["gan_weight"] = weight
         loss = loss + cfg.loss.gan_weight * weight * parts["g_adv"]
@@ -244,8 +245,8 @@ def discriminator_loss(cfg: TokenizerTrainConfig, disc, x, rec, state: Discrimin
     parts = {"d_loss": loss.detach(), "logits_real": logits_real.float().mean().detach(),
              "logits_fake": logits_fake.float().mean().detach()}
     if cfg.loss.lecam_weight > 0:
-        loss = loss + cfg.loss.lecam_weight * lecam_loss(logits_real, logits_fake, torch.tensor(state.real),
-                                                         torch.tensor(state.fake))
+        ema_real, ema_fake = (torch.tensor(v, device=x.device) for v in (state.real, state.fake))
+        loss = loss + cfg.loss.lecam_weight * lecam_loss(logits_real, logits_fake, ema_real, ema_fake)
         state.update(logits_real, logits_fake, cfg.loss.lecam_decay)
     return loss, parts
 
@@ -261,6 +262,7 @@ class TokenizerTrainer(common.TrainLoop):
         self.cfg = cfg
         model = build_model(cfg)
         self.image_size = model.config.encoder.image_size
+        self.patch = model.config.output_patch_size
         ensure_world(cfg.data.train, cfg.data.world.train_samples, self.image_size, cfg.data.world.train_seed, info)
         if cfg.data.eval:
             ensure_world(cfg.data.eval, cfg.data.world.eval_samples, self.image_size, cfg.data.world.eval_seed, info)
@@ -305,7 +307,8 @@ class TokenizerTrainer(common.TrainLoop):
         if self.disc is not None:
             self.disc.module.requires_grad_(False)
         self.out = self.engine(x)
-        loss, parts = generator_loss(self.cfg, self.out, x, self.state["step"], self.lpips, self.teacher, self.disc)
+        loss, parts = generator_loss(self.cfg, self.out, x, self.state["step"], self.lpips, self.teacher, self.disc,
+                                     self.patch)
         return loss, parts | self.out.metrics
 
     def after_backward(self, batch: dict, metrics: dict) -> None:
