@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the CPU default (the procedural shapes world), about 15 minutes on 2 cores:
+# The whole pipeline on the CPU default (the procedural shapes world), about 12 minutes on 2 cores:
 # tokenizer stage 1 -> stage 2 -> reconstruction eval -> generator training -> GenEval with the exact detector
 # -> the table of trained vs untrained numbers (runs/cpu_report.json).
 set -euo pipefail
