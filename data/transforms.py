@@ -138,19 +138,24 @@ def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
-def make_grid_png(rows: Sequence[torch.Tensor], path: str | Path, padding: int = 2) -> Path:
+def make_grid_png(rows: Sequence[torch.Tensor], path: str | Path, padding: int = 2, min_cell: int = 0) -> Path:
     """Write a grid whose i-th row is `rows[i]` (e.g. originals over reconstructions) to a PNG, atomically.
 
     Args:
         rows: tensors (B, 3, H, W) in [-1, 1], all of the same shape.
         path: the output file.
         padding: white pixels between cells.
+        min_cell: cells smaller than this are enlarged by an integer factor (nearest neighbour), so 32 px images
+            stay visible; pixels are never interpolated.
     """
     from torchvision.utils import make_grid
 
     if not rows or any(r.shape != rows[0].shape or r.dim() != 4 for r in rows):
         raise ValueError(f"make_grid_png: expected equal (B, 3, H, W) rows, got {[tuple(r.shape) for r in rows]}")
     cells = torch.cat([to_uint8(r.detach()).cpu() for r in rows])  # (R * B, 3, H, W)
+    scale = max(1, -(-min_cell // max(cells.shape[-2:])))
+    if scale > 1:
+        cells = cells.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     grid = make_grid(cells, nrow=rows[0].shape[0], padding=padding, pad_value=255)  # (3, H', W')
     path = Path(path)
     with atomic_write(path, "wb") as f:

@@ -120,6 +120,9 @@ def test_make_grid_png(tmp_path):
     assert (grid[0] == 255).all()
     with pytest.raises(ValueError, match="equal"):
         make_grid_png([top, bottom[:2]], tmp_path / "bad.png")
+    big = np.array(Image.open(make_grid_png([top], tmp_path / "big.png", padding=0, min_cell=16)))
+    assert big.shape == (16, 3 * 12, 3)  # cells enlarged 2x by repetition: every pixel a 2 x 2 block
+    np.testing.assert_array_equal(big[::2, ::2], np.array(Image.open(make_grid_png([top], tmp_path / "s.png", 0))))
 
 
 @pytest.mark.parametrize("mode", ["center", "random", "resize"])

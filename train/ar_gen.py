@@ -210,7 +210,7 @@ class ARGenTrainer(common.TrainLoop):
         model.train()
         if self.info.is_main:
             images = self.vqrae.decode(codes.cpu()).clamp(-1, 1)
-            make_grid_png([images], self.out_dir / "samples" / f"step_{step:08d}.png")
+            make_grid_png([images], self.out_dir / "samples" / f"step_{step:08d}.png", min_cell=128)
 
     def checkpoint_files(self) -> dict:
         def tokenizer_files(path: Path) -> None:

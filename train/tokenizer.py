@@ -332,7 +332,7 @@ class TokenizerTrainer(common.TrainLoop):
         self.engine.train()
         if self.info.is_main:
             path = self.out_dir / "samples" / f"step_{step:08d}.png"
-            make_grid_png([self.grid_images.float().cpu(), rec.float().clamp(-1, 1).cpu()], path)
+            make_grid_png([self.grid_images.float().cpu(), rec.float().clamp(-1, 1).cpu()], path, min_cell=128)
 
     def checkpoint_files(self) -> dict:
         return {"ema.safetensors": lambda p: save_file(self.ema.state_dict(), str(p)),
