@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from data.atomic import atomic_write
 from data.images import StringArray, collate_images
+from tokenizer.config import ConfigError
 
 MANIFEST = "manifest.json"
 
@@ -46,7 +47,7 @@ def write_chunk(directory: Path, chunk: int, codes: np.ndarray, rows: list[dict[
 def ensure_manifest(directory: Path, tokenizer_path: str | Path, model_config: Any, data: str, num_samples: int,
                     chunk_size: int, write: bool = True) -> None:
     """Record how the codes in `directory` are made (written once, by rank 0: `write`); a directory holding codes
-    made with other settings is refused with a ValueError naming them.
+    made with other settings is refused with a ConfigError naming them.
 
     Args:
         model_config: the VQRAEConfig of the tokenizer.
@@ -60,7 +61,7 @@ def ensure_manifest(directory: Path, tokenizer_path: str | Path, model_config: A
         old = json.loads(path.read_text())
         diff = sorted(k for k in manifest if k != "tokenizer" and old.get(k) != manifest[k])
         if diff:
-            raise ValueError(f"{directory} holds codes made with other settings ({', '.join(diff)}); use another "
+            raise ConfigError(f"{directory} holds codes made with other settings ({', '.join(diff)}); use another "
                              "output folder")
     elif write:
         with atomic_write(path) as f:

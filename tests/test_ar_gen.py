@@ -87,3 +87,27 @@ def test_two_process_zero3_run_then_sample_from_export(tmp_path):
     assert (codes >= 0).all() and (codes < 512).all()
     again, _ = t2i.generate(["a photo of a red circle"] * 2, SamplingConfig(cfg_scale=3.0, seed=1))
     assert torch.equal(images, again)
+
+
+def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir, tmp_path):
+    tokenizer = shapes_world_tokenizer(tmp_path / "qwen")
+    build_tiny_qwen3(tokenizer, tie_word_embeddings=False).save_pretrained(tmp_path / "qwen")  # a local "Qwen3" dir
+    torch.manual_seed(0)
+    VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train" / "ar_gen.py"), f"lm.pretrained={tmp_path / 'qwen'}", "lm.init=codebook",
+           "lm.template=chat", f"data.tokenizer={tmp_path / 'tok'}", f"data.codes={codes_dir}", "data.images=",
+           f"run.output_dir={out}",
+           "run.steps=2", "run.sample_every=0", "run.tensorboard=false", "deepspeed.micro_batch_size=4"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    t2i = TextToImage.from_pretrained(out / "export")
+    assert t2i.template == "chat" and t2i.vocab.init == "codebook" and not t2i.model.config.tie_word_embeddings
+    text_ids = tokenizer("a photo of a circle")["input_ids"]
+    assert t2i.tokenizer("a photo of a circle")["input_ids"] == text_ids  # text ids unchanged by the expansion
+    images, _ = t2i.generate(["a photo of a circle"], SamplingConfig(cfg_scale=2.0, seed=0))
+    assert images.shape == (1, 3, 32, 32)
+    bad = subprocess.run([*cmd[:2], f"lm.pretrained={tmp_path / 'missing'}", *cmd[3:]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "lm.pretrained" in bad.stderr.strip().splitlines()[-1]
