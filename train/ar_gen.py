@@ -14,6 +14,7 @@ guidance. Every run.sample_every steps a PNG grid of sampled prompts is written;
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -162,11 +163,8 @@ class ARGenTrainer(common.TrainLoop):
         self.engine = common.build_engine(model, groups, cfg.optim, cfg.run.steps, ds_json)
         self.engines = {"model": self.engine}
         self.resume()
-        sampler = common.ResumableBatchSampler(len(self.sequences), cfg.deepspeed.micro_batch_size, info.rank,
-                                               info.world_size, cfg.run.seed, start=self.state["micro_batches"])
-        self.loader = torch.utils.data.DataLoader(
-            self.sequences, batch_sampler=sampler, num_workers=cfg.run.num_workers,
-            collate_fn=lambda s: collate_sequences(s, self.vocab.pad_id))
+        self.loader = self.make_loader(self.sequences, functools.partial(collate_sequences, pad_id=self.vocab.pad_id),
+                                       cfg.deepspeed.micro_batch_size)
         self.sampler_engine = None
         log.info("generator: %s, %d codes x %d tokens/image, %d sequences, step %d of %d",
                  model.config.model_type, self.vocab.codebook_size, codes.num_tokens, len(codes),

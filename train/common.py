@@ -533,6 +533,13 @@ class TrainLoop:
         """After the final checkpoint (every rank), e.g. export on rank 0."""
 
     # loop -----------------------------------------------------------------------------------------------------
+    def make_loader(self, dataset: Any, collate_fn: Any, micro_batch_size: int) -> torch.utils.data.DataLoader:
+        """This rank's endless, resumable stream of micro-batches of `dataset` (call after `resume`)."""
+        sampler = ResumableBatchSampler(len(dataset), micro_batch_size, self.info.rank, self.info.world_size,
+                                        self.run_cfg.seed, start=self.state["micro_batches"])
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                           num_workers=self.run_cfg.num_workers)
+
     def resume(self) -> None:
         """Load the checkpoint chosen by run.resume (engines, extra files, counters); call before building the
         data loader."""

@@ -178,15 +178,6 @@ def ensure_world(path: str, samples: int, image_size: int, seed: int, info: comm
     common.barrier()
 
 
-def make_loader(cfg: TokenizerTrainConfig, image_size: int, info: common.DistInfo, start: int):
-    dataset = build_image_dataset(cfg.data.train, ImageTransform(image_size, cfg.data.crop, cfg.data.hflip),
-                                  seed=cfg.run.seed)
-    sampler = common.ResumableBatchSampler(len(dataset), cfg.deepspeed.micro_batch_size, info.rank,
-                                           info.world_size, cfg.run.seed, start=start)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_images,
-                                       num_workers=cfg.run.num_workers, persistent_workers=False)
-
-
 def sample_batch(cfg: TokenizerTrainConfig, image_size: int) -> torch.Tensor:
     """The fixed images of the periodic reconstruction grid (eval set if given, else train set)."""
     dataset = build_image_dataset(cfg.data.eval or cfg.data.train, ImageTransform(image_size, "center"))
@@ -294,7 +285,9 @@ class TokenizerTrainer(common.TrainLoop):
             self.engines["disc"] = self.disc
         self.d_state = DiscriminatorState()
         self.resume()
-        self.loader = make_loader(cfg, self.image_size, info, start=self.state["micro_batches"])
+        dataset = build_image_dataset(cfg.data.train, ImageTransform(self.image_size, cfg.data.crop, cfg.data.hflip),
+                                      seed=cfg.run.seed)
+        self.loader = self.make_loader(dataset, collate_images, cfg.deepspeed.micro_batch_size)
         self.grid_images = sample_batch(cfg, self.image_size).to(info.device, self.dtype)
         log.info("stage %d: %s encoder, %d images/step, step %d of %d", cfg.stage, model.config.encoder.model_type,
                  cfg.deepspeed.micro_batch_size * cfg.deepspeed.grad_accum_steps * info.world_size,
