@@ -14,14 +14,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from train.common import complete_checkpoints, is_checkpoint
 from train.tokenizer import export
 
 
 def find_checkpoint(path: Path) -> Path:
     """A checkpoints/step_* folder, or the latest complete one of a run folder."""
-    if (path / "trainer_state.json").is_file():
+    if is_checkpoint(path):
         return path
-    done = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "trainer_state.json").is_file())
+    done = complete_checkpoints(path)
     if not done:
         raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with complete checkpoints")
     return done[-1]

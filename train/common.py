@@ -302,6 +302,16 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
 # Checkpoints
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A complete checkpoint folder: its trainer_state.json is written last."""
+    return (path / "trainer_state.json").is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints/step_* folders of a run folder, oldest first."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if is_checkpoint(p))
+
+
 class Checkpointer:
     """Atomic checkpoints in output_dir/checkpoints/step_XXXXXXXX.
 
@@ -310,13 +320,11 @@ class Checkpointer:
     """
 
     def __init__(self, output_dir: Path, info: DistInfo, keep: int):
-        self.root = output_dir / "checkpoints"
+        self.output_dir, self.root = output_dir, output_dir / "checkpoints"
         self.info, self.keep = info, keep
 
     def latest(self) -> Path | None:
-        if not self.root.is_dir():
-            return None
-        done = sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
+        done = complete_checkpoints(self.output_dir)
         return done[-1] if done else None
 
     def save(self, step: int, engines: dict[str, Any], state: dict[str, Any],
@@ -344,7 +352,7 @@ class Checkpointer:
         return final
 
     def _prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
+        done = complete_checkpoints(self.output_dir)
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -355,7 +363,7 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
+        if not is_checkpoint(path):
             raise FileNotFoundError(f"run.resume={resume}: not a complete checkpoint (no trainer_state.json)")
         return path
 
