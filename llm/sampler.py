@@ -176,8 +176,8 @@ class KVCache:
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (R, 1)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache column the next token is written to
         self.bias = torch.zeros(rows, 1, 1, length, dtype=dtype, device=device)  # additive: 0 attend, -inf not
-        self.graph: torch.cuda.CUDAGraph | None = None  # the captured decode step, writing `logits`
-        self.logits: torch.Tensor | None = None
+        # captured decode steps keyed by `compiled` (eager or torch.compile'd step): (graph, the logits it writes)
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
 
 class FusedDecoder:
@@ -430,8 +430,9 @@ class Engine:
             self._compiled = self._compiled or torch.compile(dec.decode, dynamic=False)
             decode = self._compiled
         use_graph = cfg.cuda_graph and self.device.type == "cuda" and not self._graphs_failed
-        if use_graph and cache.graph is None:
-            self._capture(cache, decode)
+        if use_graph and cfg.compile not in cache.graphs:
+            self._capture(cache, decode, cfg.compile)
+        graph = cache.graphs.get(cfg.compile) if use_graph else None
 
         cols = torch.arange(width, device=self.device)
         valid = cols[None] >= starts[:, None]  # (R, P) real tokens
@@ -452,9 +453,9 @@ class Engine:
             nonlocal t
             t += 1
             cache.tokens.view(-1, len(tokens)).copy_(tokens)  # (B,) into each group of B rows
-            if cache.graph is not None and use_graph:
-                cache.graph.replay()
-                return cache.logits
+            if graph is not None:
+                graph[0].replay()
+                return graph[1]
             return decode(cache, length if static else width + t)
 
         return logits, step
@@ -469,9 +470,12 @@ class Engine:
                                        dec.param.dtype, self.device)
         return self.caches[key]
 
-    def _capture(self, cache: KVCache, decode) -> None:
-        """Capture one decode step on the cache's static inputs in a CUDA graph (warm-up runs write finite values
-        into columns the prefill overwrites or the mask hides until they are written)."""
+    def _capture(self, cache: KVCache, decode, compiled: bool) -> None:
+        """Capture one decode step on the cache's static inputs in a CUDA graph. The warm-up runs start at column 0
+        (each row then attends at least one column, so they write finite values) in columns that the prefill
+        overwrites or the mask hides until they are written."""
+        cache.slot.zero_()
+        cache.positions.zero_()
         try:
             stream = torch.cuda.Stream(device=self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -481,11 +485,11 @@ class Engine:
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                cache.logits = decode(cache, cache.length)
-            cache.graph = graph
+                logits = decode(cache, cache.length)
+            cache.graphs[compiled] = (graph, logits)
         except RuntimeError as err:  # capture is an optimisation: fall back to eager steps
             warnings.warn(f"CUDA graph capture failed ({err}); decoding without graphs", stacklevel=3)
-            cache.graph, cache.logits, self._graphs_failed = None, None, True
+            self._graphs_failed = True
 
     # ----- transformers backend --------------------------------------------------------------------------------
 

@@ -4,13 +4,14 @@
     python scripts/bench_generate.py --qwen3-0.6b-shape --device cuda --dtype bfloat16
 
 Methods (batch B prompts, N = grid^2 codes each, temperature / top-k identical everywhere):
-- ours:        llm.sampler.Engine, CFG off.
+- ours:        llm.sampler.Engine, CFG off (CUDA graphs on CUDA).
+- ours_compiled / ours_cfg_compiled (--compile): the same with the decode step torch.compile'd first.
 - hf_generate: transformers `generate` (do_sample, CFG off, restricted to codes by a logits processor).
 - ours_cfg:    llm.sampler.Engine with CFG (conditional + unconditional rows batched).
 - plain_loop:  the loop Janus and LlamaGen ship: the transformers model called once per step with its default
                dynamic KV cache, cond / uncond rows batched, eager, CFG + top-k + multinomial on the code logits.
-Ratios printed: ours / hf_generate and ours_cfg / plain_loop. On CUDA also the per-step time of ours_cfg against the
-bound set by the bytes one decode step must read (decoder weights + code rows of the head + the filled KV cache) over
+Ratios printed: ours / hf_generate and ours_cfg / plain_loop (and the compiled variants). On CUDA also the per-step
+time of each ours_cfg variant against the bound set by the bytes one decode step must read (decoder weights + code rows of the head + the filled KV cache) over
 the device-to-device copy bandwidth measured in the same run. The models are random: speed does not depend on the
 weights.
 """
@@ -164,7 +165,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--compile", action="store_true", help="also time our sampler with its decode step torch.compile'd")
     parser.add_argument("--no-cuda-graph", action="store_true")
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -180,8 +181,10 @@ def main() -> None:
     prompts = [build_prompt_ids(tokenizer, c) for c in captions]
     uncond = [unconditional_prompt_ids(tokenizer, p, vocab) for p in prompts]
     base = {"temperature": args.temperature, "top_k": args.top_k, "top_p": 1.0, "seed": 0,
-            "cuda_graph": not args.no_cuda_graph, "compile": args.compile}
+            "cuda_graph": not args.no_cuda_graph}
     cfg_off, cfg_on = SamplingConfig(cfg_scale=1.0, **base), SamplingConfig(cfg_scale=args.cfg_scale, **base)
+    compiled_off = SamplingConfig(cfg_scale=1.0, compile=True, **base)
+    compiled_on = SamplingConfig(cfg_scale=args.cfg_scale, compile=True, **base)
     engine = Engine(model, vocab)
     cond_rows = [image_prefix_ids(p, vocab) for p in prompts]
     all_rows = cond_rows + [image_prefix_ids(p, vocab) for p in uncond]
@@ -191,6 +194,9 @@ def main() -> None:
         "ours": lambda: engine.generate(prompts, num_tokens, cfg_off),
         "ours_cfg": lambda: engine.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
     }
+    if args.compile:
+        methods["ours_compiled"] = lambda: engine.generate(prompts, num_tokens, compiled_off)
+        methods["ours_cfg_compiled"] = lambda: engine.generate(prompts, num_tokens, compiled_on, uncond_ids=uncond)
     if not args.skip_baselines:
         methods["hf_generate"] = lambda: hf_generate(model, vocab, cond_rows, num_tokens, args.temperature, args.top_k)
         methods["plain_loop"] = lambda: plain_loop(model, vocab, all_rows, num_tokens, args.cfg_scale,
@@ -198,7 +204,9 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"dtype {args.dtype}, threads {torch.get_num_threads()}, batch {args.batch}, {num_tokens} tokens/image, "
           f"{vocab.codebook_size} codes, vocab {vocab.embedding_rows}")
-    print("settings:", json.dumps({"cfg_off": cfg_off.to_dict(), "cfg_on": cfg_on.to_dict()}))
+    configs = {"cfg_off": cfg_off, "cfg_on": cfg_on, **({"compiled_off": compiled_off, "compiled_on": compiled_on}
+                                                        if args.compile else {})}
+    print("settings:", json.dumps({name: c.to_dict() for name, c in configs.items()}))
     results: dict = {"settings": vars(args), "seconds_per_batch": {}, "images_per_second": {}}
     for name, fn in methods.items():  # first calls: warm-up (CUDA graph capture, compilation) and a validity check
         start = time.perf_counter()
@@ -206,27 +214,33 @@ def main() -> None:
         valid = 0 <= int(codes.min()) <= int(codes.max()) < vocab.codebook_size
         if codes.shape != (args.batch, num_tokens) or not valid:
             raise RuntimeError(f"{name} returned invalid codes of shape {tuple(codes.shape)}")
-        print(f"{name:12s} first call {time.perf_counter() - start:.2f} s")
+        print(f"{name:18s} first call {time.perf_counter() - start:.2f} s")
     for name, sec in time_methods(methods, device, args.repeats).items():
         results["seconds_per_batch"][name] = sec
         results["images_per_second"][name] = args.batch / sec
-        print(f"{name:12s} {args.batch / sec:9.2f} images/s  {sec / num_tokens * 1e3:8.3f} ms/step")
+        print(f"{name:18s} {args.batch / sec:9.2f} images/s  {sec / num_tokens * 1e3:8.3f} ms/step")
     ips = results["images_per_second"]
     if "hf_generate" in ips:
-        results["ratios"] = {"ours/hf_generate": ips["ours"] / ips["hf_generate"],
-                             "ours_cfg/plain_loop": ips["ours_cfg"] / ips["plain_loop"]}
+        results["ratios"] = {f"{ours}/{base}": ips[ours] / ips[base]
+                             for ours, base in [("ours", "hf_generate"), ("ours_cfg", "plain_loop"),
+                                                ("ours_compiled", "hf_generate"), ("ours_cfg_compiled", "plain_loop")]
+                             if ours in ips}
         print("ratios:", " ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items()))
     if device.type == "cuda":
         bw = copy_bandwidth(device)
         width = max(len(r) for r in all_rows)
         weights, weights_full, kv = step_bytes(model, vocab, len(all_rows), width, num_tokens)
-        step = results["seconds_per_batch"]["ours_cfg"] / num_tokens
         bound, bound_full = (weights + kv) / bw, (weights_full + kv) / bw
-        results["bandwidth"] = {"copy_GBps": bw / 1e9, "step_ms": step * 1e3, "bound_ms": bound * 1e3,
-                                "bound_full_head_ms": bound_full * 1e3, "step_over_bound": step / bound}
-        print(f"bandwidth {bw / 1e9:.0f} GB/s; ours_cfg step {step * 1e3:.3f} ms vs bound {bound * 1e3:.3f} ms "
-              f"({(weights + kv) / 1e9:.2f} GB: weights+code head {weights / 1e9:.2f}, mean KV {kv / 1e9:.2f}) "
-              f"-> {step / bound:.2f}x the bound (full-vocabulary head bound {bound_full * 1e3:.3f} ms)")
+        results["bandwidth"] = {"copy_GBps": bw / 1e9, "bound_ms": bound * 1e3, "bound_full_head_ms": bound_full * 1e3}
+        print(f"bandwidth {bw / 1e9:.0f} GB/s; bound {bound * 1e3:.3f} ms per step ({(weights + kv) / 1e9:.2f} GB: "
+              f"weights+code head {weights / 1e9:.2f}, mean KV {kv / 1e9:.2f}; full-vocabulary head "
+              f"{bound_full * 1e3:.3f} ms)")
+        for name in ("ours_cfg", "ours_cfg_compiled"):
+            if name in results["seconds_per_batch"]:
+                step = results["seconds_per_batch"][name] / num_tokens
+                results["bandwidth"][f"{name}_step_ms"] = step * 1e3
+                results["bandwidth"][f"{name}_step_over_bound"] = step / bound
+                print(f"{name:18s} step {step * 1e3:.3f} ms -> {step / bound:.2f}x the bound")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

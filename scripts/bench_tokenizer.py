@@ -8,13 +8,14 @@ trains the encoder) + AdamW update, the compute the trainer runs per micro-batch
 excluded). FLOPs are counted by torch.utils.flop_counter on one step without checkpointing (model FLOPs: the
 recomputation of checkpointed layers is not counted); MFU = those FLOPs / step time / the dense matmul throughput
 of this device measured in the same run (--peak-n square matmuls in the same dtype).
-Each configuration runs with gradient checkpointing off and on.
+Each configuration runs with gradient checkpointing off and on (--ckpt).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,29 +78,32 @@ def _rss_kb(field: str) -> int:
     return 0
 
 
-def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float, model_flops: float | None = None) -> dict:
-    """One configuration. `model_flops`: the step's FLOPs without recomputation (MFU counts model FLOPs only);
-    None counts them on this run (call it with ckpt=False)."""
+def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict:
+    """One configuration. FLOPs are counted on an eager step without checkpointing (model FLOPs: recomputation is
+    not counted), then the configuration is timed."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
     cfg.encoder.attn_implementation = args.attn
-    model = VQRAE(cfg).to(device)
+    with device:  # built on the device: random init of a 400M+ model on the host is slow
+        model = VQRAE(cfg)
     teacher = None
     if stage == 1:
         model.encoder.requires_grad_(False)
     else:
         teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval()
-    model.set_gradient_checkpointing(ckpt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     size = cfg.encoder.image_size
     x = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
     step = make_step(model, teacher, opt, x, dtype)
+    with FlopCounterMode(display=False) as counter:  # eager, so that compiled kernels cannot hide FLOPs
+        step()
+    flops = counter.get_total_flops()
+    model.set_gradient_checkpointing(ckpt)
     if args.compile:
         model.compile()
-    with FlopCounterMode(display=False) as counter:
-        step()
-    flops = model_flops if model_flops is not None else counter.get_total_flops()
+        if teacher is not None:
+            teacher.compile()
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -134,6 +138,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--ckpt", default="off,on", help="gradient checkpointing settings to run: off, on or off,on")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 GPU, 2048 CPU)")
@@ -147,13 +153,19 @@ def main() -> None:
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     print(f"{'stage':>5} {'ckpt':>5} {'img/s':>9} {'step s':>8} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9} "
           f"{'step +GiB':>9}")
+    settings = {"off": False, "on": True}
+    if not set(args.ckpt.split(",")) <= set(settings):
+        parser.error(f"--ckpt takes off, on or off,on; got {args.ckpt!r}")
+    results = []
     for stage in (int(s) for s in args.stages.split(",")):
-        flops = None
-        for ckpt in (False, True):
-            r = bench(args, stage, ckpt, peak, flops)
-            flops = r["flops"]
+        for ckpt in (settings[c] for c in args.ckpt.split(",")):
+            r = bench(args, stage, ckpt, peak)
+            results.append(r)
             print(f"{r['stage']:>5} {str(r['ckpt']):>5} {r['img_s']:9.1f} {r['step_s']:8.3f} {r['tflop_step']:11.3f} "
                   f"{r['mfu']:6.1%} {r['peak_gib']:9.2f} {r['step_extra_gib']:9.2f}")
+    if args.json:
+        record = {"settings": vars(args), "device": name, "matmul_peak_tflops": peak / 1e12, "results": results}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

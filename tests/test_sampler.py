@@ -340,6 +340,10 @@ def test_cuda_graph_matches_eager_and_generate(setup):
         assert torch.allclose(logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
         again = engine.generate(prompts[:2], N, greedy())  # a cached graph, new prompts
         assert torch.equal(again, graphed[:2])
+        # a second graph on a used cache, of the compiled step (its warm-up restarts at column 0)
+        compiled, compiled_logits = engine.generate(prompts, N, greedy(compile=True), return_logits=True)
+        assert torch.equal(compiled, eager)
+        assert torch.allclose(compiled_logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
         cfg = SamplingConfig(cfg_scale=3.0, seed=5)
         assert torch.equal(engine.generate(prompts, N, cfg, uncond_ids=uncond),
                            engine.generate(prompts, N, cfg, uncond_ids=uncond))

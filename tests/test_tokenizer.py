@@ -161,6 +161,14 @@ def test_gradient_checkpointing_gives_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_forward_traces_as_one_graph():
+    # torch.compile sees the whole training forward (quantizer metrics included) without a graph break
+    model = tiny_model()
+    explanation = torch._dynamo.explain(model)(images())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_save_load_round_trip(tmp_path):
     model = tiny_model().eval()
     model.save_pretrained(tmp_path / "tok")

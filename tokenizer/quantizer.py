@@ -107,7 +107,8 @@ class SimVQ(nn.Module):
 
     @torch.no_grad()
     def _count(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        hits = torch.bincount(indices.flatten(), minlength=self.codebook_size)
+        flat = indices.flatten()  # a static-shape histogram (bincount's size depends on the data; compile-friendly)
+        hits = torch.zeros_like(self.code_hits).index_add_(0, flat, torch.ones_like(flat))
         self.code_hits += hits
         return {"code_usage": (hits > 0).float().mean(), "code_perplexity": perplexity(hits)}
 
@@ -132,9 +133,7 @@ class SimVQ(nn.Module):
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of a histogram of code counts (float64); 1.0 for an empty histogram."""
-    total = counts.sum()
-    if total == 0:
-        return torch.tensor(1.0, dtype=torch.float64)
-    p = counts[counts > 0].double() / total
-    return torch.exp(-(p * p.log()).sum())
+    """exp(entropy) of a histogram of code counts (float64); 1.0 for an empty histogram. No data-dependent shapes
+    or branches (0 log 0 = 0 through xlogy), so it compiles without graph breaks."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return torch.exp(-torch.xlogy(p, p).sum())
