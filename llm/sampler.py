@@ -287,7 +287,7 @@ class FusedDecoder:
             qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
             if self.qk_norm:
                 qk = F.rms_norm(qk, (d,), None, self.eps) * w["qk_norm"]
-            qk = qk * cos + qk.roll(d // 2, -1) * sin  # RoPE, (R, T, H + Hkv, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE, (R, T, H + Hkv, d)
             cache.keys[i].index_copy_(2, columns, qk[:, :, heads:].transpose(1, 2))
             cache.values[i].index_copy_(2, columns, v.transpose(1, 2))
             q = qk[:, :, :heads].reshape(rows, steps, kv_heads, groups, d).permute(0, 2, 3, 1, 4)
@@ -295,10 +295,10 @@ class FusedDecoder:
             k_all, v_all = cache.keys[i][:, :, :kv_len], cache.values[i][:, :, :kv_len]
             o = _attention(q, k_all, v_all, bias, self.scale, self.matmul_attention)
             o = o.view(rows, kv_heads, groups, steps, d).permute(0, 3, 1, 2, 4).reshape(rows, steps, heads * d)
-            x = x + F.linear(o, w["o"], w["o_bias"])
+            x = _residual_linear(x, o, w["o"], w["o_bias"])
             h = F.rms_norm(x, (x.shape[-1],), w["norm2"], self.eps)
             gate, up = F.linear(h, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["down"], w["down_bias"])
+            x = _residual_linear(x, F.silu(gate) * up, w["down"], w["down_bias"])
         x = F.rms_norm(x[:, -1], (x.shape[-1],), self.body.norm.weight, self.eps)  # (R, h)
         return F.linear(x, *self.code_head())  # (R, K)
 
@@ -309,6 +309,14 @@ class FusedDecoder:
         cache.positions.add_(1)
         cache.slot.add_(1)
         return logits
+
+
+def _residual_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """x + h W^T (+ b): without a bias one GEMM whose epilogue adds the residual (addmm), one kernel instead of two."""
+    if bias is not None:
+        return x + F.linear(h, weight, bias)
+    return torch.addmm(x.flatten(0, -2), h.flatten(0, -2), weight.t()).view(x.shape)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float,
