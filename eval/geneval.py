@@ -31,6 +31,7 @@ from data.atomic import atomic_write
 from data.transforms import to_pil
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize, write_summary
 from llm.sampler import SamplingConfig
+from tokenizer.config import reported_errors
 
 OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
 
@@ -105,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--score-only", action="store_true")
     args = parser.parse_args(argv)
-    try:
+    if args.model is None and not args.score_only:
+        parser.error("--model is required unless --score-only")
+    with reported_errors():
         detector = build_detector(args)
         if not args.score_only:
-            if args.model is None:
-                raise FileNotFoundError("--model is required unless --score-only")
             sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                       top_p=args.top_p, seed=args.seed)
             from llm.pipeline import TextToImage
@@ -119,9 +120,6 @@ def main(argv: list[str] | None = None) -> None:
             generate(t2i, read_prompts(args.prompts), args.out, args.images_per_prompt, sampling,
                      args.prompts_per_batch, str(args.model.resolve()))
         results = evaluate_folder(args.out, detector, ScoringConfig())
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     summary = summarize(results)
     summary["detector"] = detector.name
     write_summary(summary, args.out / "summary.json")

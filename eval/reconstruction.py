@@ -52,7 +52,7 @@ from eval.metrics import (
     ssim,
 )
 from tokenizer import VQRAE
-from tokenizer.config import ConfigError
+from tokenizer.config import reported_errors
 
 PSNR_CAP_DB = 100.0  # per-image cap; a 256px pair differing by one level in one pixel scores about 101 dB
 INCEPTION_DIM = 2048
@@ -409,11 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         argv: arguments (default sys.argv[1:]).
     """
     args = parse_args(argv)
-    try:
+    with reported_errors():  # bad config, arguments or files (ConfigError is a ValueError)
         run(args)
-    except (FileNotFoundError, ValueError, ConfigError) as err:  # ConfigError is a ValueError; named for clarity
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from data.codes import ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.transforms import ImageTransform
 from tokenizer import VQRAE
+from tokenizer.config import reported_errors
 
 
 def main() -> None:
@@ -39,12 +40,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
-    try:
+    with reported_errors():
         model = VQRAE.from_pretrained(args.tokenizer)
         dataset = build_image_dataset(args.data, ImageTransform(model.config.encoder.image_size, "center"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" \
         else torch.device(args.device)
@@ -53,12 +51,9 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = model.to(device, dtype).eval()
     args.out.mkdir(parents=True, exist_ok=True)
-    try:
+    with reported_errors():
         ensure_manifest(args.out, args.tokenizer, model.config, args.data, len(dataset), args.chunk_size,
                         write=rank == 0)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     counts = extract_codes(model, dataset, args.out, args.chunk_size, args.batch_size, rank, world, args.num_workers, dtype)
     if world > 1:
         totals = torch.tensor([counts["chunks"], counts["images"], counts["skipped"]])

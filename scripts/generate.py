@@ -22,6 +22,7 @@ from data.atomic import atomic_write
 from data.transforms import make_grid_png, to_pil
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
+from tokenizer.config import reported_errors
 
 
 def main() -> None:
@@ -38,14 +39,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
-    try:
+    with reported_errors():
         sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, seed=args.seed)
         t2i = TextToImage.from_pretrained(args.model, device=args.device,
                                           dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     images, _ = t2i.generate([args.prompt] * args.n, sampling)
     images = images.float().cpu()
     args.out.mkdir(parents=True, exist_ok=True)

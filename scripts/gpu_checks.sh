@@ -29,9 +29,9 @@ section() {  # name, time limit in seconds, command...
 
 run() {
     case $1 in
-        tests) section tests 120 "$PY" -m pytest -m gpu -q tests/test_sampler.py ;;
-        quantizer) section quantizer 45 "$PY" scripts/bench_quantizer.py --device cuda ;;
-        generate) section generate 240 "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
+        tests) section tests 180 "$PY" -m pytest -m gpu -q tests/test_sampler.py ;;
+        quantizer) section quantizer 40 "$PY" scripts/bench_quantizer.py --device cuda ;;
+        generate) section generate 210 "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
             --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate.json" ;;
         tokenizer) section tokenizer 120 "$PY" scripts/bench_tokenizer.py --preset siglip2-so400m-p16-256 \
             --device cuda --dtype bf16 --batch 32 --stages 2 --json "$OUT/tokenizer.json" ;;

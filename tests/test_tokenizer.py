@@ -295,3 +295,18 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="encoder weights directory"):
         VQRAE.from_pretrained_encoder(get_preset("tiny"), tmp_path / "missing")
     assert apply_overrides(get_preset("tiny"), ["quantizer.beta=0.5"]).quantizer.beta == 0.5
+
+
+def test_reported_errors_one_line_and_exit_status(capsys):
+    from tokenizer.config import reported_errors
+
+    with pytest.raises(SystemExit) as exit_info, reported_errors():
+        raise ConfigError("unknown key 'x'")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: unknown key 'x'\n"
+    with pytest.raises(SystemExit), reported_errors():
+        raise FileNotFoundError("no such file: a.png")
+    with pytest.raises(TypeError), reported_errors():  # not an expected failure: the traceback stays
+        raise TypeError("bug")
+    with pytest.raises(ValueError), reported_errors(FileNotFoundError):  # only the kinds named
+        raise ValueError("bug")

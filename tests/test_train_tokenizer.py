@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from data.shapes import export_world
+from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def train(*argv: str, launcher: list[str] | None = None, check: bool = True) -> 
     cmd = (launcher or [sys.executable]) + [str(SCRIPT), *argv]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(f"training failed: {failure_report(proc)}\n--- end of stdout:\n{proc.stdout[-2000:]}")
     return proc
 
 
@@ -143,7 +144,7 @@ def test_config_errors_are_one_line(world, tmp_path):
 def test_two_process_zero_smoke(world, tmp_path, zero_stage, extra):
     stage1 = tmp_path / "s1"
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(29500 + zero_stage)]
+                str(free_port())]
     train(*args(world, stage1, "run.steps=4", f"deepspeed.zero_stage={zero_stage}", "deepspeed.micro_batch_size=4",
                 "run.ckpt_every=2", "run.sample_every=2", extra), launcher=launcher)
     assert (stage1 / "samples" / "step_00000002.png").is_file()

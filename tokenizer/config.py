@@ -9,11 +9,13 @@ A preset is a complete `VQRAEConfig`; an experiment overrides fields of it:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import sys
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +29,23 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 class ConfigError(ValueError):
     """A configuration that cannot be built: unknown key, wrong type, unknown preset, inconsistent sizes."""
+
+
+@contextlib.contextmanager
+def reported_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """For command-line entry points: an expected failure ends the program with one `error: ...` line on stderr and
+    exit status 2 instead of a traceback.
+
+    Args:
+        kinds: the exception types that count as expected (default: FileNotFoundError and ValueError, which covers
+            ConfigError: bad configuration, arguments or input files).
+    """
+    expected = kinds or (FileNotFoundError, ValueError)
+    try:
+        yield
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

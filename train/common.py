@@ -27,7 +27,7 @@ import torch.distributed as dist
 import yaml
 
 from data.atomic import atomic_write
-from tokenizer.config import ConfigError, apply_overrides, from_dict, to_dict
+from tokenizer.config import ConfigError, apply_overrides, from_dict, reported_errors, to_dict
 
 log = logging.getLogger("vqrae")
 T = TypeVar("T")
@@ -150,11 +150,8 @@ def parse_config(cfg_cls: type[T], argv: Sequence[str] | None, default_config: P
 def run_entry_point(main: Any) -> None:
     """Run a trainer's main(); expected failures (bad config, missing files, diverged loss) end with one clear
     line on stderr and exit code 2 instead of a traceback."""
-    try:
+    with reported_errors(ConfigError, FileNotFoundError, NonFiniteLossError):
         main()
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
