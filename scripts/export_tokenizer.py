@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.common import complete_checkpoints, is_checkpoint
+from train.loop import complete_checkpoints, is_checkpoint
 from train.tokenizer import export
 
 

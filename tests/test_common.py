@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokenizer.config import ConfigError
-from train import common
+from train import common, loop
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -43,7 +43,7 @@ def test_resumable_sampler_resumes_exactly_and_shards_ranks():
 
 def test_ema_matches_direct_computation_with_warmup():
     p = torch.nn.Parameter(torch.zeros(3))
-    ema = common.EMA({"p": p}, decay=0.9)
+    ema = loop.EMA({"p": p}, decay=0.9)
     expected = torch.zeros(3)
     for step in range(1, 30):
         with torch.no_grad():
@@ -52,7 +52,7 @@ def test_ema_matches_direct_computation_with_warmup():
         d = min(0.9, (1 + step) / (10 + step))
         expected = d * expected + (1 - d) * p.detach()
         torch.testing.assert_close(ema.state_dict()["p"], expected)
-    other = common.EMA({"p": p}, decay=0.9)
+    other = loop.EMA({"p": p}, decay=0.9)
     other.load_state_dict(ema.state_dict())
     torch.testing.assert_close(other.shadow["p"], ema.shadow["p"])
 
@@ -70,7 +70,7 @@ def test_deepspeed_json_is_derived_from_the_dataclasses():
 
 
 def test_nonfinite_guard_counts_and_raises():
-    guard = common.NonFiniteGuard(max_consecutive=2)
+    guard = loop.NonFiniteGuard(max_consecutive=2)
     assert guard.ok(torch.tensor(1.0))
     assert not guard.ok(torch.tensor(float("nan"))) and not guard.ok(torch.tensor(float("inf")))
     assert guard.ok(torch.tensor(0.5)) and guard.skipped == 2
@@ -99,5 +99,5 @@ def test_parse_config_yaml_then_overrides(tmp_path):
 def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 8)))
-    common.truncate_metrics(path, 4)
+    loop.truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

@@ -38,7 +38,7 @@ from llm.vocab import ImageVocab, build_prompt_ids, build_tiny_qwen3, expand_voc
 from tokenizer import VQRAE
 from tokenizer.config import ConfigError
 from tokenizer.encoder import resolve_attn_implementation
-from train import common
+from train import common, loop
 from train.common import DebugConfig, DeepSpeedConfig, OptimConfig, RunConfig
 
 log = logging.getLogger("vqrae")
@@ -142,7 +142,7 @@ def ensure_codes(cfg: ARGenTrainConfig, vqrae: VQRAE, info: common.DistInfo) -> 
     return codes
 
 
-class ARGenTrainer(common.TrainLoop):
+class ARGenTrainer(loop.TrainLoop):
     def __init__(self, cfg: ARGenTrainConfig, info: common.DistInfo):
         super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
         self.cfg = cfg
@@ -160,7 +160,7 @@ class ARGenTrainer(common.TrainLoop):
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         ds_json = common.deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
-        self.engine = common.build_engine(model, groups, cfg.optim, cfg.run.steps, ds_json)
+        self.engine = loop.build_engine(model, groups, cfg.optim, cfg.run.steps, ds_json)
         self.engines = {"model": self.engine}
         self.resume()
         self.loader = self.make_loader(self.sequences, functools.partial(collate_sequences, pad_id=self.vocab.pad_id),
@@ -233,7 +233,7 @@ def export(checkpoint: Path, directory: Path) -> None:
     config = AutoConfig.for_model(**meta["hf_config"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    state = common.consolidated_state_dict(checkpoint, tag="model")
+    state = loop.consolidated_state_dict(checkpoint, tag="model")
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model.load_state_dict(state, strict=False, assign=True)

@@ -40,7 +40,7 @@ from tokenizer.losses import (
     lecam_loss,
 )
 from tokenizer.model import VQRAE
-from train import common
+from train import common, loop
 from train.common import (
     DebugConfig,
     DeepSpeedConfig,
@@ -144,7 +144,7 @@ def build_model(cfg: TokenizerTrainConfig) -> VQRAE:
         if not cfg.model.init_from:
             raise ConfigError("stage 2 starts from a stage-1 tokenizer: set model.init_from")
         return VQRAE.from_pretrained(resolve_init(cfg.model.init_from))
-    merged = common._merge(to_dict(get_preset(cfg.model.preset)), cfg.model.changes)
+    merged = common.merge_dicts(to_dict(get_preset(cfg.model.preset)), cfg.model.changes)
     vqrae_cfg = from_dict(VQRAEConfig, merged, prefix="model.changes.")
     if cfg.model.encoder_path:
         return VQRAE.from_pretrained_encoder(vqrae_cfg, cfg.model.encoder_path)
@@ -245,7 +245,7 @@ def discriminator_loss(cfg: TokenizerTrainConfig, disc, x, rec, state: Discrimin
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class TokenizerTrainer(common.TrainLoop):
+class TokenizerTrainer(loop.TrainLoop):
     """Stage 1 / stage 2 tokenizer training: one engine for VQRAE, one for the discriminator."""
 
     def __init__(self, cfg: TokenizerTrainConfig, info: common.DistInfo):
@@ -268,10 +268,10 @@ class TokenizerTrainer(common.TrainLoop):
         if cfg.loss.lpips_weight > 0:
             self.lpips = build_lpips(cfg.loss.lpips_vgg_path or None, cfg.loss.allow_random_lpips).to(info.device)
         self.vqrae_config = to_dict(model.config)
-        self.ema = common.EMA({n: p for n, p in model.named_parameters() if not n.startswith("encoder.")},
+        self.ema = loop.EMA({n: p for n, p in model.named_parameters() if not n.startswith("encoder.")},
                               cfg.ema_decay)
         ds_json = common.deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
-        self.engine = common.build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json)
+        self.engine = loop.build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json)
         self.ema.zero3 = cfg.deepspeed.zero_stage == 3
         self.engines = {"model": self.engine}
         self.disc = None
@@ -279,8 +279,8 @@ class TokenizerTrainer(common.TrainLoop):
             # The discriminator runs at ZeRO <= 2: it is small, and replicated parameters let the generator's
             # backward pass run through it outside its own engine (a ZeRO-3 partition would be released by then).
             d = PatchDiscriminator(cfg.disc)
-            d_json = common._merge(ds_json, {"zero_optimization": {"stage": min(cfg.deepspeed.zero_stage, 2)}})
-            self.disc = common.build_engine(d, [{"params": list(d.parameters()), "weight_decay": 0.0}], cfg.optim,
+            d_json = common.merge_dicts(ds_json, {"zero_optimization": {"stage": min(cfg.deepspeed.zero_stage, 2)}})
+            self.disc = loop.build_engine(d, [{"params": list(d.parameters()), "weight_decay": 0.0}], cfg.optim,
                                             cfg.run.steps, d_json)
             self.engines["disc"] = self.disc
         self.d_state = DiscriminatorState()
@@ -367,7 +367,7 @@ def export(checkpoint: Path, directory: Path, weights: str = "ema") -> None:
     config = from_dict(VQRAEConfig, json.loads((checkpoint / "vqrae_config.json").read_text()))
     with torch.device("meta"):
         model = VQRAE(config)
-    state = common.consolidated_state_dict(checkpoint, tag="model")
+    state = loop.consolidated_state_dict(checkpoint, tag="model")
     if weights == "ema":
         state.update(load_file(str(checkpoint / "ema.safetensors")))
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
