@@ -3,9 +3,11 @@
     python scripts/bench_tokenizer.py                                   # tiny preset, CPU, fp32, stage 1 and 2
     python scripts/bench_tokenizer.py --preset siglip2-so400m-p16-256 --device cuda --dtype bf16 --batch 32
 
-One step = VQRAE forward + backward of L2 + VQ loss (stage 2 adds the teacher forward and the distillation loss and
-trains the encoder) + AdamW update, the compute the trainer runs per micro-batch (LPIPS and the discriminator
-excluded). FLOPs are counted by torch.utils.flop_counter on one step without checkpointing (model FLOPs: the
+One step (--loss full, the default) is the trainer's micro-step with the GAN on, by the trainer's own loss functions:
+VQRAE forward; L2 + LPIPS (random VGG16: speed does not depend on the weights) + VQ + adaptive-weighted hinge GAN
+(stage 2: + distillation to the frozen teacher, whose forward is included, and the encoder trains); backward; AdamW;
+then the discriminator's hinge + LeCAM loss, backward and AdamW. --loss core keeps only L2 + VQ (+ distillation).
+FLOPs are counted by torch.utils.flop_counter on one step without checkpointing (model FLOPs: the
 recomputation of checkpointed layers is not counted); MFU = those FLOPs / step time / the dense matmul throughput
 of this device measured in the same run (--peak-n square matmuls in the same dtype).
 Each configuration runs with gradient checkpointing off and on (--ckpt).
@@ -23,11 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokenizer import VQRAE, get_preset
-from tokenizer.losses import distillation_loss
+from tokenizer.discriminator import PatchDiscriminator
+from tokenizer.losses import build_lpips
+from train.tokenizer import DiscriminatorState, TokenizerTrainConfig, discriminator_loss, generator_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -50,19 +53,41 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
-def make_step(model: VQRAE, teacher: torch.nn.Module | None, opt: torch.optim.Optimizer, x: torch.Tensor,
-              dtype: torch.dtype):
+def make_step(model: VQRAE, teacher: torch.nn.Module | None, x: torch.Tensor, dtype: torch.dtype, full: bool):
+    """One training step on the fixed batch x, as a closure; `full`: the trainer's whole loss (see the docstring)."""
+    device = x.device
+    cfg = TokenizerTrainConfig(stage=1 if teacher is None else 2)
+    cfg.loss.disc_start = cfg.loss.gan_start = 0
+    cfg.deepspeed.bf16 = dtype == torch.bfloat16
+    if not full:
+        cfg.loss.lpips_weight = cfg.loss.gan_weight = 0.0
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
+    lpips = build_lpips(None, allow_random=True).to(device) if full else None
+    disc = d_opt = None
+    if full:
+        with device:
+            disc = PatchDiscriminator(cfg.disc)
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-4, fused=fused)
+    d_state = DiscriminatorState()
+    patch = model.config.output_patch_size
+
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if disc is not None:
+                disc.requires_grad_(False)
             out = model(x)
-            loss = F.mse_loss(out.reconstruction.float(), x) + out.vq_loss
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = loss + distillation_loss(out.features, target)
+            loss, _ = generator_loss(cfg, out, x, 0, lpips, teacher, disc, patch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if disc is not None:
+            disc.requires_grad_(True)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                d_loss, _ = discriminator_loss(cfg, disc, x, out.reconstruction, d_state)
+            d_loss.backward()
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
 
     return step
 
@@ -92,10 +117,9 @@ def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict
         model.encoder.requires_grad_(False)
     else:
         teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     size = cfg.encoder.image_size
     x = torch.rand(args.batch, 3, size, size, device=device) * 2 - 1
-    step = make_step(model, teacher, opt, x, dtype)
+    step = make_step(model, teacher, x, dtype, args.loss == "full")
     with FlopCounterMode(display=False) as counter:  # eager, so that compiled kernels cannot hide FLOPs
         step()
     flops = counter.get_total_flops()
@@ -138,6 +162,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--loss", choices=("full", "core"), default="full",
+                        help="full: the trainer's whole loss with LPIPS and the GAN; core: L2 + VQ (+ distillation)")
     parser.add_argument("--ckpt", default="off,on", help="gradient checkpointing settings to run: off, on or off,on")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--attn", default="auto", help="auto | sdpa | flash_attention_2 | eager")
@@ -149,7 +175,7 @@ def main() -> None:
     peak = matmul_peak(device, DTYPES[args.dtype], args.peak_n or (8192 if device.type == "cuda" else 2048))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"tokenizer training step  preset={args.preset} batch={args.batch} dtype={args.dtype} attn={args.attn} "
-          f"compile={args.compile}  device={name}")
+          f"compile={args.compile} loss={args.loss}  device={name}")
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     print(f"{'stage':>5} {'ckpt':>5} {'img/s':>9} {'step s':>8} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9} "
           f"{'step +GiB':>9}")

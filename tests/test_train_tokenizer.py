@@ -158,3 +158,20 @@ def test_two_process_zero_smoke(world, tmp_path, zero_stage, extra):
     after = VQRAE.from_pretrained(stage2 / "export").state_dict()
     key = "encoder.tower.encoder.layers.0.mlp.fc1.weight"
     assert not torch.equal(before[key], after[key])  # stage 2 trains the encoder
+
+
+def test_bench_script_counts_the_trainers_step(tmp_path):
+    # the benchmark's step is the trainer's loss: the full loss (LPIPS + GAN + discriminator step) costs more FLOPs
+    # than L2 + VQ alone, and stage 2 (teacher forward, encoder backward) more than stage 1
+    flops = {}
+    for loss in ("core", "full"):
+        out = tmp_path / f"{loss}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_tokenizer.py"), "--batch", "2",
+                               "--steps", "1", "--warmup", "0", "--ckpt", "off", "--loss", loss, "--json", str(out),
+                               "--peak-n", "256"], capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, failure_report(proc)
+        rows = json.loads(out.read_text())["results"]
+        flops[loss] = {r["stage"]: r["flops"] for r in rows}
+        assert all(r["img_s"] > 0 and r["mfu"] > 0 for r in rows)
+    assert flops["full"][1] > flops["core"][1] and flops["full"][2] > flops["core"][2]
+    assert flops["core"][2] > flops["core"][1]

@@ -202,8 +202,9 @@ class DiscriminatorState:
 
 def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc, patch: int
                    ) -> tuple[torch.Tensor, dict]:
-    """The full generator-side loss and its parts (pure wiring of tokenizer.losses); `patch` is the decoder's output
-    patch size (for the adaptive GAN weight)."""
+    """The full generator-side loss and its parts (pure wiring of tokenizer.losses). `disc` is the discriminator
+    module (not its engine: no engine backward hooks), None without GAN; `patch` is the decoder's output patch size
+    (for the adaptive GAN weight)."""
     rec = out.reconstruction
     parts = {"l2": F.mse_loss(rec.float(), x.float())}
     rec_loss = cfg.loss.l2_weight * parts["l2"]
@@ -219,7 +220,7 @@ def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc
         parts["distill"] = distillation_loss(out.features, target)
         loss = loss + cfg.loss.distill_weight * parts["distill"]
     if cfg.loss.gan_weight > 0 and step >= cfg.loss.gan_start:
-        parts["g_adv"] = hinge_g_loss(disc.module(rec))  # the module, not the engine: no engine backward hooks
+        parts["g_adv"] = hinge_g_loss(disc(rec))
         weight = torch.tensor(1.0, device=x.device)
         if cfg.loss.adaptive_gan:
             weight = adaptive_gan_weight(rec_loss, parts["g_adv"], rec, out.decoder_states, patch,
@@ -300,8 +301,8 @@ class TokenizerTrainer(loop.TrainLoop):
         if self.disc is not None:
             self.disc.module.requires_grad_(False)
         self.out = self.engine(x)
-        loss, parts = generator_loss(self.cfg, self.out, x, self.state["step"], self.lpips, self.teacher, self.disc,
-                                     self.patch)
+        loss, parts = generator_loss(self.cfg, self.out, x, self.state["step"], self.lpips, self.teacher,
+                                     self.disc.module if self.disc is not None else None, self.patch)
         return loss, parts | self.out.metrics
 
     def after_backward(self, batch: dict, metrics: dict) -> None:
