@@ -7,8 +7,11 @@
 #
 # Sections: tests, quantizer, generate (with torch.compile variants), tokenizer (stage 2, SigLIP2-so400m at 256 px,
 # batch 32, bf16, checkpointing off and on), tokenizer_compile (the same, torch.compile'd, checkpointing off).
-# On a machine whose Python lacks this repository's transformers version, install it first, e.g. from wheels:
-#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+# Needs torch, torchvision, transformers (the version in constraints.txt), lpips, pyyaml, safetensors, pillow, numpy,
+# tokenizers and pytest. On an offline machine whose Python lacks some, bring them as wheels, e.g.:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
+#       transformers==5.24.0 lpips==0.1.4                                  # where pip can reach the index
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site   # on the machine
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-checks}
