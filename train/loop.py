@@ -329,8 +329,8 @@ class TrainLoop:
                 st["step"] += 1
                 step = st["step"]
                 self.after_step(step)
-                scalars = {k: float(v) for k, v in metrics.items()} | {"loss": float(loss.detach()),
-                                                                       "lr": self.engine.get_lr()[0]}
+                scalars = {k: float(torch.as_tensor(v).detach()) for k, v in metrics.items()}
+                scalars |= {"loss": float(loss.detach()), "lr": self.engine.get_lr()[0]}
                 logger.advance(1, {k: scalars[k] for k in ("loss", "code_usage") if k in scalars})
                 if run.log_every and step % run.log_every == 0:
                     logger.log(step, scalars | {"skipped_images": st["skipped_images"],
