@@ -102,7 +102,8 @@ class ARGenTrainConfig:
 
 
 def build_lm(cfg: ARGenTrainConfig, vqrae: VQRAE, work_dir: Path):
-    """(model, tokenizer, vocab): the LM with its vocabulary expanded by the tokenizer's codes."""
+    """(model, tokenizer, vocab): the LM with its vocabulary expanded by the tokenizer's codes. Without lm.pretrained
+    the shapes-world tokenizer is trained and written to work_dir by rank 0 alone, then loaded by every rank."""
     attn = resolve_attn_implementation(cfg.lm.attn_implementation)
     if cfg.lm.pretrained:
         path = Path(cfg.lm.pretrained)
@@ -112,7 +113,10 @@ def build_lm(cfg: ARGenTrainConfig, vqrae: VQRAE, work_dir: Path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     else:
         log.warning("lm.pretrained is empty: a tiny RANDOM Qwen3 with the shapes-world tokenizer (CPU demo)")
-        tokenizer = shapes_world_tokenizer(work_dir / "text_tokenizer")
+        if common.is_rank_zero():
+            shapes_world_tokenizer(work_dir / "text_tokenizer")
+        common.barrier()  # two ranks replacing one folder at once would race
+        tokenizer = AutoTokenizer.from_pretrained(work_dir / "text_tokenizer")
         model = build_tiny_qwen3(tokenizer, seed=cfg.run.seed, **cfg.lm.tiny)
         model.config._attn_implementation = attn
     codebook = vqrae.quantizer.effective_codebook().detach() if cfg.lm.init == "codebook" else None

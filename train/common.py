@@ -208,6 +208,11 @@ def all_reduce(value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> to
     return value
 
 
+def is_rank_zero() -> bool:
+    """True in rank 0 of the process group, and in a process without one."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
