@@ -164,7 +164,7 @@ class ARGenTrainer(loop.TrainLoop):
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         ds_json = common.deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
-        self.engine = loop.build_engine(model, groups, cfg.optim, cfg.run.steps, ds_json)
+        self.engine = loop.build_engine(model, groups, cfg.optim, cfg.run.steps, ds_json, cfg.deepspeed.compile)
         self.engines = {"model": self.engine}
         self.resume()
         self.loader = self.make_loader(self.sequences, functools.partial(collate_sequences, pad_id=self.vocab.pad_id),

@@ -82,6 +82,7 @@ class DeepSpeedConfig:
     Args:
         zero_stage: 0-3. bf16: train in bfloat16 (master weights fp32). micro_batch_size: per GPU/process.
         grad_accum_steps: micro-batches per optimizer step. extra: merged into the JSON last (expert settings).
+        compile: torch.compile the trained model through its engine (`engine.compile()`; the first steps are slow).
     """
 
     zero_stage: int = 2
@@ -89,6 +90,7 @@ class DeepSpeedConfig:
     micro_batch_size: int = 32
     grad_accum_steps: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False
 
 
 @dataclass

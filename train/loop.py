@@ -216,13 +216,16 @@ class MetricLogger:
 
 
 def build_engine(module: torch.nn.Module, groups: list[dict], optim: OptimConfig, total_steps: int,
-                 ds_json: dict[str, Any]) -> Any:
-    """A DeepSpeed engine over `module` with torch AdamW (per-group lr) and the warmup-cosine schedule."""
+                 ds_json: dict[str, Any], compile: bool = False) -> Any:
+    """A DeepSpeed engine over `module` with torch AdamW (per-group lr) and the warmup-cosine schedule; `compile`
+    torch.compiles the module through the engine."""
     import deepspeed
 
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, optim, total_steps))
     engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_json)
+    if compile:
+        engine.compile()
     return engine
 
 

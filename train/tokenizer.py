@@ -272,7 +272,10 @@ class TokenizerTrainer(loop.TrainLoop):
         self.ema = loop.EMA({n: p for n, p in model.named_parameters() if not n.startswith("encoder.")},
                               cfg.ema_decay)
         ds_json = common.deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
-        self.engine = loop.build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json)
+        self.engine = loop.build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json,
+                                        cfg.deepspeed.compile)
+        if self.teacher is not None and cfg.deepspeed.compile:
+            self.teacher.compile()
         self.ema.zero3 = cfg.deepspeed.zero_stage == 3
         self.engines = {"model": self.engine}
         self.disc = None
