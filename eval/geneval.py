@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays for many images)")
     parser.add_argument("--detector", choices=("mask2former", "shapes"), default="mask2former")
     parser.add_argument("--mask2former", default="", help="local Mask2Former COCO instance checkpoint directory")
     parser.add_argument("--clip", default="", help="local CLIP ViT-L/14 directory")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         detector = build_detector(args)
         if not args.score_only:
             sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, seed=args.seed)
+                                      top_p=args.top_p, seed=args.seed, compile=args.compile)
             from llm.pipeline import TextToImage
 
             dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -36,12 +36,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays for many images)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     with reported_errors():
         sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, seed=args.seed)
+                                  top_p=args.top_p, seed=args.seed, compile=args.compile)
         t2i = TextToImage.from_pretrained(args.model, device=args.device,
                                           dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     images, _ = t2i.generate([args.prompt] * args.n, sampling)
