@@ -11,7 +11,8 @@
 
 Layout (GenEval's): OUT/NNNNN/metadata.jsonl (the prompt's line), OUT/NNNNN/samples/NNNN.png; OUT/generation.json
 records the model and every sampling setting; OUT/results.jsonl and OUT/summary.json hold the scores. Generation
-resumes: prompt folders that already hold their images are kept. Every batch of prompts is sampled with seed
+resumes: prompt folders that already hold their images are kept (a folder started with other settings is refused,
+not mixed). Every batch of prompts is sampled with seed
 `--seed + index of its first prompt`, so results do not depend on what ran before.
 """
 
@@ -53,13 +54,19 @@ def prompt_done(folder: Path, n: int) -> bool:
 def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
              model_name: str) -> None:
     """Write n images per prompt of `t2i` (an llm.pipeline.TextToImage) in GenEval's layout, skipping finished
-    prompts."""
+    prompts. A folder started with other settings is refused rather than mixed."""
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out / "generation.json") as f:
-        json.dump({"model": model_name, "images_per_prompt": n, "prompts_per_batch": prompts_per_batch,
-                   "sampling": sampling.to_dict(), "seed_rule": "seed + index of the batch's first prompt",
-                   "dtype": str(next(t2i.model.parameters()).dtype)}, f, indent=2)
+    record = {"model": model_name, "images_per_prompt": n, "prompts_per_batch": prompts_per_batch,
+              "sampling": sampling.to_dict(), "seed_rule": "seed + index of the batch's first prompt",
+              "dtype": str(next(t2i.model.parameters()).dtype)}
     todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
+    previous = json.loads((out / "generation.json").read_text()) if (out / "generation.json").is_file() else None
+    if previous is not None and previous != record and len(todo) < len(prompts):
+        changed = sorted(k for k in record if previous.get(k) != record[k])
+        raise ValueError(f"{out} holds images generated with other settings ({', '.join(changed)} differ): use a new "
+                         "--out, or the settings in its generation.json")
+    with atomic_write(out / "generation.json") as f:
+        json.dump(record, f, indent=2)
     for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
         batch = todo[start : start + prompts_per_batch]
         texts = [prompts[i]["prompt"] for i in batch for _ in range(n)]

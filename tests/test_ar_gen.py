@@ -89,6 +89,34 @@ def test_two_process_zero3_run_then_sample_from_export(tmp_path):
     again, _ = t2i.generate(["a photo of a red circle"] * 2, SamplingConfig(cfg_scale=3.0, seed=1))
     assert torch.equal(images, again)
 
+    # the command lines on the export: generate.py, then geneval.py (shapes detector) with resume and a refused mix
+    gen = subprocess.run([sys.executable, str(REPO / "scripts" / "generate.py"), "--model", str(out / "export"),
+                          "--prompt", "a photo of a red circle", "-n", "3", "--cfg-scale", "3.0", "--seed", "1",
+                          "--out", str(tmp_path / "gen")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert gen.returncode == 0, failure_report(gen)
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["0000.png", "0001.png", "0002.png", "grid.png",
+                                                                    "settings.json"]
+    assert json.loads((tmp_path / "gen" / "settings.json").read_text())["sampling"]["cfg_scale"] == 3.0
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in
+                               (REPO / "data" / "shapes_geneval_prompts.jsonl").read_text().splitlines()[:3]))
+    geneval = [sys.executable, str(REPO / "eval" / "geneval.py"), "--model", str(out / "export"), "--prompts",
+               str(prompts), "--detector", "shapes", "-n", "2", "--out", str(tmp_path / "geneval")]
+    first = subprocess.run(geneval, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, failure_report(first)
+    sample = tmp_path / "geneval" / "00002" / "samples" / "0001.png"
+    summary = json.loads((tmp_path / "geneval" / "summary.json").read_text())
+    written = sample.stat().st_mtime_ns
+    second = subprocess.run(geneval, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, failure_report(second)
+    assert sample.stat().st_mtime_ns == written  # finished prompts are kept, not regenerated
+    assert json.loads((tmp_path / "geneval" / "summary.json").read_text()) == summary
+    mixed = subprocess.run([*geneval, "--cfg-scale", "7.0"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert mixed.returncode == 2 and mixed.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "cfg_scale" in mixed.stderr or "sampling" in mixed.stderr
+
 
 def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir, tmp_path):
     tokenizer = shapes_world_tokenizer(tmp_path / "qwen")
