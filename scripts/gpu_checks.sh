@@ -32,7 +32,7 @@ section() {  # name, time limit in seconds, command...
 
 run() {
     case $1 in
-        tests) section tests 180 "$PY" -m pytest -m gpu -q tests/test_sampler.py ;;
+        tests) section tests 180 "$PY" -m pytest -m gpu -q tests/test_sampler.py tests/test_tokenizer.py ;;
         quantizer) section quantizer 40 "$PY" scripts/bench_quantizer.py --device cuda ;;
         generate) section generate 210 "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
             --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate.json" ;;

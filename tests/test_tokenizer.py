@@ -310,3 +310,27 @@ def test_reported_errors_one_line_and_exit_status(capsys):
         raise TypeError("bug")
     with pytest.raises(ValueError), reported_errors(FileNotFoundError):  # only the kinds named
         raise ValueError("bug")
+
+
+# ----- CUDA (skipped without a GPU) --------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_search_and_bf16_forward_agree_with_cpu():
+    gen = torch.Generator().manual_seed(0)
+    codebook, z = torch.randn(4096, 256, generator=gen), torch.randn(3000, 256, generator=gen)
+    expected = torch.cdist(z.double(), codebook.double()).argmin(1)
+    assert torch.equal(nearest_code(z.cuda(), codebook.cuda(), budget_mb=1).cpu(), expected)
+    model = tiny_model().eval()
+    x = images(4)
+    with torch.no_grad():
+        reference = model(x)
+        gpu = model.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = gpu(x.cuda())
+    model.cpu()
+    assert torch.isfinite(out.reconstruction).all()
+    # bf16 moves a few tokens across Voronoi boundaries, not most of them
+    assert (out.indices.cpu() == reference.indices).float().mean() > 0.9
+    torch.testing.assert_close(out.features.float().cpu(), reference.features, atol=0.1, rtol=0.1)
