@@ -31,7 +31,7 @@ from tqdm import tqdm
 from data.atomic import atomic_write
 from data.transforms import to_pil
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize, write_summary
-from llm.sampler import SamplingConfig
+from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
 from tokenizer.config import reported_errors
 
 OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
@@ -101,12 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("-n", "--images-per-prompt", type=int, default=4)
     parser.add_argument("--prompts-per-batch", type=int, default=4)
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays for many images)")
+    add_sampling_arguments(parser, seed=42)
     parser.add_argument("--detector", choices=("mask2former", "shapes"), default="mask2former")
     parser.add_argument("--mask2former", default="", help="local Mask2Former COCO instance checkpoint directory")
     parser.add_argument("--clip", default="", help="local CLIP ViT-L/14 directory")
@@ -119,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     with reported_errors():
         detector = build_detector(args)
         if not args.score_only:
-            sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                      top_p=args.top_p, seed=args.seed, compile=args.compile)
+            sampling = sampling_from_arguments(args)
             from llm.pipeline import TextToImage
 
             dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

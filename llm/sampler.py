@@ -19,6 +19,7 @@ Backends (SamplingConfig.backend):
 
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -81,6 +82,23 @@ PRESETS: dict[str, SamplingConfig] = {
     "llamagen": SamplingConfig(cfg_scale=7.5, temperature=1.0, top_k=1000, top_p=1.0),
     "greedy": SamplingConfig(cfg_scale=1.0, temperature=0.0),
 }
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, seed: int = 0) -> None:
+    """The fields of SamplingConfig a command line sets (--cfg-scale --temperature --top-k --top-p --seed
+    --compile); read them back with `sampling_from_arguments`."""
+    parser.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays for many images)")
+
+
+def sampling_from_arguments(args: argparse.Namespace) -> SamplingConfig:
+    """The SamplingConfig of options added by `add_sampling_arguments` (ValueError on a bad value)."""
+    return SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, compile=args.compile)
 
 
 # ----------------------------------------------------------------------------------------------- sampling math

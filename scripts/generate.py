@@ -21,7 +21,7 @@ import torch
 from data.atomic import atomic_write
 from data.transforms import make_grid_png, to_pil
 from llm.pipeline import TextToImage
-from llm.sampler import SamplingConfig
+from llm.sampler import add_sampling_arguments, sampling_from_arguments
 from tokenizer.config import reported_errors
 
 
@@ -31,18 +31,12 @@ def main() -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-n", type=int, default=4, help="images to sample")
     parser.add_argument("--out", type=Path, default=Path("outputs/generate"))
-    parser.add_argument("--cfg-scale", type=float, default=5.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays for many images)")
+    add_sampling_arguments(parser, seed=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     with reported_errors():
-        sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, seed=args.seed, compile=args.compile)
+        sampling = sampling_from_arguments(args)
         t2i = TextToImage.from_pretrained(args.model, device=args.device,
                                           dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     images, _ = t2i.generate([args.prompt] * args.n, sampling)
