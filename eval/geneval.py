@@ -38,6 +38,7 @@ OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evalu
 
 
 def read_prompts(path: Path) -> list[dict]:
+    """The rows of a GenEval prompt file (one JSON object a line with at least 'tag' and 'prompt')."""
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -47,6 +48,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def prompt_done(folder: Path, n: int) -> bool:
+    """True when a prompt's folder holds its metadata and all n images (resume skips it)."""
     return (folder / "metadata.jsonl").is_file() and all((folder / "samples" / f"{j:04d}.png").is_file()
                                                          for j in range(n))
 

@@ -92,6 +92,8 @@ class SampleSection:
 
 @dataclass
 class ARGenTrainConfig:
+    """Everything `train/ar_gen.py` reads (yaml sections and `key=value` paths follow the field names)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -147,6 +149,8 @@ def ensure_codes(cfg: ARGenTrainConfig, vqrae: VQRAE, info: common.DistInfo) -> 
 
 
 class ARGenTrainer(loop.TrainLoop):
+    """Next-code prediction of a causal LM with an expanded vocabulary on caption + code sequences."""
+
     def __init__(self, cfg: ARGenTrainConfig, info: common.DistInfo):
         super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
         self.cfg = cfg

@@ -166,6 +166,8 @@ def run_entry_point(main: Any) -> None:
 
 @dataclass
 class DistInfo:
+    """This process's place in the job: global rank, world size, rank on its node, and its device."""
+
     rank: int
     world_size: int
     local_rank: int

@@ -252,6 +252,7 @@ class TrainLoop:
 
     # hooks ----------------------------------------------------------------------------------------------------
     def micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """Forward one micro-batch: (loss, metrics to log), or None to skip it (e.g. every image was unreadable)."""
         raise NotImplementedError
 
     def after_backward(self, batch: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -302,6 +303,9 @@ class TrainLoop:
                                       self.checkpoint_files())
 
     def fit(self, total_steps: int, config: Any = None) -> None:
+        """Train until `total_steps` optimizer steps, from wherever `resume()` left the state: micro-steps with the
+        non-finite guard and gradient accumulation, logging, samples, checkpoints, then a final checkpoint and
+        `finish` (the export)."""
         st, run = self.state, self.run_cfg
         guard = NonFiniteGuard(run.max_bad_steps, st["skipped_nonfinite"])
         logger = MetricLogger(self.out_dir, self.info, total_steps, st["step"], run.tensorboard, run.wandb_project,

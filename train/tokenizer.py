@@ -111,6 +111,14 @@ class DataConfig:
 
 @dataclass
 class TokenizerTrainConfig:
+    """Everything `train/tokenizer.py` reads (yaml sections and `key=value` paths follow the field names).
+
+    Args:
+        stage: 1 (encoder frozen) or 2 (encoder trained at lr * encoder_lr_scale, distilled to a frozen copy).
+        encoder_lr_scale: the encoder's learning-rate multiplier in stage 2.
+        ema_decay: EMA decay of the quantizer + decoder weights (exports use the EMA).
+    """
+
     stage: int = 1
     encoder_lr_scale: float = 0.5
     ema_decay: float = 0.999
@@ -232,6 +240,8 @@ def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc
 
 def discriminator_loss(cfg: TokenizerTrainConfig, disc, x, rec, state: DiscriminatorState) -> tuple[torch.Tensor,
                                                                                                      dict]:
+    """Hinge loss of the discriminator on real images and detached reconstructions, plus LeCAM against the running
+    means in `state` (updated here); returns (loss, logged parts)."""
     logits_real, logits_fake = disc(x), disc(rec.detach())
     loss = hinge_d_loss(logits_real, logits_fake)
     parts = {"d_loss": loss.detach(), "logits_real": logits_real.float().mean().detach(),
