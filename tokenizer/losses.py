@@ -7,6 +7,7 @@ Stage 2:  the same + lambda_d * ||E(X) - T(X)||^2 (T: a frozen copy of the encod
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,7 +36,9 @@ def build_lpips(vgg_path: str | Path | None, allow_random: bool = False) -> nn.M
             "LPIPS needs VGG16 weights: set loss.lpips_vgg_path to a local torchvision vgg16 .pth "
             "(or loss.allow_random_lpips=true to train with a random backbone)"
         )
-    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=` argument internally
+        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if vgg_path is not None:
         path = Path(vgg_path)
         if not path.is_file():
