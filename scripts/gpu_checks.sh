@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# The GPU checks of the repository as one prepared run: the CUDA tests and the three benchmarks, each under its own
-# time limit, so that one slow or failing part still leaves the others' results. Logs and JSON go to $OUT.
+# The GPU checks of the repository as one prepared run: the three benchmarks, the CUDA tests and short runs of both
+# trainers, each under its own time limit, so that one slow or failing part still leaves the others' results. Logs and JSON go to $OUT.
 #
-#   bash scripts/gpu_checks.sh                         # tests quantizer generate tokenizer  (~4-8 min on an H200)
+#   bash scripts/gpu_checks.sh            # generate tokenizer tests trainers quantizer  (~5-8 min on an H200)
 #   bash scripts/gpu_checks.sh generate tokenizer_compile
 #
-# Sections: tests, quantizer, generate (with torch.compile variants), tokenizer (stage 2, SigLIP2-so400m at 256 px,
-# batch 32, bf16, checkpointing off and on), tokenizer_compile (the same, torch.compile'd, checkpointing off).
-# Needs torch, torchvision, transformers (the version in constraints.txt), lpips, pyyaml, safetensors, pillow, numpy,
-# tokenizers and pytest. On an offline machine whose Python lacks some, bring them as wheels, e.g.:
+# Sections, most important first: generate (sampler vs baselines, with torch.compile variants), tokenizer (training
+# step MFU, stage 2, SigLIP2-so400m at 256 px, batch 32, bf16, checkpointing off and on), tests (the CUDA tests),
+# trainers (both trainers on CUDA, bf16, ZeRO-2, a few dozen steps on the shapes world: tokenizer stage 1 -> stage 2
+# -> generator), quantizer (nearest-code search), tokenizer_compile (the tokenizer step torch.compile'd).
+# Needs torch, torchvision, transformers (the version in constraints.txt), lpips, deepspeed (trainers only), pyyaml,
+# safetensors, pillow, numpy, tokenizers and pytest. On an offline machine whose Python lacks some, bring them as
+# wheels (deepspeed publishes only a source archive: `DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8` makes
+# one), e.g.:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
-#       transformers==5.24.0 lpips==0.1.4                                  # where pip can reach the index
+#       transformers==5.24.0 lpips==0.1.4 hjson pydantic pydantic_core ...  # where pip can reach the index
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site   # on the machine
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-checks}
-PY=${PYTHON:-python3}
+export PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 
 section() {  # name, time limit in seconds, command...
     local name=$1 limit=$2
     shift 2
-    echo "=== $name (limit ${limit}s): $*"
+    local cmd="$*"
+    echo "=== $name (limit ${limit}s): ${cmd:0:200}"
     local start=$SECONDS
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
@@ -30,9 +35,26 @@ section() {  # name, time limit in seconds, command...
     echo "=== $name: exit $rc after $((SECONDS - start))s"
 }
 
+trainers() {  # tokenizer stage 1 -> stage 2 -> generator on CUDA; each must finish with an export
+    set -e
+    local dir=/tmp/gpu-checks common="deepspeed.bf16=true deepspeed.zero_stage=2 run.log_every=5 run.tensorboard=false"
+    rm -rf "$dir"
+    "$PY" train/tokenizer.py $common run.output_dir=$dir/s1 run.steps=40 run.ckpt_every=20 run.sample_every=20 \
+        data.train=$dir/world/train/shards data.eval=$dir/world/eval/shards data.world.train_samples=1024 \
+        data.world.eval_samples=64 loss.disc_start=10 loss.gan_start=20
+    "$PY" train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml $common run.output_dir=$dir/s2 \
+        run.steps=30 run.ckpt_every=15 run.sample_every=15 model.init_from=$dir/s1 \
+        data.train=$dir/world/train/shards data.eval=$dir/world/eval/shards loss.gan_start=10
+    "$PY" train/ar_gen.py $common run.output_dir=$dir/ar run.steps=40 run.ckpt_every=20 run.sample_every=20 \
+        data.tokenizer=$dir/s2/export data.codes=$dir/codes data.images=$dir/world/train/shards
+    tail -n 2 $dir/s1/metrics.jsonl $dir/s2/metrics.jsonl $dir/ar/metrics.jsonl
+    ls $dir/s1/export $dir/s2/export $dir/ar/export
+}
+
 run() {
     case $1 in
-        tests) section tests 180 "$PY" -m pytest -m gpu -q tests/test_sampler.py tests/test_tokenizer.py ;;
+        tests) section tests 120 "$PY" -m pytest -m gpu -q tests/test_sampler.py tests/test_tokenizer.py ;;
+        trainers) section trainers 150 bash -c "$(declare -f trainers); trainers" ;;
         quantizer) section quantizer 40 "$PY" scripts/bench_quantizer.py --device cuda ;;
         generate) section generate 210 "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
             --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate.json" ;;
@@ -41,7 +63,7 @@ run() {
         tokenizer_compile) section tokenizer_compile 200 "$PY" scripts/bench_tokenizer.py \
             --preset siglip2-so400m-p16-256 --device cuda --dtype bf16 --batch 32 --stages 2 --ckpt off --compile \
             --json "$OUT/tokenizer_compile.json" ;;
-        *) echo "error: unknown section '$1' (tests quantizer generate tokenizer tokenizer_compile)"; exit 2 ;;
+        *) echo "error: unknown section '$1' (generate tokenizer tests trainers quantizer tokenizer_compile)"; exit 2 ;;
     esac
 }
 
@@ -49,5 +71,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     2>&1 | tee -a "$OUT/device.txt"
 sections=("$@")
-[ $# -eq 0 ] && sections=(tests quantizer generate tokenizer)
+[ $# -eq 0 ] && sections=(generate tokenizer tests trainers quantizer)
 for part in "${sections[@]}"; do run "$part"; done
