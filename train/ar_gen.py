@@ -179,9 +179,9 @@ class ARGenTrainer(loop.TrainLoop):
                  self.state["step"], cfg.run.steps)
 
     def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        ids = batch["input_ids"].to(self.info.device)
-        labels = batch["labels"].to(self.info.device)
-        out = self.engine(input_ids=ids, attention_mask=batch["attention_mask"].to(self.info.device), labels=labels)
+        ids, labels, mask = (batch[k].to(self.info.device, non_blocking=True)
+                             for k in ("input_ids", "labels", "attention_mask"))
+        out = self.engine(input_ids=ids, attention_mask=mask, labels=labels)
         with torch.no_grad():  # next-code accuracy over the supervised positions
             target = labels[:, 1:]
             mask = target != -100

@@ -284,7 +284,8 @@ class TrainLoop:
         sampler = ResumableBatchSampler(len(dataset), micro_batch_size, self.info.rank, self.info.world_size,
                                         self.run_cfg.seed, start=self.state["micro_batches"])
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
-                                           num_workers=self.run_cfg.num_workers)
+                                           num_workers=self.run_cfg.num_workers,
+                                           pin_memory=self.info.device.type == "cuda")  # for non_blocking copies
 
     def resume(self) -> None:
         """Load the checkpoint chosen by run.resume (engines, extra files, counters); call before building the

@@ -310,7 +310,7 @@ class TokenizerTrainer(loop.TrainLoop):
     def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
         if batch["pixel_values"].shape[0] == 0:
             return None
-        x = batch["pixel_values"].to(self.info.device, self.dtype)
+        self.x = x = batch["pixel_values"].to(self.info.device, self.dtype, non_blocking=True)
         if self.disc is not None:
             self.disc.module.requires_grad_(False)
         self.out = self.engine(x)
@@ -322,7 +322,7 @@ class TokenizerTrainer(loop.TrainLoop):
         if self.disc is None or self.state["step"] < self.cfg.loss.disc_start:
             return
         self.disc.module.requires_grad_(True)
-        x = batch["pixel_values"].to(self.info.device, self.dtype)
+        x = self.x  # this micro-batch, already on the device
         d_loss, d_parts = discriminator_loss(self.cfg, self.disc, x, self.out.reconstruction, self.d_state)
         self.disc.backward(d_loss)
         self.disc.step()
