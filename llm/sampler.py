@@ -9,8 +9,8 @@ Backends (SamplingConfig.backend):
 - "fused" (default) for Llama-family decoders (Qwen3, Qwen2, Llama): the model's own weights (q/k/v and gate/up
   concatenated once, refreshed when a weight changes) in one preallocated KV cache, RoPE from the model's rotary
   module tabulated once, logits computed for the code rows of the LM head only. About 20 ops per layer instead of
-  ~50 plus transformers' per-call mask and wrapper work. On CUDA the decode step is captured in a CUDA graph
-  (cuda_graph=True) and can be compiled first (compile=True).
+  ~50 plus transformers' per-call mask and wrapper work. On CUDA the decode step is captured in CUDA graphs
+  (cuda_graph=True), one per 64 attended cache columns; compile=True compiles it first, over the whole cache.
 - "hf": any transformers causal LM, called per step with a DynamicCache (the reference and the fallback).
 
     engine = Engine(model, vocab)
@@ -34,6 +34,7 @@ BACKENDS = ("fused", "hf")
 FUSED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 MAX_CACHED_SHAPES = 4  # KV caches / CUDA graphs kept per Engine, keyed by (rows, cache length)
 CACHE_ALIGN = 64  # cache lengths are rounded up to this, so prompts of similar length share a cache and a graph
+KV_BUCKET = 64  # CUDA-graph decode steps attend the written columns rounded up to this, not the whole cache
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,8 @@ class KVCache:
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (R, 1)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache column the next token is written to
         self.bias = torch.zeros(rows, 1, 1, length, dtype=dtype, device=device)  # additive: 0 attend, -inf not
-        # captured decode steps keyed by `compiled` (eager or torch.compile'd step): (graph, the logits it writes)
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # captured decode steps keyed by (compiled, kv_len): (graph, the logits it writes)
+        self.graphs: dict[tuple[bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
 
 class FusedDecoder:
@@ -329,6 +330,20 @@ class FusedDecoder:
         return logits
 
 
+def attended_columns(written: int, length: int, graphs: bool, compiled: bool) -> int:
+    """How many cache columns a decode step reads when `written` of `length` are filled. Eager steps read exactly the
+    written ones; CUDA graphs of the eager step come one per KV_BUCKET columns (cheap to capture, and the bytes read
+    follow the filled cache); the compiled step reads the whole cache (one shape, one compile: compiling per bucket,
+    or with dynamic shapes, costs minutes on a large model)."""
+    if compiled:
+        return length
+    return min(_round_up(written, KV_BUCKET), length) if graphs else written
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _residual_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                      ) -> torch.Tensor:
     """x + h W^T (+ b): without a bias one GEMM whose epilogue adds the residual (addmm), one kernel instead of two."""
@@ -447,7 +462,7 @@ class Engine:
         dec = self.decoder
         ids, starts = left_pad(rows, self.vocab.pad_id, self.device)  # (R, P), (R,)
         n_rows, width = ids.shape
-        length = -(-(width + num_tokens) // CACHE_ALIGN) * CACHE_ALIGN
+        length = _round_up(width + num_tokens, CACHE_ALIGN)
         if dec.ensure_rope(length):
             self.caches.clear()  # captured graphs read the old tables
         cache = self._cache(n_rows, length)
@@ -456,9 +471,14 @@ class Engine:
             self._compiled = self._compiled or torch.compile(dec.decode, dynamic=False)
             decode = self._compiled
         use_graph = cfg.cuda_graph and self.device.type == "cuda" and not self._graphs_failed
-        if use_graph and cfg.compile not in cache.graphs:
-            self._capture(cache, decode, cfg.compile)
-        graph = cache.graphs.get(cfg.compile) if use_graph else None
+
+        def attended(t: int) -> int:
+            return attended_columns(width + t, length, graphs=use_graph, compiled=cfg.compile)
+
+        if use_graph:  # every graph this session needs, captured before the prefill writes the cache
+            for kv_len in sorted({attended(t) for t in range(1, num_tokens)}):
+                if (cfg.compile, kv_len) not in cache.graphs and not self._graphs_failed:
+                    self._capture(cache, decode, cfg.compile, kv_len)
 
         cols = torch.arange(width, device=self.device)
         valid = cols[None] >= starts[:, None]  # (R, P) real tokens
@@ -472,17 +492,18 @@ class Engine:
         cache.bias[:, 0, 0, :width] = _bias(valid, cache.bias.dtype)
         cache.positions.copy_((width - starts)[:, None])
         cache.slot.fill_(width)
-        static = use_graph or cfg.compile
         t = 0
 
         def step(tokens: torch.Tensor) -> torch.Tensor:
             nonlocal t
             t += 1
             cache.tokens.view(-1, len(tokens)).copy_(tokens)  # (B,) into each group of B rows
+            kv_len = attended(t)
+            graph = cache.graphs.get((cfg.compile, kv_len)) if use_graph else None
             if graph is not None:
                 graph[0].replay()
                 return graph[1]
-            return decode(cache, length if static else width + t)
+            return decode(cache, kv_len)
 
         return logits, step
 
@@ -496,10 +517,10 @@ class Engine:
                                        dec.param.dtype, self.device)
         return self.caches[key]
 
-    def _capture(self, cache: KVCache, decode, compiled: bool) -> None:
-        """Capture one decode step on the cache's static inputs in a CUDA graph. The warm-up runs start at column 0
-        (each row then attends at least one column, so they write finite values) in columns that the prefill
-        overwrites or the mask hides until they are written."""
+    def _capture(self, cache: KVCache, decode, compiled: bool, kv_len: int) -> None:
+        """Capture one decode step attending `kv_len` cache columns, on the cache's static inputs, in a CUDA graph.
+        The warm-up runs start at column 0 (each row then attends at least one column, so they write finite values)
+        in columns that the prefill overwrites or the mask hides until they are written."""
         cache.slot.zero_()
         cache.positions.zero_()
         try:
@@ -507,12 +528,12 @@ class Engine:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(3):
-                    decode(cache, cache.length)
+                    decode(cache, kv_len)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                logits = decode(cache, cache.length)
-            cache.graphs[compiled] = (graph, logits)
+                logits = decode(cache, kv_len)
+            cache.graphs[compiled, kv_len] = (graph, logits)
         except RuntimeError as err:  # capture is an optimisation: fall back to eager steps
             warnings.warn(f"CUDA graph capture failed ({err}); decoding without graphs", stacklevel=3)
             self._graphs_failed = True

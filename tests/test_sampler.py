@@ -17,6 +17,7 @@ from llm.sampler import (
     Engine,
     SamplingConfig,
     apply_cfg,
+    attended_columns,
     generate_codes,
     restrict_to_codes,
     sample_codes,
@@ -320,6 +321,14 @@ def test_chat_template_and_empty_unconditional(setup):
     assert codes.shape == (2, 8)
 
 
+def test_attended_columns():
+    # eager: exactly the written columns; graphs: rounded up to 64, never past the cache; compiled: the whole cache
+    assert [attended_columns(w, 192, graphs=False, compiled=False) for w in (1, 64, 65, 192)] == [1, 64, 65, 192]
+    assert [attended_columns(w, 192, graphs=True, compiled=False) for w in (1, 64, 65, 130, 192)] == [64, 64, 128,
+                                                                                                    192, 192]
+    assert {attended_columns(w, 192, graphs=g, compiled=True) for w in (1, 100) for g in (False, True)} == {192}
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager(setup):
     _, model, vocab, prompts, _ = setup
@@ -340,6 +349,9 @@ def test_cuda_graph_matches_eager_and_generate(setup):
         assert torch.allclose(logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
         again = engine.generate(prompts[:2], N, greedy())  # a cached graph, new prompts
         assert torch.equal(again, graphed[:2])
+        # a generation crossing several KV_BUCKET graphs (one per 64 attended columns) equals the eager one
+        long_graphed = engine.generate(prompts, 150, greedy())
+        assert torch.equal(long_graphed, engine.generate(prompts, 150, greedy(cuda_graph=False)))
         # a second graph on a used cache, of the compiled step (its warm-up restarts at column 0)
         compiled, compiled_logits = engine.generate(prompts, N, greedy(compile=True), return_logits=True)
         assert torch.equal(compiled, eager)
