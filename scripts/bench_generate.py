@@ -11,12 +11,13 @@ Methods (batch B prompts, N = grid^2 codes each, temperature / top-k identical e
 - plain_loop:  the loop Janus and LlamaGen ship: the transformers model called once per step with its default
                dynamic KV cache, cond / uncond rows batched, eager, CFG + top-k + multinomial on the code logits.
 Ratios printed: ours / hf_generate and ours_cfg / plain_loop (and the compiled variants). On CUDA also the per-step
-time of each ours_cfg variant against the bound set by the bytes one decode step must read (decoder weights + code rows of the head + the filled KV cache) over
-the device-to-device copy bandwidth measured in the same run. The models are random: speed does not depend on the
+time of each ours_cfg variant against the bound set by the bytes one decode step must read (decoder weights + code
+rows of the head + the filled KV cache) over the device-to-device copy bandwidth measured in the same run. The models are random: speed does not depend on the
 weights.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -183,8 +184,7 @@ def main() -> None:
     base = {"temperature": args.temperature, "top_k": args.top_k, "top_p": 1.0, "seed": 0,
             "cuda_graph": not args.no_cuda_graph}
     cfg_off, cfg_on = SamplingConfig(cfg_scale=1.0, **base), SamplingConfig(cfg_scale=args.cfg_scale, **base)
-    compiled_off = SamplingConfig(cfg_scale=1.0, compile=True, **base)
-    compiled_on = SamplingConfig(cfg_scale=args.cfg_scale, compile=True, **base)
+    compiled_off, compiled_on = (dataclasses.replace(c, compile=True) for c in (cfg_off, cfg_on))
     engine = Engine(model, vocab)
     cond_rows = [image_prefix_ids(p, vocab) for p in prompts]
     all_rows = cond_rows + [image_prefix_ids(p, vocab) for p in uncond]

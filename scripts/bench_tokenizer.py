@@ -170,6 +170,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 GPU, 2048 CPU)")
     args = parser.parse_args()
+    settings = {"off": False, "on": True}
+    if not set(args.ckpt.split(",")) <= set(settings):
+        parser.error(f"--ckpt takes off, on or off,on; got {args.ckpt!r}")
     device = torch.device(args.device)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     peak = matmul_peak(device, DTYPES[args.dtype], args.peak_n or (8192 if device.type == "cuda" else 2048))
@@ -179,9 +182,6 @@ def main() -> None:
     print(f"measured matmul peak: {peak / 1e12:.2f} TFLOP/s")
     print(f"{'stage':>5} {'ckpt':>5} {'img/s':>9} {'step s':>8} {'TFLOP/step':>11} {'MFU':>6} {'peak GiB':>9} "
           f"{'step +GiB':>9}")
-    settings = {"off": False, "on": True}
-    if not set(args.ckpt.split(",")) <= set(settings):
-        parser.error(f"--ckpt takes off, on or off,on; got {args.ckpt!r}")
     results = []
     for stage in (int(s) for s in args.stages.split(",")):
         for ckpt in (settings[c] for c in args.ckpt.split(",")):

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 @torch.no_grad()
 def reconstruction_geneval(model: VQRAE, world: ShapesWorld) -> float:
     """Overall GenEval score of reconstructions judged against their own captions (mean of the six task means)."""
-    detector, per_tag = ShapesDetector(), {}
+    detector, results = ShapesDetector(), []
     for i in range(len(world)):
         sample = world[i]
         rec = model(pil_to_tensor(sample["image"])[None]).reconstruction[0].clamp(-1, 1)
@@ -50,8 +50,8 @@ def reconstruction_geneval(model: VQRAE, world: ShapesWorld) -> float:
         correct, _ = score_image(sample["metadata"], detector.detect(image),
                                  lambda cls, dets, image=image: detector.classify_colors(image, cls, dets),
                                  ScoringConfig())
-        per_tag.setdefault(sample["metadata"]["tag"], []).append(correct)
-    return sum(sum(v) / len(v) for v in per_tag.values()) / len(per_tag)
+        results.append({"tag": sample["metadata"]["tag"], "correct": correct, "metadata": sample["metadata"]})
+    return summarize(results)["overall"]
 
 
 @torch.no_grad()

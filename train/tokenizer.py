@@ -280,7 +280,7 @@ class TokenizerTrainer(loop.TrainLoop):
             self.lpips = build_lpips(cfg.loss.lpips_vgg_path or None, cfg.loss.allow_random_lpips).to(info.device)
         self.vqrae_config = to_dict(model.config)
         self.ema = loop.EMA({n: p for n, p in model.named_parameters() if not n.startswith("encoder.")},
-                              cfg.ema_decay)
+                            cfg.ema_decay)
         ds_json = common.deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
         self.engine = loop.build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json,
                                         cfg.deepspeed.compile)
@@ -295,7 +295,7 @@ class TokenizerTrainer(loop.TrainLoop):
             d = PatchDiscriminator(cfg.disc)
             d_json = common.merge_dicts(ds_json, {"zero_optimization": {"stage": min(cfg.deepspeed.zero_stage, 2)}})
             self.disc = loop.build_engine(d, [{"params": list(d.parameters()), "weight_decay": 0.0}], cfg.optim,
-                                            cfg.run.steps, d_json)
+                                          cfg.run.steps, d_json)
             self.engines["disc"] = self.disc
         self.d_state = DiscriminatorState()
         self.resume()
@@ -322,8 +322,8 @@ class TokenizerTrainer(loop.TrainLoop):
         if self.disc is None or self.state["step"] < self.cfg.loss.disc_start:
             return
         self.disc.module.requires_grad_(True)
-        x = self.x  # this micro-batch, already on the device
-        d_loss, d_parts = discriminator_loss(self.cfg, self.disc, x, self.out.reconstruction, self.d_state)
+        # self.x: this micro-batch, already on the device (micro_step moved it)
+        d_loss, d_parts = discriminator_loss(self.cfg, self.disc, self.x, self.out.reconstruction, self.d_state)
         self.disc.backward(d_loss)
         self.disc.step()
         metrics.update(d_parts)
