@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.atomic import atomic_write
+from common.files import atomic_write, ensure_settings
 from data.images import StringArray, collate_images
-from tokenizer.config import ConfigError
 
 MANIFEST = "manifest.json"
+CHUNK_SIZE = 5000  # dataset indices per chunk, the default of every tool that writes codes
 
 
 def chunk_paths(directory: Path, chunk: int) -> tuple[Path, Path]:
@@ -45,9 +45,9 @@ def write_chunk(directory: Path, chunk: int, codes: np.ndarray, rows: list[dict[
 
 
 def ensure_manifest(directory: Path, tokenizer_path: str | Path, model_config: Any, data: str, num_samples: int,
-                    chunk_size: int, write: bool = True) -> None:
+                    chunk_size: int = CHUNK_SIZE, write: bool = True) -> None:
     """Record how the codes in `directory` are made (written once, by rank 0: `write`); a directory holding codes
-    made with other settings is refused with a ConfigError naming them.
+    made with other settings is refused with a ConfigError naming them (the tokenizer may have moved).
 
     Args:
         model_config: the VQRAEConfig of the tokenizer.
@@ -56,16 +56,7 @@ def ensure_manifest(directory: Path, tokenizer_path: str | Path, model_config: A
                 "chunk_size": chunk_size, "codebook_size": model_config.quantizer.codebook_size,
                 "grid_size": model_config.grid_size, "num_tokens": model_config.num_tokens,
                 "image_size": model_config.encoder.image_size}
-    path = directory / MANIFEST
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in manifest if k != "tokenizer" and old.get(k) != manifest[k])
-        if diff:
-            raise ConfigError(f"{directory} holds codes made with other settings ({', '.join(diff)}); use another "
-                             "output folder")
-    elif write:
-        with atomic_write(path) as f:
-            json.dump(manifest, f, indent=2)
+    ensure_settings(directory / MANIFEST, manifest, ignore=("tokenizer",), write=write)
 
 
 def complete_chunks(directory: Path) -> list[int]:

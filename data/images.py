@@ -65,6 +65,17 @@ class StringArray:
         start, end = self._offsets[i], self._offsets[i + 1]
         return self._data[start:end].tobytes().decode("utf-8", "surrogateescape")
 
+    def containing(self, text: str) -> list[int]:
+        """Indices of the strings that contain `text`, found by one scan of the whole buffer (fast when rare)."""
+        needle, data = text.encode("utf-8"), self._data.tobytes()
+        hits, at = set(), data.find(needle)
+        while at >= 0:
+            i = int(np.searchsorted(self._offsets, at, side="right")) - 1
+            if at + len(needle) <= self._offsets[i + 1]:  # inside string i, not across a boundary
+                hits.add(i)
+            at = data.find(needle, at + 1)
+        return sorted(hits)
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """Common base: subclasses implement `__len__` and `_read(i) -> (image bytes or path, caption, meta, name)`.

@@ -13,9 +13,17 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from common.config import ConfigError
 from data.codes import CodeDataset
 from data.transforms import sample_seed
-from llm.vocab import IGNORE_INDEX, ImageVocab, build_prompt_ids, build_sequence, unconditional_prompt_ids
+from llm.vocab import (
+    IGNORE_INDEX,
+    ImageVocab,
+    build_prompt_ids,
+    build_sequence,
+    caption_problem,
+    unconditional_prompt_ids,
+)
 
 
 class CaptionCodeSequences(torch.utils.data.Dataset):
@@ -33,6 +41,18 @@ class CaptionCodeSequences(torch.utils.data.Dataset):
             raise ValueError(f"codes use {codes.codebook_size} codes but the vocabulary has {vocab.codebook_size}")
         self.codes, self.tokenizer, self.vocab = codes, tokenizer, vocab
         self.template, self.uncond, self.dropout, self.seed = template, uncond, caption_dropout, seed
+        self._check_captions()
+
+    def _check_captions(self) -> None:
+        """Refuse, before training starts, a caption the sequence format would refuse at its step: one holding an
+        image-token or special-token string (every such string contains "<|" or is special to this tokenizer)."""
+        markers = {"<|", *(t for t in self.tokenizer.all_special_tokens if t and "<|" not in t)}
+        for marker in sorted(markers):
+            for i in self.codes.captions.containing(marker):
+                problem = caption_problem(self.codes.captions[i], self.tokenizer)
+                if problem:
+                    raise ConfigError(f"{self.codes.directory}: row {i} (dataset index {self.codes.indices[i]}): "
+                                      f"{problem}; fix the captions and extract the codes again")
 
     def __len__(self) -> int:
         return len(self.codes)

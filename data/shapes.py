@@ -17,15 +17,16 @@ Conventions:
   renders on its own; held-out GenEval prompts draw from SeedSequence((PROMPT_STREAM, seed)), a disjoint stream
   for every seed value.
 
+GenEval's vocabulary (task tags, colour names, relations) and its position rule are the scorer's own objects
+(eval/geneval_scoring.py, eval/detection.py), so a caption this world calls true is true by the scorer's code.
+Writing the world to disk (image folder + jsonl, webdataset shards) is data/shapes_export.py:
+
     python scripts/make_shapes.py --out runs/shapes --num 100000 --format both
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -33,7 +34,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from common.files import write_atomic
+from eval.detection import GENEVAL_COLORS
+from eval.geneval_scoring import GENEVAL_TASKS, POSITION_RELATIONS, ScoringConfig, relative_offset
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,8 @@ SHAPES: dict[str, ShapeSpec] = {
 }
 SHAPE_NAMES: tuple[str, ...] = tuple(SHAPES)
 
-# GenEval's colours, in GenEval's order, with well-separated sRGB values. The grey background is far from all ten in
-# RGB and differs from each by at least 30 in luma, which JPEG keeps at full resolution.
+# GenEval's colours (the scorer's tuple, in its order) with well-separated sRGB values. The grey background is far
+# from all ten in RGB and differs from each by at least 30 in luma, which JPEG keeps at full resolution.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "orange": (255, 150, 20),
@@ -79,11 +83,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20),
     "white": (245, 245, 245),
 }
-COLOR_NAMES: tuple[str, ...] = tuple(PALETTE)
+COLOR_NAMES: tuple[str, ...] = GENEVAL_COLORS
+if tuple(PALETTE) != COLOR_NAMES:
+    raise AssertionError("PALETTE must list GenEval's colours in GenEval's order")
 BACKGROUND: tuple[int, int, int] = (135, 135, 135)
 
-TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+TAGS: tuple[str, ...] = GENEVAL_TASKS
+RELATIONS: tuple[str, ...] = POSITION_RELATIONS
 NUMBER_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 
 SUPERSAMPLE = 4  # antialiasing: SUPERSAMPLE^2 samples per pixel
@@ -161,24 +167,10 @@ def box_template(shape: str, width: int, height: int) -> np.ndarray:
     return mask
 
 
-def relative_offset(box_a: Iterable[float], box_b: Iterable[float]) -> tuple[float, float]:
-    """GenEval's normalised offset (dx, dy) of box A from box B; (0, 0) when GenEval finds no relation.
-
-    "left of" holds when dx < -0.5, "right of" when dx > 0.5, "above" when dy < -0.5, "below" when dy > 0.5.
-    """
-    a, b = np.asarray(list(box_a), float), np.asarray(list(box_b), float)
-    off = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    size_sum = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    rev = np.maximum(np.abs(off) - 0.1 * size_sum, 0) * np.sign(off)
-    if np.all(np.abs(rev) < 1e-3):
-        return 0.0, 0.0
-    dx, dy = rev / np.linalg.norm(off)
-    return float(dx), float(dy)
-
-
 def relation_strength(box_a: Iterable[float], box_b: Iterable[float], relation: str) -> float:
-    """GenEval's offset along `relation` (e.g. -dx for "left of"): the relation holds when this exceeds 0.5."""
-    dx, dy = relative_offset(box_a, box_b)
+    """GenEval's offset along `relation` (e.g. -dx for "left of") under the scorer's default position threshold:
+    the relation holds when this exceeds 0.5 (`eval.geneval_scoring.relative_position`)."""
+    dx, dy = relative_offset(list(box_a), list(box_b), ScoringConfig().position_threshold)
     return {"left of": -dx, "right of": dx, "above": -dy, "below": dy}[relation]
 
 
@@ -246,10 +238,21 @@ def geneval_prompts(per_task: int = PROMPTS_PER_TASK, seed: int = HELDOUT_SEED) 
     return out
 
 
+def world_texts() -> list[str]:
+    """Every distinct caption of the world (all GenEval tasks), sorted: the corpus of its small text tokenizer."""
+    return sorted({r["prompt"] for tag in TAGS for r in task_records(tag)})
+
+
+def shapes_world_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512):
+    """The CPU default's text tokenizer: `llm.text_tokenizer.corpus_tokenizer` on `world_texts()`."""
+    from llm.text_tokenizer import corpus_tokenizer
+
+    return corpus_tokenizer(world_texts(), out_dir, vocab_size)
+
+
 def write_geneval_prompts(path: str | Path, per_task: int = PROMPTS_PER_TASK, seed: int = HELDOUT_SEED) -> None:
     """Write `geneval_prompts(per_task, seed)` as GenEval's jsonl (one JSON object a line), atomically."""
-    text = "".join(json.dumps(r) + "\n" for r in geneval_prompts(per_task, seed))
-    _write_atomic(Path(path), text.encode())
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in geneval_prompts(per_task, seed)))
 
 
 # ----------------------------------------------------------------------------------------------- scenes
@@ -445,104 +448,3 @@ class ShapesWorld:
             raise IndexError(f"index {i} out of range for ShapesWorld of {self.num_samples} samples")
         image, meta = render_sample(self.seed, i % self.num_samples, self.image_size)
         return {"image": image, "caption": meta["prompt"], "metadata": meta}
-
-
-# ----------------------------------------------------------------------------------------------- export
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _check_manifest(out: Path, settings: dict) -> None:
-    path = out / "world.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
-        if diff:
-            raise ValueError(f"{out} holds a shapes world with different settings ({', '.join(diff)}: "
-                             f"{[old.get(k) for k in diff]} there, {[settings.get(k) for k in diff]} asked); "
-                             "use another folder")
-    else:
-        _write_atomic(path, (json.dumps(settings, indent=1) + "\n").encode())
-
-
-def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, seed: int = 0, fmt: str = "folder",
-                 shard_size: int = 1000, progress: bool = True) -> None:
-    """Write samples 0 .. num_samples - 1 of the world (seed, image_size) to disk, resumably.
-
-    folder: out_dir/images/{index:08d}.png and out_dir/captions.jsonl, a line per sample: {"image": relative path,
-    "caption", "tag", "include", ["exclude"], "prompt", "objects", "qa"}.
-    shards: out_dir/shards/{shard:06d}.tar (webdataset): "{index:08d}.png", ".txt" (caption), ".json" (the jsonl
-    line without "image"), in index order. Every file is written atomically; complete files are kept on re-runs.
-    out_dir/world.json records the settings, and a re-run with other settings is refused.
-
-    Args:
-        out_dir: output folder (created).
-        num_samples: number of samples.
-        image_size: multiple of 8 in [32, 256].
-        seed: world seed.
-        fmt: "folder", "shards" or "both".
-        shard_size: samples per tar shard.
-        progress: show a tqdm bar.
-    """
-    check_image_size(image_size)
-    if fmt not in ("folder", "shards", "both"):
-        raise ValueError(f"format must be 'folder', 'shards' or 'both', got {fmt!r}")
-    if num_samples < 0 or shard_size < 1:
-        raise ValueError(f"need num_samples >= 0 and shard_size >= 1, got {num_samples}, {shard_size}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_manifest(out, {"version": 1, "seed": seed, "image_size": image_size, "num_samples": num_samples,
-                          "shard_size": shard_size})
-    folder, shards = fmt in ("folder", "both"), fmt in ("shards", "both")
-    if folder:
-        (out / "images").mkdir(exist_ok=True)
-    if shards:
-        (out / "shards").mkdir(exist_ok=True)
-    lines: list[str] = []
-    members: list[tuple[str, bytes]] = []
-    bar = tqdm(range(num_samples), desc="shapes world", unit="img", disable=not progress)
-    for i in bar:
-        meta, nominal = sample_metadata(seed, i, image_size)
-        png_path = out / "images" / f"{i:08d}.png"
-        shard_path = out / "shards" / f"{i // shard_size:06d}.tar"
-        need_png = folder and not png_path.exists()
-        need_shard = shards and not shard_path.exists()
-        png = _png_bytes(render(meta["objects"], nominal, image_size)) if need_png or need_shard else b""
-        if need_png:
-            _write_atomic(png_path, png)
-        if folder:
-            lines.append(json.dumps({"image": f"images/{i:08d}.png", "caption": meta["prompt"], **meta}) + "\n")
-        if need_shard:
-            members += [(f"{i:08d}.png", png), (f"{i:08d}.txt", meta["prompt"].encode()),
-                        (f"{i:08d}.json", json.dumps({"caption": meta["prompt"], **meta}).encode())]
-            if (i + 1) % shard_size == 0 or i + 1 == num_samples:
-                _write_tar(shard_path, members)
-                members = []
-    if folder:
-        data = "".join(lines).encode()
-        path = out / "captions.jsonl"
-        if not path.exists() or path.read_bytes() != data:
-            _write_atomic(path, data)
-
-
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    _write_atomic(path, buf.getvalue())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms
 
-from data.atomic import atomic_write
+from common.files import atomic_write
 
 TRANSFORM_MODES = ("center", "random", "resize")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")

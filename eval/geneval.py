@@ -12,8 +12,8 @@
 Layout (GenEval's): OUT/NNNNN/metadata.jsonl (the prompt's line), OUT/NNNNN/samples/NNNN.png; OUT/generation.json
 records the model and every sampling setting; OUT/results.jsonl and OUT/summary.json hold the scores. Generation
 resumes: prompt folders that already hold their images are kept (a folder started with other settings is refused,
-not mixed). Every batch of prompts is sampled with seed
-`--seed + index of its first prompt`, so results do not depend on what ran before.
+not mixed). Image k of prompt i draws from its own random stream (--seed, i * images_per_prompt + k), so a resumed
+or re-batched run writes the very images an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
-import torch
 from tqdm import tqdm
 
-from data.atomic import atomic_write
+from common.cli import add_device_arguments, dtype_of, reported_errors
+from common.files import atomic_write, ensure_settings
 from data.transforms import to_pil
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize, write_summary
 from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
-from tokenizer.config import reported_errors
+
+SETTINGS_FILE = "generation.json"
 
 OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
 
@@ -56,30 +57,26 @@ def prompt_done(folder: Path, n: int) -> bool:
 def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
              model_name: str) -> None:
     """Write n images per prompt of `t2i` (an llm.pipeline.TextToImage) in GenEval's layout, skipping finished
-    prompts. A folder started with other settings is refused rather than mixed."""
+    prompts; image k of prompt i is sampled from stream i * n + k. A folder started with other settings is refused
+    rather than mixed."""
     out.mkdir(parents=True, exist_ok=True)
-    record = {"model": model_name, "images_per_prompt": n, "prompts_per_batch": prompts_per_batch,
-              "sampling": sampling.to_dict(), "seed_rule": "seed + index of the batch's first prompt",
+    record = {"model": model_name, "images_per_prompt": n, "sampling": sampling.to_dict(),
+              "image_streams": "image k of prompt i: (seed, i * images_per_prompt + k)",
               "dtype": str(next(t2i.model.parameters()).dtype)}
     todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
-    previous = json.loads((out / "generation.json").read_text()) if (out / "generation.json").is_file() else None
-    if previous is not None and previous != record and len(todo) < len(prompts):
-        changed = sorted(k for k in record if previous.get(k) != record[k])
-        raise ValueError(f"{out} holds images generated with other settings ({', '.join(changed)} differ): use a new "
-                         "--out, or the settings in its generation.json")
-    with atomic_write(out / "generation.json") as f:
-        json.dump(record, f, indent=2)
+    if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
+        (out / SETTINGS_FILE).unlink(missing_ok=True)
+    ensure_settings(out / SETTINGS_FILE, record)
     for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
         batch = todo[start : start + prompts_per_batch]
         texts = [prompts[i]["prompt"] for i in batch for _ in range(n)]
-        seeded = SamplingConfig(**{**sampling.to_dict(), "seed": sampling.seed + batch[0]})
-        images, _ = t2i.generate(texts, seeded)
-        for k, i in enumerate(batch):
+        images, _ = t2i.generate(texts, sampling, image_ids=[i * n + k for i in batch for k in range(n)])
+        for b, i in enumerate(batch):
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
-            for j in range(n):
-                with atomic_write(folder / "samples" / f"{j:04d}.png", "wb") as f:
-                    to_pil(images[k * n + j].float().cpu()).save(f, format="PNG")
+            for k in range(n):
+                with atomic_write(folder / "samples" / f"{k:04d}.png", "wb") as f:
+                    to_pil(images[b * n + k].float().cpu()).save(f, format="PNG")
             with atomic_write(folder / "metadata.jsonl") as f:
                 f.write(json.dumps(prompts[i]) + "\n")
 
@@ -104,11 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-n", "--images-per-prompt", type=int, default=4)
     parser.add_argument("--prompts-per-batch", type=int, default=4)
     add_sampling_arguments(parser, seed=42)
+    add_device_arguments(parser)
     parser.add_argument("--detector", choices=("mask2former", "shapes"), default="mask2former")
     parser.add_argument("--mask2former", default="", help="local Mask2Former COCO instance checkpoint directory")
     parser.add_argument("--clip", default="", help="local CLIP ViT-L/14 directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--score-only", action="store_true")
     args = parser.parse_args(argv)
     if args.model is None and not args.score_only:
@@ -119,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             sampling = sampling_from_arguments(args)
             from llm.pipeline import TextToImage
 
-            dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-            t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype)
+            t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype_of(args.dtype))
             generate(t2i, read_prompts(args.prompts), args.out, args.images_per_prompt, sampling,
                      args.prompts_per_batch, str(args.model.resolve()))
         results = evaluate_folder(args.out, detector, ScoringConfig())

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from common.files import write_atomic
 from eval.detection import GENEVAL_COLORS, Detection, Detector
 
 GENEVAL_TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -76,17 +75,17 @@ def box_iou(box_a: Box, box_b: Box) -> float:
     return inter / union if union else 0.0
 
 
-def relative_position(box_a: Box, box_b: Box, threshold: float = 0.1) -> set[str]:
-    """The relations of box A to box B ("left of", "right of", "above", "below"; y grows downward).
+def relative_offset(box_a: Box, box_b: Box, threshold: float = 0.1) -> tuple[float, float]:
+    """GenEval's normalised offset (dx, dy) of box A from box B; (0, 0) when no relation can hold.
 
-    Per axis the centre offset is shrunk by `threshold` times the sum of the two boxes' extents on that axis;
-    the shrunk offset, divided by the length of the raw offset, must pass 0.5 in a direction for it to hold.
-    Several relations can hold at once; boxes whose shrunk offset vanishes have none.
+    Per axis the centre offset is shrunk by `threshold` times the sum of the two boxes' extents on that axis, then
+    divided by the length of the raw offset. "left of" holds when dx < -0.5, "right of" when dx > 0.5, "above" when
+    dy < -0.5, "below" when dy > 0.5 (y grows downward).
 
     Args:
         box_a: (x1, y1, x2, y2) of the object whose position is asked.
         box_b: (x1, y1, x2, y2) of the reference object.
-        threshold: GenEval's POSITION_THRESHOLD.
+        threshold: GenEval's POSITION_THRESHOLD (ScoringConfig.position_threshold).
     """
     ax1, ay1, ax2, ay2 = (float(v) for v in box_a[:4])
     bx1, by1, bx2, by2 = (float(v) for v in box_b[:4])
@@ -94,19 +93,23 @@ def relative_position(box_a: Box, box_b: Box, threshold: float = 0.1) -> set[str
     extent = (abs(ax2 - ax1) + abs(bx2 - bx1), abs(ay2 - ay1) + abs(by2 - by1))
     revised = [max(abs(off) - threshold * ext, 0.0) * math.copysign(1.0, off) for off, ext in zip(offset, extent)]
     if all(abs(r) < 1e-3 for r in revised):
-        return set()
+        return 0.0, 0.0
     norm = math.hypot(*offset)
-    dx, dy = revised[0] / norm, revised[1] / norm
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+    return revised[0] / norm, revised[1] / norm
+
+
+def relative_position(box_a: Box, box_b: Box, threshold: float = 0.1) -> set[str]:
+    """The relations of box A to box B ("left of", "right of", "above", "below"), by `relative_offset`: several
+    can hold at once; boxes whose shrunk offset vanishes have none.
+
+    Args:
+        box_a: (x1, y1, x2, y2) of the object whose position is asked.
+        box_b: (x1, y1, x2, y2) of the reference object.
+        threshold: GenEval's POSITION_THRESHOLD.
+    """
+    dx, dy = relative_offset(box_a, box_b, threshold)
+    holds = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
+    return {r for r in POSITION_RELATIONS if holds[r]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ def evaluate_folder(
                     "detector": detector.name,
                 })
                 bar.update(1)
-    write_text_atomic(Path(outdir) / results_name, "".join(json.dumps(r) + "\n" for r in results))
+    write_atomic(Path(outdir) / results_name, "".join(json.dumps(r) + "\n" for r in results))
     return results
 
 
@@ -327,20 +330,6 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     """Read a results.jsonl written by `evaluate_folder` (or by upstream GenEval)."""
     with open(path) as fp:
         return [json.loads(line) for line in fp if line.strip()]
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text to a temporary file in the same folder, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fp:
-            fp.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,6 +392,6 @@ def write_summary(summary: Mapping[str, Any], path: str | Path, show: bool = Tru
         path: destination JSON file.
         show: print the table to stdout.
     """
-    write_text_atomic(path, json.dumps(summary, indent=2) + "\n")
+    write_atomic(path, json.dumps(summary, indent=2) + "\n")
     if show:
         print(format_summary(summary))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.atomic import atomic_write
+from common.files import atomic_write
 from tokenizer.quantizer import perplexity as code_perplexity
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 import argparse
 import json
@@ -35,11 +35,19 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from data.atomic import atomic_write
+from common.cli import DTYPES, add_device_arguments, reported_errors
+from common.distributed import (
+    all_gather_objects,
+    all_reduce,
+    default_num_workers,
+    init_distributed,
+    rank_and_world,
+    shutdown,
+)
+from common.files import atomic_write
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, make_grid_png, to_uint8
 from eval.metrics import (
@@ -52,11 +60,9 @@ from eval.metrics import (
     ssim,
 )
 from tokenizer import VQRAE
-from tokenizer.config import reported_errors
 
 PSNR_CAP_DB = 100.0  # per-image cap; a 256px pair differing by one level in one pixel scores about 101 dB
 INCEPTION_DIM = 2048
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INCEPTION_NETWORK = "FID Inception-v3 (TF 2015-12-05 graph), 2048-d pool features"
 
 
@@ -101,22 +107,90 @@ def distinct_codes(indices: torch.Tensor) -> torch.Tensor:
 # The evaluation pass
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-    if world_size == 1:
-        return records
-    parts: list[list[dict[str, Any]] | None] = [None] * world_size
-    dist.all_gather_object(parts, records)
-    return [r for part in parts for r in part]
-
-
 def _mean(values: list[float]) -> float:
     return math.fsum(values) / len(values)
+
+
+class ReconstructionStats:
+    """What one pass accumulates, batch by batch: per-image records, whole-pass code usage, Inception statistics of
+    originals and reconstructions, unreadable images; `summary()` reduces them across ranks.
+
+    Args:
+        model: the tokenizer (its codebook size, resolution and token grid).
+        device: where the running statistics live.
+        inception: the FID feature extractor; None skips rFID.
+    """
+
+    def __init__(self, model: VQRAE, device: torch.device, inception: InceptionFeatureExtractor | None = None):
+        self.model, self.device, self.inception = model, device, inception
+        self.usage = CodeUsage(model.quantizer.codebook_size, device)
+        self.real, self.fake = FeatureStats(INCEPTION_DIM, device), FeatureStats(INCEPTION_DIM, device)
+        self.records: list[dict[str, Any]] = []
+        self.skipped = 0
+
+    def update(self, batch: dict[str, Any], originals: torch.Tensor, reconstructions: torch.Tensor,
+               indices: torch.Tensor) -> None:
+        """One batch: `collate_images` output, its uint8 originals and reconstructions (B, 3, H, W), codes (B, N)."""
+        scores = {k: v.tolist() for k, v in image_metrics(originals, reconstructions).items()}
+        codes_used = distinct_codes(indices).tolist()
+        self.usage.update(indices)
+        if self.inception is not None:
+            self.real.update(self.inception(originals))
+            self.fake.update(self.inception(reconstructions))
+        for j, (index, caption, meta) in enumerate(zip(batch["indices"].tolist(), batch["captions"], batch["meta"])):
+            record: dict[str, Any] = {"index": index}
+            source = meta.get("path", meta.get("__key__"))
+            if source is not None:
+                record["source"] = str(source)
+            if caption:
+                record["caption"] = caption
+            record.update({k: v[j] for k, v in scores.items()}, codes_used=codes_used[j])
+            self.records.append(record)
+
+    def summary(self, wall_s: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(summary, per-image records in dataset order), the same on every rank (collective under a process
+        group). Args: wall_s: the pass's wall time."""
+        self.usage.all_reduce()
+        skipped = int(all_reduce(torch.tensor([self.skipped], dtype=torch.int64, device=self.device)))
+        records = sorted(all_gather_objects(self.records), key=lambda r: r["index"])
+        if not records:
+            raise ValueError(f"no readable images among those evaluated ({skipped} unreadable)")
+        rfid, rfid_note = None, "no Inception weights given"
+        if self.inception is not None:
+            self.real.all_reduce()
+            self.fake.all_reduce()
+            if self.real.count >= 2:
+                rfid = frechet_distance(*self.real.mean_cov(), *self.fake.mean_cov())
+                rfid_note = None
+            else:
+                rfid_note = f"needs at least 2 images, have {self.real.count}"
+        config = self.model.config
+        summary: dict[str, Any] = {
+            "num_images": len(records),
+            "skipped_unreadable": skipped,
+            "psnr": _mean([r["psnr"] for r in records]),
+            "psnr_capped_images": sum(r["psnr"] >= PSNR_CAP_DB for r in records),
+            "psnr_cap_db": PSNR_CAP_DB,
+            "ssim": _mean([r["ssim"] for r in records]),
+            "ssim_data_range": 1.0,
+            "ssim_llamagen": _mean([r["ssim_llamagen"] for r in records]),
+            "ssim_llamagen_data_range": 2.0,
+            "rfid": rfid,
+            "rfid_features": None if rfid is None else {"network": INCEPTION_NETWORK,
+                                                        "preprocessing": self.inception.preprocessing},
+            "rfid_skipped_reason": rfid_note,
+            "utilisation": self.usage.utilisation(),
+            "perplexity": self.usage.perplexity(),
+            "codebook_size": self.usage.num_codes,
+            "codes_per_image": _mean([r["codes_used"] for r in records]),
+            "tokens_per_image": config.num_tokens,
+            "resolution": config.encoder.image_size,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "world_size": rank_and_world()[1],
+            "wall_time_s": wall_s,
+            "images_per_s": len(records) / wall_s,
+        }
+        return summary, records
 
 
 @torch.no_grad()
@@ -158,25 +232,21 @@ def evaluate(
         raise ValueError(f"nothing to evaluate: the dataset has {len(dataset)} images and num_images={num_images}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rank, world_size = _rank_and_world()
+    rank, world_size = rank_and_world()
     device = torch.device(device)
     dtype = next(model.parameters()).dtype
-    resolution = model.config.encoder.image_size
     model.eval()
 
     shard = Subset(dataset, range(rank, total, world_size))
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_images, pin_memory=device.type == "cuda")
-    usage = CodeUsage(model.quantizer.codebook_size, device)
-    real_stats, fake_stats = FeatureStats(INCEPTION_DIM, device), FeatureStats(INCEPTION_DIM, device)
-    records: list[dict[str, Any]] = []
+    stats = ReconstructionStats(model, device, inception)
     grid_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-    grid_have, skipped = 0, 0
-
+    grid_have = 0
     start = time.perf_counter()
     bar = tqdm(total=len(shard), desc="reconstruction", unit="img", disable=not progress or rank != 0)
     for batch in loader:
-        skipped += batch["skipped"]
+        stats.skipped += batch["skipped"]
         bar.update(len(batch["indices"]) + batch["skipped"])
         if len(batch["indices"]) == 0:
             continue
@@ -187,74 +257,15 @@ def evaluate(
         if originals.shape != reconstructions.shape:
             raise ValueError(f"images of shape {tuple(originals.shape)} do not match the model's reconstructions "
                              f"{tuple(reconstructions.shape)}; is the transform at the model's resolution?")
-        scores = {k: v.tolist() for k, v in image_metrics(originals, reconstructions).items()}
-        codes_used = distinct_codes(out.indices).tolist()
-        usage.update(out.indices)
-        if inception is not None:
-            real_stats.update(inception(originals))
-            fake_stats.update(inception(reconstructions))
-        for j, (index, caption, meta) in enumerate(zip(batch["indices"].tolist(), batch["captions"], batch["meta"])):
-            record: dict[str, Any] = {"index": index}
-            source = meta.get("path", meta.get("__key__"))
-            if source is not None:
-                record["source"] = str(source)
-            if caption:
-                record["caption"] = caption
-            record.update({k: v[j] for k, v in scores.items()}, codes_used=codes_used[j])
-            records.append(record)
+        stats.update(batch, originals, reconstructions, out.indices)
         if grid_have < grid_images:
             take = min(grid_images - grid_have, len(originals))
             grid_rows.append((batch["pixel_values"][:take].clone(), out.reconstruction[:take].float().cpu()))
             grid_have += take
     bar.close()
-
-    usage.all_reduce()
-    skipped_total = torch.tensor([skipped], dtype=torch.int64, device=device)
-    if world_size > 1:
-        dist.all_reduce(skipped_total)
-    records = sorted(_gather(records, world_size), key=lambda r: r["index"])
-    if not records:
-        raise ValueError(f"no readable images among the {total} evaluated ({int(skipped_total)} unreadable)")
-
-    rfid, rfid_note = None, "no Inception weights given"
-    if inception is not None:
-        real_stats.all_reduce()
-        fake_stats.all_reduce()
-        if real_stats.count >= 2:
-            rfid = frechet_distance(*real_stats.mean_cov(), *fake_stats.mean_cov())
-            rfid_note = None
-        else:
-            rfid_note = f"needs at least 2 images, have {real_stats.count}"
-    wall = time.perf_counter() - start
-
+    summary, records = stats.summary(time.perf_counter() - start)
     if grid_path is not None and grid_rows and rank == 0:
         make_grid_png([torch.cat([r[0] for r in grid_rows]), torch.cat([r[1] for r in grid_rows])], grid_path)
-
-    summary: dict[str, Any] = {
-        "num_images": len(records),
-        "skipped_unreadable": int(skipped_total),
-        "psnr": _mean([r["psnr"] for r in records]),
-        "psnr_capped_images": sum(r["psnr"] >= PSNR_CAP_DB for r in records),
-        "psnr_cap_db": PSNR_CAP_DB,
-        "ssim": _mean([r["ssim"] for r in records]),
-        "ssim_data_range": 1.0,
-        "ssim_llamagen": _mean([r["ssim_llamagen"] for r in records]),
-        "ssim_llamagen_data_range": 2.0,
-        "rfid": rfid,
-        "rfid_features": None if rfid is None else {"network": INCEPTION_NETWORK,
-                                                    "preprocessing": inception.preprocessing},
-        "rfid_skipped_reason": rfid_note,
-        "utilisation": usage.utilisation(),
-        "perplexity": usage.perplexity(),
-        "codebook_size": usage.num_codes,
-        "codes_per_image": _mean([r["codes_used"] for r in records]),
-        "tokens_per_image": model.config.num_tokens,
-        "resolution": resolution,
-        "dtype": str(dtype).removeprefix("torch."),
-        "world_size": world_size,
-        "wall_time_s": wall,
-        "images_per_s": len(records) / wall,
-    }
     return summary, records
 
 
@@ -307,17 +318,6 @@ def format_table(summary: dict[str, Any]) -> str:
 # Command line
 
 
-def _init_distributed(device: torch.device) -> torch.device:
-    """Join the torchrun process group when WORLD_SIZE > 1; returns this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def _writable_target(path: Path) -> bool:
     existing = path
     while not existing.exists():
@@ -337,9 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FID Inception-v3 weights (pytorch-fid pt_inception-2015-12-05-6726825d.pth)")
     parser.add_argument("--inception-format", choices=INCEPTION_PREPROCESSING, default="pytorch-fid",
                         help="the preprocessing in front of the Inception network")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the tokenizer's precision")
-    parser.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    add_device_arguments(parser)
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader workers per process (default: this process's share of the cores, at most 8)")
     parser.add_argument("--save-recons", type=int, default=0, metavar="K",
                         help="write grid.png with the first K originals over their reconstructions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -357,22 +357,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"model directory not found: {args.model}")
     if not Path(args.data).exists() and not any(c in args.data for c in "*?[:"):
         raise FileNotFoundError(f"data path not found: {args.data}")
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     if args.batch_size <= 0 or args.num_workers < 0 or args.save_recons < 0:
         raise ValueError("--batch-size must be positive; --num-workers and --save-recons must not be negative")
     if args.num_images is not None and args.num_images <= 0:
         raise ValueError(f"--num-images must be positive, got {args.num_images}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
     out = args.out or args.model.resolve().parent / f"{args.model.resolve().name}-reconstruction"
     if not _writable_target(out):
         raise ValueError(f"output folder is not writable: {out}")
 
-    device = _init_distributed(torch.device(args.device))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    try:
-        model = VQRAE.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
-    except RuntimeError as err:  # weights that do not fit the config (e.g. an export from another code version)
-        raise ValueError(f"cannot load the VQRAE export {args.model}: {' '.join(str(err).split())}") from None
+    info = init_distributed(args.device)
+    device, rank = info.device, info.rank
+    model = VQRAE.from_pretrained(args.model, device=device, dtype=DTYPES[args.dtype])
     resolution = model.config.encoder.image_size
     dataset = build_image_dataset(args.data, ImageTransform(resolution, mode="center"))
     inception = None
@@ -397,8 +394,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_results(out, summary, per_image)
         print(format_table(summary))
         print(f"wrote {out / 'summary.json'} and {out / 'per_image.jsonl'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()
     return summary
 
 

@@ -2,11 +2,11 @@
 
 Real runs use the LLM's own tokenizer (`AutoTokenizer.from_pretrained(qwen3_dir)`). Tests and the CPU default need a
 tokenizer without downloads: `train_text_tokenizer` trains a byte-level BPE with `tokenizers` using Qwen2's
-pre-tokenizer (transformers' own split regex, so the merges match what `Qwen2Tokenizer` applies), saves vocab.json + merges.txt + tokenizer_config.json
-naming `Qwen2Tokenizer`, and reloads the folder through `AutoTokenizer`. Any text encodes (byte-level alphabet).
+pre-tokenizer (transformers' own split regex, so the merges match what `Qwen2Tokenizer` applies), saves vocab.json +
+merges.txt + tokenizer_config.json naming `Qwen2Tokenizer`, and reloads the folder through `AutoTokenizer`. Any text
+encodes (byte-level alphabet).
 
-    from llm.text_tokenizer import shapes_world_tokenizer
-    tok = shapes_world_tokenizer("runs/tokenizers/shapes")  # then AutoTokenizer.from_pretrained(that folder) works
+    tok = corpus_tokenizer(captions, "runs/tokenizers/shapes")  # then AutoTokenizer.from_pretrained(that folder)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, tr
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from data.atomic import atomic_directory
+from common.files import atomic_directory
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -95,24 +95,19 @@ def train_text_tokenizer(
     return AutoTokenizer.from_pretrained(str(out_dir))
 
 
-def shapes_world_texts() -> list[str]:
-    """Every distinct shapes-world caption (all GenEval tasks, sorted) followed by a few generic strings."""
-    from data.shapes import TAGS, task_records
-
-    captions = sorted({r["prompt"] for tag in TAGS for r in task_records(tag)})
-    return captions + list(GENERIC_TEXTS)
-
-
-def shapes_world_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerBase:
-    """The CPU default text tokenizer: a BPE trained on every shapes-world caption, deterministic for a vocab size.
+def corpus_tokenizer(texts: Iterable[str], out_dir: str | Path | None = None, vocab_size: int = 512
+                     ) -> PreTrainedTokenizerBase:
+    """A small tokenizer for a caption corpus (the CPU default's): a BPE trained on `texts` followed by a few generic
+    strings (chat words, digits), deterministic for the same texts and vocab size.
 
     Args:
+        texts: the captions, in a fixed order.
         out_dir: where to save it; None writes to a fresh temporary folder (the tokenizer is returned loaded).
         vocab_size: upper bound on the vocabulary size.
     """
     if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp(prefix="shapes-tokenizer-")) / "tokenizer"
-    return train_text_tokenizer(shapes_world_texts(), out_dir, vocab_size=vocab_size)
+        out_dir = Path(tempfile.mkdtemp(prefix="corpus-tokenizer-")) / "tokenizer"
+    return train_text_tokenizer([*texts, *GENERIC_TEXTS], out_dir, vocab_size=vocab_size)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -23,6 +23,7 @@ never from comparing ids with the pad id.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from tokenizers import AddedToken
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
-from data.atomic import atomic_write
+from common.files import atomic_write
 
 IMAGE_START = "<|image_start|>"
 IMAGE_END = "<|image_end|>"
@@ -41,6 +42,7 @@ TEMPLATES = ("plain", "chat")
 UNCOND_MODES = ("pad", "empty")
 INITS = ("mean", "codebook")
 FALLBACK_CHAT = "User: {caption}\nAssistant:"  # used by template "chat" when the tokenizer has no chat template
+IMAGE_TOKEN_PATTERN = re.compile(r"<\|(?:image_start|image_end|img_\d+)\|>")  # what a caption must never contain
 
 
 def code_token(index: int, codebook_size: int) -> str:
@@ -259,15 +261,33 @@ def build_tiny_qwen3(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overri
 # ----------------------------------------------------------------------------------------------- sequences
 
 
+def caption_problem(caption: str, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why `caption` cannot be tokenized as plain text (it holds an image-token or special-token string, which the
+    tokenizer would turn into that token), or None."""
+    if not isinstance(caption, str):
+        return f"captions must be strings, got {type(caption).__name__}"
+    found = IMAGE_TOKEN_PATTERN.search(caption)
+    if found:
+        return f"caption contains the image token string {found.group()!r}"
+    for special in tokenizer.all_special_tokens:
+        if special and special in caption:
+            return f"caption contains the special token string {special!r}"
+    return None
+
+
 def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str, template: str = "plain") -> list[int]:
     """Token ids of the text that precedes <|image_start|>.
 
     Args:
         tokenizer: the (expanded or not) text tokenizer.
-        caption: the image caption.
+        caption: the image caption; one holding an image-token or special-token string is refused (a caption must
+            never inject a code token or break the template).
         template: "plain" (the caption, with the tokenizer's own BOS if it adds one) or "chat" (one user turn
             through the tokenizer's chat template with the generation prompt, else FALLBACK_CHAT).
     """
+    problem = caption_problem(caption, tokenizer)
+    if problem:
+        raise ValueError(f"{problem}: remove it from the caption ({caption[:80]!r})")
     if template == "plain":
         return list(tokenizer(caption, add_special_tokens=True)["input_ids"])
     if template == "chat":

@@ -27,12 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.cli import DTYPES, default_device
 from tokenizer import VQRAE, get_preset
-from tokenizer.discriminator import PatchDiscriminator
+from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import build_lpips
-from train.tokenizer import DiscriminatorState, TokenizerTrainConfig, discriminator_loss, generator_loss
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from tokenizer.objective import LeCAMState, LossConfig, discriminator_loss, generator_loss
 
 
 def sync(device: torch.device) -> None:
@@ -56,20 +55,18 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
 def make_step(model: VQRAE, teacher: torch.nn.Module | None, x: torch.Tensor, dtype: torch.dtype, full: bool):
     """One training step on the fixed batch x, as a closure; `full`: the trainer's whole loss (see the docstring)."""
     device = x.device
-    cfg = TokenizerTrainConfig(stage=1 if teacher is None else 2)
-    cfg.loss.disc_start = cfg.loss.gan_start = 0
-    cfg.deepspeed.bf16 = dtype == torch.bfloat16
+    cfg = LossConfig(disc_start=0, gan_start=0)
     if not full:
-        cfg.loss.lpips_weight = cfg.loss.gan_weight = 0.0
+        cfg.lpips_weight = cfg.gan_weight = 0.0
     fused = device.type == "cuda"
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=fused)
     lpips = build_lpips(None, allow_random=True).to(device) if full else None
     disc = d_opt = None
     if full:
         with device:
-            disc = PatchDiscriminator(cfg.disc)
+            disc = PatchDiscriminator(DiscriminatorConfig())
         d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-4, fused=fused)
-    d_state = DiscriminatorState()
+    d_state = LeCAMState()
     patch = model.config.output_patch_size
 
     def step() -> None:
@@ -77,7 +74,7 @@ def make_step(model: VQRAE, teacher: torch.nn.Module | None, x: torch.Tensor, dt
             if disc is not None:
                 disc.requires_grad_(False)
             out = model(x)
-            loss, _ = generator_loss(cfg, out, x, 0, lpips, teacher, disc, patch)
+            loss, _ = generator_loss(cfg, out, x, 0, lpips, teacher, disc, patch, bf16=dtype == torch.bfloat16)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -156,7 +153,7 @@ def bench(args: argparse.Namespace, stage: int, ckpt: bool, peak: float) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)

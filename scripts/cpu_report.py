@@ -21,20 +21,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import yaml
 
-from data.atomic import atomic_write
+from common.config import from_dict
+from common.files import atomic_write
 from data.images import build_image_dataset, collate_images
-from data.shapes import ShapesWorld
+from data.shapes import ShapesWorld, world_texts
 from data.transforms import ImageTransform, pil_to_tensor, to_pil
 from eval.geneval import generate, read_prompts
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, score_image, summarize
 from eval.reconstruction import evaluate as evaluate_reconstruction
 from eval.shapes_detector import ShapesDetector
+from llm.generator import LMConfig, build_lm
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
 from tokenizer import VQRAE
-from train.ar_gen import ARGenTrainConfig, build_lm
-from train.common import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +80,11 @@ def tokenizer_rows(stage1: Path, stage2: Path, eval_data: str, world: ShapesWorl
 
 def geneval_rows(ar_dir: Path, prompts: Path, out: Path, n: int, sampling: SamplingConfig) -> dict[str, dict]:
     trained = TextToImage.from_pretrained(ar_dir / "export")
-    cfg = parse_config(ARGenTrainConfig, [], ar_dir / "config.yaml", "")
-    model, tokenizer, vocab = build_lm(cfg, trained.vqrae, out / "untrained-lm")
-    untrained = TextToImage(model.eval(), tokenizer, vocab, trained.vqrae, cfg.lm.template, cfg.lm.uncond)
+    run = yaml.safe_load((ar_dir / "config.yaml").read_text())  # the generator run's resolved config
+    lm = from_dict(LMConfig, run["lm"], prefix="lm.")
+    model, tokenizer, vocab = build_lm(lm, trained.vqrae, out / "untrained-lm", seed=run["run"]["seed"],
+                                       texts=None if lm.pretrained else world_texts())
+    untrained = TextToImage(model.eval(), tokenizer, vocab, trained.vqrae, lm.sequence_format)
     rows, detector = {}, ShapesDetector()
     for name, t2i in (("untrained", untrained), ("trained", trained)):
         folder = out / name.replace(" ", "-")

@@ -12,20 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
-from train.loop import complete_checkpoints, is_checkpoint
-from train.tokenizer import export
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoints/step_* folder, or the latest complete one of a run folder."""
-    if is_checkpoint(path):
-        return path
-    done = complete_checkpoints(path)
-    if not done:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run folder with complete checkpoints")
-    return done[-1]
+from common.cli import reported_errors
+from train.checkpoint import find_checkpoint
+from train.exports import export_tokenizer
 
 
 def main() -> None:
@@ -34,9 +25,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="export folder (default: RUN/export)")
     parser.add_argument("--weights", choices=("ema", "raw"), default="ema")
     args = parser.parse_args()
-    checkpoint = find_checkpoint(args.checkpoint)
-    out = args.out or checkpoint.parent.parent / "export"
-    export(checkpoint, out, weights=args.weights)
+    with reported_errors():
+        checkpoint = find_checkpoint(args.checkpoint)
+        out = args.out or checkpoint.parent.parent / "export"
+        export_tokenizer(checkpoint, out, weights=args.weights)
     print(f"exported {checkpoint} ({args.weights} weights) to {out}")
 
 

@@ -4,7 +4,8 @@
     python scripts/generate.py --model runs/qwen3-0.6b-ar/export --prompt "a corgi on a beach" -n 8 \
         --cfg-scale 5 --temperature 1.0 --top-k 0 --top-p 1.0 --seed 0 --device cuda --out outputs/corgi
 
-Writes OUT/0000.png ..., OUT/grid.png and OUT/settings.json (model, prompt and every sampling setting).
+Writes OUT/0000.png ..., OUT/grid.png and OUT/settings.json (model, prompt and every sampling setting). Image i
+draws from the random stream (--seed, i), so the first images of `-n 8` are those of `-n 4`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
-import torch
-
-from data.atomic import atomic_write
+from common.cli import add_device_arguments, dtype_of, reported_errors
+from common.files import atomic_write
 from data.transforms import make_grid_png, to_pil
 from llm.pipeline import TextToImage
 from llm.sampler import add_sampling_arguments, sampling_from_arguments
-from tokenizer.config import reported_errors
 
 
 def main() -> None:
@@ -31,15 +30,13 @@ def main() -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-n", type=int, default=4, help="images to sample")
     parser.add_argument("--out", type=Path, default=Path("outputs/generate"))
-    add_sampling_arguments(parser, seed=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_sampling_arguments(parser)
+    add_device_arguments(parser)
     args = parser.parse_args()
     with reported_errors():
         sampling = sampling_from_arguments(args)
-        t2i = TextToImage.from_pretrained(args.model, device=args.device,
-                                          dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    images, _ = t2i.generate([args.prompt] * args.n, sampling)
+        t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype_of(args.dtype))
+        images, _ = t2i.generate([args.prompt] * args.n, sampling)
     images = images.float().cpu()
     args.out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
-from data.shapes import HELDOUT_SEED, PROMPTS_PER_TASK, export_world, write_geneval_prompts
+from data.shapes import HELDOUT_SEED, PROMPTS_PER_TASK, write_geneval_prompts
+from data.shapes_export import export_world
 
 
 def main(argv: list[str] | None = None) -> None:

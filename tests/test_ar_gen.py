@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import ConfigError
 from data.codes import MANIFEST, CodeDataset, write_chunk
 from data.sequences import CaptionCodeSequences, collate_sequences
-from data.shapes import ShapesWorld, export_world
+from data.shapes import ShapesWorld, shapes_world_tokenizer
+from data.shapes_export import export_world
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
-from llm.text_tokenizer import shapes_world_tokenizer
 from llm.vocab import IGNORE_INDEX, build_prompt_ids, build_tiny_qwen3, expand_vocabulary, unconditional_prompt_ids
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE, get_preset
@@ -132,7 +133,7 @@ def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir,
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, failure_report(proc)
     t2i = TextToImage.from_pretrained(out / "export")
-    assert t2i.template == "chat" and t2i.vocab.init == "codebook" and not t2i.model.config.tie_word_embeddings
+    assert t2i.fmt.template == "chat" and t2i.vocab.init == "codebook" and not t2i.model.config.tie_word_embeddings
     text_ids = tokenizer("a photo of a circle")["input_ids"]
     assert t2i.tokenizer("a photo of a circle")["input_ids"] == text_ids  # text ids unchanged by the expansion
     images, _ = t2i.generate(["a photo of a circle"], SamplingConfig(cfg_scale=2.0, seed=0))
@@ -140,3 +141,61 @@ def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir,
     bad = subprocess.run([*cmd[:2], f"lm.pretrained={tmp_path / 'missing'}", *cmd[3:]], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "lm.pretrained" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_captions_that_would_inject_tokens_are_refused_before_training(tmp_path):
+    tokenizer = shapes_world_tokenizer(tmp_path / "tok")
+    vocab = expand_vocabulary(build_tiny_qwen3(tokenizer), tokenizer, 512)
+    rows = [{"index": i, "caption": c} for i, c in enumerate(
+        ["a photo of a circle", "a photo of <|img_00012|> squares", "a photo of a square"])]
+    write_chunk(tmp_path / "codes", 0, np.zeros((3, 64), np.uint16), rows)
+    (tmp_path / "codes" / MANIFEST).write_text(json.dumps({"num_tokens": 64, "codebook_size": 512}))
+    with pytest.raises(ConfigError, match=r"row 1 \(dataset index 1\): caption contains the image token string"):
+        CaptionCodeSequences(CodeDataset(tmp_path / "codes"), tokenizer, vocab)
+    assert CodeDataset(tmp_path / "codes").captions.containing("<|") == [1]
+
+
+def tiny_text_to_image(tmp_path) -> TextToImage:
+    tokenizer = shapes_world_tokenizer(tmp_path / "tok")
+    model = build_tiny_qwen3(tokenizer)
+    torch.manual_seed(0)
+    vqrae = VQRAE(get_preset("tiny-p4-32")).eval()
+    vocab = expand_vocabulary(model, tokenizer, vqrae.config.quantizer.codebook_size)
+    return TextToImage(model.eval(), tokenizer, vocab, vqrae)
+
+
+def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path):
+    from eval.geneval import generate, read_prompts
+
+    t2i = tiny_text_to_image(tmp_path)
+    prompts = read_prompts(REPO / "data" / "shapes_geneval_prompts.jsonl")[::60][:5]
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=100, seed=42)
+    generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=2, model_name="tiny")
+    images = sorted((tmp_path / "a").glob("*/samples/*.png"))
+    assert len(images) == 10
+    reference = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in images}
+    assert len(set(reference.values())) == 10
+    for killed in ("00001", "00003", "00004"):  # as if the run had died before these prompts were done
+        for p in (tmp_path / "a" / killed).rglob("*"):
+            if p.is_file():
+                p.unlink()
+    generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=3, model_name="tiny")
+    generate(t2i, prompts, tmp_path / "b", 2, sampling, prompts_per_batch=5, model_name="tiny")
+    for folder in ("a", "b"):
+        assert {p.relative_to(tmp_path / folder): p.read_bytes()
+                for p in (tmp_path / folder).glob("*/samples/*.png")} == reference, folder
+    with pytest.raises(ConfigError, match="other settings"):
+        generate(t2i, prompts, tmp_path / "a", 2, SamplingConfig(cfg_scale=3.0, seed=42), 2, "tiny")
+
+
+def test_sample_settings_are_a_sampling_config():
+    import yaml
+
+    from common.config import load_config
+    from train.ar_gen import ARGenTrainConfig
+
+    data = yaml.safe_load((REPO / "train" / "configs" / "ar_gen" / "tiny.yaml").read_text())
+    cfg = load_config(ARGenTrainConfig, data, ["sample.sampling.top_k=5", "sample.sampling.seed=3"])
+    assert cfg.sample.sampling == SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=5, seed=3)
+    with pytest.raises(ConfigError, match="top_k must be a non-negative integer"):
+        load_config(ARGenTrainConfig, data, ["sample.sampling.top_k=-2"])

@@ -3,6 +3,7 @@ skipped and counted, the CLI's errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from data.codes import CodeDataset, chunk_paths
+from data.codes import CHUNK_SIZE, MANIFEST, CodeDataset, chunk_paths, ensure_manifest
 from data.codes import extract_codes as extract
 from data.images import build_image_dataset, collate_images
-from data.shapes import export_world
+from data.shapes_export import export_world
 from data.transforms import ImageTransform
 from tokenizer import VQRAE, get_preset
 
@@ -72,8 +73,22 @@ def test_cli_writes_manifest_and_refuses_mismatch(setup, tmp_path):
     assert dataset.num_tokens == 64 and dataset.codebook_size == 512 and len(dataset) == 22
     bad = subprocess.run([*cmd[:-4], "--chunk-size", "5", "--num-workers", "0"], capture_output=True, text=True,
                          env=env)
-    assert bad.returncode == 2 and "other settings (chunk_size)" in bad.stderr
+    assert bad.returncode == 2 and "other settings (chunk_size: 8 there, 5 now)" in bad.stderr
     missing = subprocess.run([*cmd[:3], str(tmp_path / "nope"), *cmd[4:]], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "not a VQRAE directory" in missing.stderr
     with pytest.raises(FileNotFoundError, match="not a code directory"):
         CodeDataset(tmp_path / "nope")
+
+
+def test_the_script_and_the_trainer_share_the_chunk_size(setup, tmp_path):
+    """Codes extracted by the script with its defaults are accepted by the generator trainer with its defaults."""
+    root, _ = setup
+    out, data = tmp_path / "c", str(root / "world" / "captions.jsonl")
+    cmd = [sys.executable, str(REPO / "scripts" / "extract_codes.py"), "--tokenizer", str(root / "tok"), "--data",
+           data, "--out", str(out), "--num-workers", "0"]
+    subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    from train.ar_gen import GenDataConfig
+
+    model = VQRAE.from_pretrained(root / "tok")
+    ensure_manifest(out, root / "tok", model.config, data, 23, GenDataConfig().chunk_size)  # no refusal
+    assert json.loads((out / MANIFEST).read_text())["chunk_size"] == CHUNK_SIZE

@@ -1,103 +1,174 @@
-"""Shared trainer pieces without DeepSpeed: schedule, resumable data order, EMA, DeepSpeed JSON, guards, config."""
+"""The bottom package: strict configs, atomic files and settings records, weight loading, command-line errors,
+and the import rules that keep it at the bottom."""
 
 from __future__ import annotations
 
-import itertools
+import ast
 import json
-import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
-from tokenizer.config import ConfigError
-from train import common, loop
+from common.cli import reported_errors
+from common.config import ConfigError, apply_overrides, load_config, set_override
+from common.distributed import default_num_workers
+from common.files import atomic_directory, atomic_write, ensure_settings
+from common.weights import find_prefix, load_exactly
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "tokenizer", "llm", "data", "train", "eval", "scripts")
+ENTRY_SCRIPTS = ("train.tokenizer", "train.ar_gen")
 
 
-def test_lr_schedule_warmup_then_cosine_to_min():
-    optim = common.OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    values = [common.lr_lambda(s, optim, 110) for s in range(120)]
-    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
-    assert values[10] == pytest.approx(1.0)
-    assert values[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert values[110] == pytest.approx(0.1) and values[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+# ----------------------------------------------------------------------------------------------- import rules
 
 
-def stream(sampler: common.ResumableBatchSampler, n: int) -> list[list[tuple[int, int]]]:
-    return list(itertools.islice(iter(sampler), n))
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports (anywhere in it, lazily or not)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
-def test_resumable_sampler_resumes_exactly_and_shards_ranks():
-    full = stream(common.ResumableBatchSampler(50, 4, 0, 1, seed=3), 30)  # 12 batches per epoch: crosses 2 epochs
-    resumed = stream(common.ResumableBatchSampler(50, 4, 0, 1, seed=3, start=17), 13)
-    assert resumed == full[17:]
-    epoch0 = [i for batch in full[:12] for e, i in batch if e == 0]
-    assert len(set(epoch0)) == 48  # a permutation, remainder dropped
-    ranks = [stream(common.ResumableBatchSampler(50, 4, r, 2, seed=3), 6) for r in range(2)]
-    for b in range(6):
-        assert not set(ranks[0][b]) & set(ranks[1][b])
-    with pytest.raises(ConfigError, match="smaller than one global batch"):
-        common.ResumableBatchSampler(7, 4, 0, 2, seed=0)
+def test_layering_rules_hold_for_every_module():
+    forbidden = {  # package -> packages it must not import
+        "common": set(PACKAGES) - {"common"},
+        "tokenizer": {"data", "llm", "train", "eval", "scripts"},
+        "llm": {"data", "train", "eval", "scripts"},
+        "data": {"train", "scripts"},
+        "eval": {"train", "scripts"},
+    }
+    problems = []
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            imports = project_imports(path)
+            bad = {m for m in imports if m.split(".")[0] in forbidden.get(package, set())}
+            bad |= {m for m in imports if m in ENTRY_SCRIPTS or m.startswith(tuple(f"{e}." for e in ENTRY_SCRIPTS))}
+            if bad:
+                problems.append(f"{path.relative_to(REPO)} imports {sorted(bad)}")
+    assert not problems, "\n".join(problems)
+    assert project_imports(REPO / "data" / "codes.py").isdisjoint({"tokenizer", "tokenizer.config"})
 
 
-def test_ema_matches_direct_computation_with_warmup():
-    p = torch.nn.Parameter(torch.zeros(3))
-    ema = loop.EMA({"p": p}, decay=0.9)
-    expected = torch.zeros(3)
-    for step in range(1, 30):
-        with torch.no_grad():
-            p.add_(1.0)
-        ema.update(step)
-        d = min(0.9, (1 + step) / (10 + step))
-        expected = d * expected + (1 - d) * p.detach()
-        torch.testing.assert_close(ema.state_dict()["p"], expected)
-    other = loop.EMA({"p": p}, decay=0.9)
-    other.load_state_dict(ema.state_dict())
-    torch.testing.assert_close(other.shadow["p"], ema.shadow["p"])
-
-
-def test_deepspeed_json_is_derived_from_the_dataclasses():
-    ds = common.DeepSpeedConfig(zero_stage=3, bf16=True, micro_batch_size=8, grad_accum_steps=4,
-                                extra={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    out = common.deepspeed_json(ds, common.OptimConfig(grad_clip=0.5), world_size=16)
-    assert out["train_batch_size"] == 8 * 4 * 16 and out["gradient_clipping"] == 0.5
-    assert out["bf16"] == {"enabled": True}
-    assert out["zero_optimization"]["stage"] == 3
-    assert out["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    with pytest.raises(ConfigError, match="zero_stage must be 0-3"):
-        common.deepspeed_json(common.DeepSpeedConfig(zero_stage=4), common.OptimConfig(), 1)
-
-
-def test_nonfinite_guard_counts_and_raises():
-    guard = loop.NonFiniteGuard(max_consecutive=2)
-    assert guard.ok(torch.tensor(1.0))
-    assert not guard.ok(torch.tensor(float("nan"))) and not guard.ok(torch.tensor(float("inf")))
-    assert guard.ok(torch.tensor(0.5)) and guard.skipped == 2
-    for _ in range(2):
-        guard.ok(torch.tensor(float("nan")))
-    with pytest.raises(common.NonFiniteLossError, match="3 consecutive"):
-        guard.ok(torch.tensor(float("nan")))
+# ----------------------------------------------------------------------------------------------- configs
 
 
 @dataclass
-class _Cfg:
-    run: common.RunConfig = field(default_factory=common.RunConfig)
+class _Inner:
+    size: int = 3
+    table: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
     name: str = "x"
+    ratio: float = 1.0
+
+    @classmethod
+    def resolve_raw(cls, data: dict) -> dict:  # a dependent default: size follows name unless given
+        data.setdefault("inner", {}).setdefault("size", len(data.get("name", "x")))
+        return data
 
 
-def test_parse_config_yaml_then_overrides(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("run:\n  steps: 7\nname: from-yaml\n")
-    cfg = common.parse_config(_Cfg, ["--config", str(path), "run.seed=5", "--local_rank=0"], path, "")
-    assert (cfg.run.steps, cfg.run.seed, cfg.name) == (7, 5, "from-yaml")
-    path.write_text("run:\n  stepz: 7\n")
-    with pytest.raises(ConfigError, match="unknown config key 'run.stepz'"):
-        common.parse_config(_Cfg, ["--config", str(path)], path, "")
+def test_load_config_layers_and_resolves_and_is_strict():
+    cfg = load_config(_Outer, {"name": "abcd"}, ["ratio=2", "inner.table.free.form=7"])
+    assert (cfg.inner.size, cfg.ratio, cfg.inner.table) == (4, 2.0, {"free": {"form": 7}})
+    assert load_config(_Outer, {}, ["ratio=1e-4"]).ratio == 1e-4  # yaml 1.1 reads this as a string
+    assert load_config(_Outer, {}, ["name=1e-4"]).name == "1e-4"
+    with pytest.raises(ConfigError, match="expected float"):
+        load_config(_Outer, {}, ["ratio=fast"])
+    assert load_config(_Outer, {"name": "ab", "inner": {"size": 9}}).inner.size == 9
+    with pytest.raises(ConfigError, match="unknown config key 'inner.sise'"):
+        load_config(_Outer, {}, ["inner.sise=1"])
+    with pytest.raises(ConfigError, match="'name' has no sub-keys"):
+        load_config(_Outer, {}, ["name.x=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        load_config(_Outer, {"inner": {"size": "big"}})
+    with pytest.raises(ConfigError, match="key=value"):
+        set_override({}, _Outer, "ratio")
+    assert apply_overrides(_Outer(), ["inner.size=5"]).inner.size == 5
 
 
-def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 8)))
-    loop.truncate_metrics(path, 4)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+def test_reported_errors_one_line_and_exit_status(capsys):
+    with pytest.raises(SystemExit) as exit_info, reported_errors():
+        raise ConfigError("unknown key 'x'\n  (a second line)")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: unknown key 'x' (a second line)\n"
+    with pytest.raises(SystemExit), reported_errors():
+        raise FileNotFoundError("no such file: a.png")
+    with pytest.raises(TypeError), reported_errors():  # not an expected failure: the traceback stays
+        raise TypeError("bug")
+    with pytest.raises(ValueError), reported_errors(FileNotFoundError):  # only the kinds named
+        raise ValueError("bug")
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def test_atomic_writes_leave_nothing_half_written(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write(target) as f:
+        f.write("new, half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    folder = tmp_path / "dir"
+    with atomic_directory(folder) as tmp:
+        (tmp / "x").write_text("1")
+    with pytest.raises(RuntimeError), atomic_directory(folder) as tmp:
+        (tmp / "y").write_text("2")
+        raise RuntimeError("killed")
+    assert sorted(p.name for p in folder.iterdir()) == ["x"] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_ensure_settings_records_then_refuses_other_settings(tmp_path):
+    path = tmp_path / "out" / "settings.json"
+    path.parent.mkdir()
+    ensure_settings(path, {"seed": 1, "size": (32, 32), "where": "a"}, ignore=("where",))
+    assert json.loads(path.read_text()) == {"seed": 1, "size": [32, 32], "where": "a"}
+    ensure_settings(path, {"seed": 1, "size": [32, 32], "where": "b"}, ignore=("where",))  # same, tuples = lists
+    with pytest.raises(ConfigError, match=r"other settings \(seed: 1 there, 2 now\)"):
+        ensure_settings(path, {"seed": 2, "size": [32, 32], "where": "a"}, ignore=("where",))
+    with pytest.raises(ConfigError, match="extra"):
+        ensure_settings(path, {"seed": 1, "size": [32, 32], "where": "a", "extra": 0}, ignore=("where",))
+    ensure_settings(tmp_path / "none.json", {"a": 1}, write=False)
+    assert not (tmp_path / "none.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def test_find_prefix_and_load_exactly():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+    state = {f"model.vision_tower.{k}": torch.randn_like(v) for k, v in module.state_dict().items()}
+    state["model.language_model.0.weight"] = torch.zeros(5, 5)  # outside the module: ignored
+    assert find_prefix(module.state_dict(), state) == "model.vision_tower."
+    assert load_exactly(module, state, "ckpt") == "model.vision_tower."
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, state[f"model.vision_tower.{k}"])
+    del state["model.vision_tower.1.bias"]
+    with pytest.raises(ValueError, match=r"1 of the 4 tensors .* e\.g\. 1\.bias"):
+        load_exactly(module, state, "ckpt")
+    state["model.vision_tower.1.bias"] = torch.zeros(4)
+    with pytest.raises(ValueError, match="other shapes"):
+        load_exactly(module, state, "ckpt")
+
+
+def test_default_num_workers_follows_the_cores_and_processes(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert default_num_workers() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_num_workers() == 8  # capped
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
+    assert default_num_workers() == 2

@@ -1,30 +1,37 @@
 """Sampler: the sampling math against independent computations, and the Engine against transformers' own forward and
 generate on a tiny random Qwen3."""
 
+import argparse
+import dataclasses
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from data.shapes import shapes_world_tokenizer
+from llm.fused import attended_columns
 from llm.sampler import (
     PRESETS,
     CodeRangeLogitsProcessor,
     Engine,
     SamplingConfig,
+    add_sampling_arguments,
     apply_cfg,
-    attended_columns,
     generate_codes,
+    image_uniforms,
     restrict_to_codes,
     sample_codes,
+    sampling_from_arguments,
     top_k_mask,
     top_p_mask,
 )
-from llm.text_tokenizer import shapes_world_tokenizer
 from llm.vocab import (
     ImageVocab,
     build_prompt_ids,
@@ -150,22 +157,36 @@ def test_restrict_to_codes():
         restrict_to_codes(logits[:, :8], vocab)
 
 
-def test_sample_codes_distribution_support_and_seed():
+def test_sample_codes_distribution_support_and_streams():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).expand(40000, -1)
+    uniforms = torch.from_numpy(image_uniforms(0, range(len(logits)), 1)[:, 0])
     cfg = SamplingConfig(temperature=1.0)
-    draws = sample_codes(logits, cfg, torch.Generator().manual_seed(0))
+    draws = sample_codes(logits, cfg, uniforms)
     freq = torch.bincount(draws, minlength=5).double() / len(draws)
     assert (freq - logits[0].double().softmax(-1)).abs().max() < 0.01
-    hot = sample_codes(logits, SamplingConfig(temperature=2.0), torch.Generator().manual_seed(0))
+    hot = sample_codes(logits, SamplingConfig(temperature=2.0), uniforms)
     freq_hot = torch.bincount(hot, minlength=5).double() / len(hot)
     assert (freq_hot - (logits[0].double() / 2).softmax(-1)).abs().max() < 0.01
-    top2 = sample_codes(logits, SamplingConfig(top_k=2), torch.Generator().manual_seed(0))
+    top2 = sample_codes(logits, SamplingConfig(top_k=2), uniforms)
     assert set(top2.tolist()) == {0, 1}
-    nucleus = sample_codes(logits, SamplingConfig(top_p=0.6), torch.Generator().manual_seed(0))
+    nucleus = sample_codes(logits, SamplingConfig(top_p=0.6), uniforms)
     assert set(nucleus.tolist()) == {0, 1}  # p(0) = 0.53 < 0.6 <= p(0) + p(1)
     assert (sample_codes(logits, SamplingConfig(temperature=0.0), None) == 0).all()
-    again = sample_codes(logits, cfg, torch.Generator().manual_seed(0))
-    assert torch.equal(draws, again)
+    # the inverse CDF: u below p(0) draws code 0, just above it code 1, the largest u the last code
+    p0 = float(logits[0].softmax(-1)[0])
+    edge = torch.tensor([p0 - 1e-6, p0 + 1e-6, 1 - 2**-33], dtype=torch.float64)
+    assert sample_codes(logits[:3], cfg, edge).tolist() == [0, 1, 4]
+
+
+def test_image_streams_depend_only_on_seed_and_image():
+    table = image_uniforms(5, [3, 11, 7], 40)
+    assert table.shape == (3, 40) and (table > 0).all() and (table < 1).all()
+    assert np.array_equal(image_uniforms(5, [11], 40)[0], table[1])  # the same row alone
+    assert np.array_equal(image_uniforms(5, [7, 3], 40), table[[2, 0]])  # in another batch order
+    assert not np.array_equal(image_uniforms(6, [3], 40)[0], table[0])
+    assert not np.array_equal(table[0], table[1])
+    with pytest.raises(ValueError, match="non-negative"):
+        image_uniforms(5, [-1], 4)
 
 
 def test_sampling_config_validation_and_record():
@@ -175,7 +196,8 @@ def test_sampling_config_validation_and_record():
     assert SamplingConfig(**record) == cfg
     assert PRESETS["llamagen"].cfg_scale == 7.5 and PRESETS["llamagen"].top_k == 1000
     for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"backend": "vllm"},
-                {"cfg_scale": float("nan")}):
+                {"cfg_scale": float("nan")}, {"temperature": float("nan")}, {"temperature": float("inf")},
+                {"top_k": 2.0}, {"top_k": True}, {"top_p": float("nan")}, {"seed": -1}, {"seed": 1.5}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 
@@ -319,6 +341,122 @@ def test_chat_template_and_empty_unconditional(setup):
     uncond = [unconditional_prompt_ids(tok, p, vocab, "empty", "chat") for p in prompts]
     codes = generate_codes(model, vocab, prompts, 8, SamplingConfig(cfg_scale=3.0, top_k=10), uncond_ids=uncond)
     assert codes.shape == (2, 8)
+
+
+@pytest.mark.parametrize("backend", ["fused", "hf"])
+def test_sampled_codes_do_not_depend_on_the_batch(setup, backend):
+    """temperature > 0, top-k, top-p and CFG: a prompt's codes are those of its own (seed, image id) stream, whether
+    it is sampled alone, first, last, or beside other prompts."""
+    _, model, vocab, prompts, uncond = setup
+    engine = Engine(model, vocab)
+    cfg = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=64, top_p=0.95, seed=11, backend=backend)
+    ids = [40, 41, 42, 43]
+    batched = engine.generate(prompts, N, cfg, uncond_ids=uncond, image_ids=ids)
+    for i in range(len(prompts)):
+        alone = engine.generate([prompts[i]], N, cfg, uncond_ids=[uncond[i]], image_ids=[ids[i]])
+        assert torch.equal(alone[0], batched[i]), i
+    order = [3, 1, 0]
+    shuffled = engine.generate([prompts[i] for i in order], N, cfg, uncond_ids=[uncond[i] for i in order],
+                               image_ids=[ids[i] for i in order])
+    assert torch.equal(shuffled, batched[order])
+    twice = engine.generate([prompts[0]] * 2, N, cfg, uncond_ids=[uncond[0]] * 2, image_ids=[40, 99])
+    assert torch.equal(twice[0], batched[0]) and not torch.equal(twice[1], twice[0])  # another stream
+
+
+def test_engine_follows_writes_through_param_data(setup):
+    """DeepSpeed writes updated weights through `param.data`, which bumps no version counter: a reused Engine must
+    still sample from the new weights."""
+    _, model, vocab, prompts, _ = setup
+    engine = Engine(model, vocab)
+    before = engine.generate(prompts, N, greedy())
+    weights = [model.model.layers[0].self_attn.k_proj.weight, model.model.layers[1].mlp.up_proj.weight]
+    saved = [w.detach().clone() for w in weights]
+    versions = [w._version for w in weights]
+    for w in weights:
+        w.data.mul_(-2.0)
+    assert [w._version for w in weights] == versions
+    try:
+        after = engine.generate(prompts, N, greedy())
+        assert torch.equal(after, Engine(model, vocab).generate(prompts, N, greedy()))
+        assert not torch.equal(after, before)
+    finally:
+        for w, s in zip(weights, saved):
+            w.data.copy_(s)
+
+
+def _zero2_check() -> None:
+    """Run in a fresh process: an Engine built on a DeepSpeed ZeRO-2 model before three optimizer steps samples
+    afterwards exactly what the transformers backend computes from the updated weights."""
+    import deepspeed
+
+    from common.distributed import init_distributed
+    from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
+
+    info = init_distributed(always=True)
+    tok = shapes_world_tokenizer()
+    model = build_tiny_qwen3(tok, tie_word_embeddings=False)
+    vocab = expand_vocabulary(model, tok, codebook_size=64)
+    optim = OptimConfig(lr=5e-2, warmup_steps=1)
+    ds = deepspeed_json(DeepSpeedConfig(zero_stage=2, bf16=False, micro_batch_size=2), optim, info.world_size)
+    engine = build_engine(model.train(), [{"params": list(model.parameters())}], optim, 10, ds)
+    sampler = Engine(engine.module, vocab)
+    prompts = [build_prompt_ids(tok, c) for c in CAPTIONS[:2]]
+    cfg = greedy()
+    sampler.generate(prompts, 8, cfg)  # builds the fused copies of the initial weights
+    ids = torch.tensor([image_prefix_ids(prompts[0], vocab) + list(range(vocab.code_offset, vocab.code_offset + 8))] * 2)
+    for _ in range(3):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    engine.module.eval()
+    fused, fused_logits = sampler.generate(prompts, 8, cfg, return_logits=True)
+    hf, hf_logits = sampler.generate(prompts, 8, greedy(backend="hf"), return_logits=True)
+    assert torch.equal(fused, hf), (fused, hf)
+    assert torch.allclose(fused_logits, hf_logits, atol=1e-4 * hf_logits.abs().max().item()), \
+        (fused_logits - hf_logits).abs().max()
+    deepspeed.comm.destroy_process_group()
+    print("zero2 ok")
+
+
+def test_engine_samples_the_weights_of_a_zero2_engine():
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", "from tests.test_sampler import _zero2_check; _zero2_check()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "zero2 ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_refusals_of_what_would_be_silently_wrong(setup):
+    tok, model, vocab, prompts, _ = setup
+    engine = Engine(model, vocab)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"the model has {limit}"):
+        engine.generate(prompts[:1], limit, greedy())
+    for caption in ("a photo of <|img_00007|> circles", "a <|image_start|> square", "a photo <|endoftext|>"):
+        with pytest.raises(ValueError, match="token string"):
+            build_prompt_ids(tok, caption)
+    assert build_prompt_ids(tok, "a photo of <img_7> and | pipes |")  # look-alikes are plain text
+    long_rope = build_tiny_qwen3(tok, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                       "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                                       "original_max_position_embeddings": 128})
+    long_vocab = expand_vocabulary(long_rope, shapes_world_tokenizer(), codebook_size=16)
+    with pytest.raises(ValueError, match="longrope"):
+        Engine(long_rope, long_vocab).generate(prompts[:1], 4, greedy())
+    assert Engine(long_rope, long_vocab).generate(prompts[:1], 4, greedy(backend="hf")).shape == (1, 4)
+
+
+def test_sampling_options_are_the_config_fields():
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser, seed=42)
+    defaults = sampling_from_arguments(parser.parse_args([]))
+    assert defaults == SamplingConfig(seed=42)
+    args = parser.parse_args(["--cfg-scale", "3", "--top-k", "7", "--top-p", "0.5", "--temperature", "0.7",
+                              "--backend", "hf", "--no-cuda-graph", "--compile", "--seed", "1"])
+    assert sampling_from_arguments(args) == SamplingConfig(cfg_scale=3.0, top_k=7, top_p=0.5, temperature=0.7,
+                                                           backend="hf", cuda_graph=False, compile=True, seed=1)
+    options = {a.dest for a in parser._actions}
+    assert {f.name for f in dataclasses.fields(SamplingConfig)} <= options
 
 
 def test_attended_columns():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -16,7 +17,8 @@ import pytest
 from PIL import Image
 
 from data import shapes
-from data.shapes import ShapesWorld, export_world, render_sample
+from data.shapes import ShapesWorld, render_sample
+from data.shapes_export import export_world
 from eval.detection import GENEVAL_COLORS
 
 GENEVAL_TAG_ORDER = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
@@ -206,6 +208,21 @@ def test_relative_offset_matches_reference():
         assert ours == reference_relations(box_a, box_b)
 
 
+def test_the_world_speaks_with_the_scorers_own_rules(monkeypatch):
+    from eval import geneval_scoring
+
+    assert shapes.TAGS is geneval_scoring.GENEVAL_TASKS and shapes.RELATIONS is geneval_scoring.POSITION_RELATIONS
+    assert shapes.COLOR_NAMES is GENEVAL_COLORS and tuple(shapes.PALETTE) == GENEVAL_COLORS
+    assert shapes.relative_offset is geneval_scoring.relative_offset
+    # the scorer's default threshold is the world's: a scorer with another default moves the world's relations
+    box_a, box_b = [0, 0, 10, 10], [11, 3, 21, 13]  # A left of B by a small margin
+    assert shapes.relation_strength(box_a, box_b, "left of") > 0.5
+    stricter = dataclasses.make_dataclass("Stricter", [("position_threshold", float, 0.4)])
+    monkeypatch.setattr(shapes, "ScoringConfig", stricter)
+    assert shapes.relation_strength(box_a, box_b, "left of") < 0.5
+    assert "left of" not in geneval_scoring.relative_position(box_a, box_b, 0.4)
+
+
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_objects_inside_apart_and_drawn_where_the_boxes_say(size):
     gap = shapes.gap_px(size)
@@ -301,7 +318,7 @@ def test_export_folder_and_shards(tmp_path: Path):
     export_world(out, 23, image_size=32, seed=4, fmt="both", shard_size=10, progress=False)
     assert removed.read_bytes() == data
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != removed)
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings \(seed: 4 there, 5 now\)"):
         export_world(out, 23, image_size=32, seed=5, fmt="folder", shard_size=10, progress=False)
 
 

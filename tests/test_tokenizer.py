@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
 
-from tokenizer import PRESETS, VQRAE, ConfigError, EncoderConfig, VQRAEConfig, apply_overrides, from_dict, get_preset
-from tokenizer.config import to_dict
+from common.config import ConfigError, apply_overrides, from_dict, to_dict
+from tokenizer import PRESETS, VQRAE, EncoderConfig, VQRAEConfig, get_preset
 from tokenizer.encoder import VisionEncoder
 from tokenizer.quantizer import SimVQ, nearest_code, nearest_code_full, perplexity
 
@@ -172,7 +173,8 @@ def test_forward_traces_as_one_graph():
 def test_save_load_round_trip(tmp_path):
     model = tiny_model().eval()
     model.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "tok" / "config.json").read_text()) == {"model_type": "vqrae", **to_dict(model.config)}
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no temporary left behind
     loaded = VQRAE.from_pretrained(tmp_path / "tok").eval()
     assert loaded.config == model.config
@@ -297,21 +299,6 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     assert apply_overrides(get_preset("tiny"), ["quantizer.beta=0.5"]).quantizer.beta == 0.5
 
 
-def test_reported_errors_one_line_and_exit_status(capsys):
-    from tokenizer.config import reported_errors
-
-    with pytest.raises(SystemExit) as exit_info, reported_errors():
-        raise ConfigError("unknown key 'x'")
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "error: unknown key 'x'\n"
-    with pytest.raises(SystemExit), reported_errors():
-        raise FileNotFoundError("no such file: a.png")
-    with pytest.raises(TypeError), reported_errors():  # not an expected failure: the traceback stays
-        raise TypeError("bug")
-    with pytest.raises(ValueError), reported_errors(FileNotFoundError):  # only the kinds named
-        raise ValueError("bug")
-
-
 # ----- CUDA (skipped without a GPU) --------------------------------------------------------------------------
 
 
@@ -334,3 +321,88 @@ def test_cuda_search_and_bf16_forward_agree_with_cpu():
     # bf16 moves a few tokens across Voronoi boundaries, not most of them
     assert (out.indices.cpu() == reference.indices).float().mean() > 0.9
     torch.testing.assert_close(out.features.float().cpu(), reference.features, atol=0.1, rtol=0.1)
+
+
+# ----- precision, attention kernels, frozen encoder ---------------------------------------------------------
+
+
+def test_nearest_code_stays_fp32_under_bf16_autocast():
+    gen = torch.Generator().manual_seed(0)
+    codebook, z = torch.randn(2048, 512, generator=gen) * 512**-0.5, torch.randn(1024, 512, generator=gen) * 0.05
+    expected = nearest_code_full(z, codebook)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        downcast = torch.addmm(codebook.pow(2).sum(1), z, codebook.t(), alpha=-2.0).argmin(1)
+        searched = nearest_code(z, codebook, budget_mb=1)
+    assert (downcast != expected).any()  # autocast really would change indices here
+    assert torch.equal(searched, expected)
+    quantizer = SimVQ(get_preset("tiny").quantizer, in_dim=512)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert quantizer.effective_codebook().dtype == torch.float32
+
+
+def test_auto_attention_never_picks_flash_for_fp32_weights(monkeypatch):
+    from tokenizer import encoder
+
+    monkeypatch.setattr(encoder, "flash_attention_available", lambda: True)
+    assert encoder.resolve_attn_implementation("auto", torch.float32) == "sdpa"
+    assert encoder.resolve_attn_implementation("auto", torch.bfloat16) == "flash_attention_2"
+    assert encoder.resolve_attn_implementation("eager", torch.bfloat16) == "eager"
+    model = VQRAE(get_preset("tiny"))
+    tower, layers = model.encoder.tower.config, model.decoder.layers.config
+    assert tower._attn_implementation == layers._attn_implementation == "sdpa"
+    model.to(torch.bfloat16)  # DeepSpeed's bf16 conversion goes through the same _apply
+    assert tower._attn_implementation == layers._attn_implementation == "flash_attention_2"
+    model.float()
+    assert tower._attn_implementation == layers._attn_implementation == "sdpa"
+
+
+def test_frozen_encoder_stays_in_eval_mode():
+    model = tiny_model()
+    model.freeze_encoder()
+    model.train()
+    assert not model.encoder.training and not any(m.training for m in model.encoder.modules())
+    assert model.decoder.training and model.quantizer.training
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    model.freeze_encoder(False)
+    assert model.encoder.training and all(p.requires_grad for p in model.encoder.parameters())
+
+
+# ----- Hugging Face Hub -------------------------------------------------------------------------------------
+
+
+def test_hub_id_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    model = tiny_model().eval()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-vqrae"
+    model.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = VQRAE.from_pretrained("someone/tiny-vqrae", cache_dir=tmp_path / "cache", local_files_only=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(FileNotFoundError, match="neither a local VQRAE directory nor a reachable Hub repository"):
+        VQRAE.from_pretrained("someone/other", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
+def test_push_to_hub_uploads_the_vqrae_folder(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        uploaded.update(repo=repo_id, files=sorted(p.name for p in Path(folder_path).iterdir()),
+                        config=json.loads((Path(folder_path) / "config.json").read_text()))
+        return "https://huggingface.co/commit/1"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    model = tiny_model()
+    model.push_to_hub("someone/tiny-vqrae")
+    assert uploaded["repo"] == "someone/tiny-vqrae"
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["config"] == {"model_type": "vqrae", **to_dict(model.config)}

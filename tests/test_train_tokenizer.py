@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
-from data.shapes import export_world
+from data.shapes_export import export_world
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE
 
@@ -191,3 +193,54 @@ def test_compiled_training_follows_the_eager_loss_curve(world, tmp_path):
         curves[flag] = [*losses(s1).values(), *losses(s2).values()]
     assert len(curves["true"]) == 9
     np.testing.assert_allclose(curves["true"], curves["false"], rtol=2e-3)
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stage2_resolves_config_logs_every_lr_and_exports_one_ema_set(world, tmp_path):
+    from common.config import from_dict
+    from train.engine import OptimConfig, lr_lambda
+
+    stage1 = tmp_path / "s1"
+    train(*args(world, stage1, "run.steps=3", "loss.gan_weight=0", "model.quantizer.codebook_size=256"))
+    resolved = yaml.safe_load((stage1 / "config.yaml").read_text())
+    assert resolved["model"]["quantizer"]["codebook_size"] == 256
+    assert resolved["model"]["encoder"]["tower"]["image_size"] == 32  # the preset's, written out in full
+    assert VQRAE.from_pretrained(stage1 / "export").config.quantizer.codebook_size == 256
+    stage2 = tmp_path / "s2"
+    optim = ["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=1"]
+    train(*args(world, stage2, "stage=2", f"model.init_from={stage1}", "run.steps=4", "loss.disc_start=1",
+                "loss.gan_start=2", "ema_decay=0.9", *optim))
+    cfg = from_dict(OptimConfig, {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1})
+    for row in rows_of(stage2):
+        assert row["lr"] == pytest.approx(cfg.lr * lr_lambda(row["step"], cfg, 4)), row  # the base group's
+        assert row["lr_encoder"] == pytest.approx(0.5 * row["lr"]), row
+    assert rows_of(stage2)[-1]["lr_disc"] == pytest.approx(cfg.min_lr)  # its schedule spans its own 3 steps
+    # the export is the EMA of every trained tensor, the encoder's included
+    checkpoint = stage2 / "checkpoints" / "step_00000004"
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    raw = torch.load(checkpoint / "model" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    exported = VQRAE.from_pretrained(stage2 / "export").state_dict()
+    key = "encoder.tower.encoder.layers.0.mlp.fc1.weight"
+    assert key in ema and torch.equal(exported[key], ema[key]) and not torch.equal(exported[key], raw[key].float())
+    assert set(ema) == {k for k, v in exported.items() if k != "quantizer.codebook"}  # C is frozen: raw
+    # stage 2 keeps the stage-1 model: a different codebook is refused in one line
+    proc = train(*args(world, tmp_path / "s2b", "stage=2", f"model.init_from={stage1}",
+                       "model.quantizer.codebook_size=1024"), check=False)
+    assert proc.returncode == 2 and "model.quantizer.codebook_size is 256: it cannot become 1024" in proc.stderr
+
+
+def test_ema_reads_the_fp32_master_weights_under_bf16_zero2(world, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = tmp_path / "bf16"
+    train(*args(world, out, "run.steps=3", "loss.gan_weight=0", "deepspeed.bf16=true", "deepspeed.zero_stage=2",
+                "ema_decay=0.0"))  # decay 0: the EMA is the latest weights themselves
+    checkpoint = out / "checkpoints" / "step_00000003"
+    ema = load_file(str(checkpoint / "ema.safetensors"))
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="model")
+    copies = torch.load(checkpoint / "model" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert ema and all(torch.equal(ema[k], masters[k]) for k in ema)
+    assert any(not torch.equal(ema[k], copies[k].float()) for k in ema)  # the bf16 copies are not the masters

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
+from data.shapes import shapes_world_tokenizer, world_texts
 from llm.text_tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
-    shapes_world_texts,
-    shapes_world_tokenizer,
     tokenizer_fingerprint,
     train_text_tokenizer,
 )
@@ -64,7 +63,7 @@ def test_tokenizer_loads_offline_as_qwen2_and_round_trips(tok_dir):
 def test_tokenizer_is_deterministic_and_validates(tmp_path, tok_dir):
     again = shapes_world_tokenizer(tmp_path / "again")
     assert tokenizer_fingerprint(again) == tokenizer_fingerprint(fresh(tok_dir))
-    other = train_text_tokenizer(shapes_world_texts()[:50], tmp_path / "small", vocab_size=300)
+    other = train_text_tokenizer(world_texts()[:50], tmp_path / "small", vocab_size=300)
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(again) and len(other) <= 300
     with pytest.raises(ValueError, match="non-empty"):
         train_text_tokenizer([], tmp_path / "x")

@@ -1,180 +1,22 @@
-"""VQRAE configuration: dataclasses for encoder, quantizer and decoder, the named presets, and the strict
-dict <-> dataclass conversion every config in this repository uses (unknown keys are errors).
+"""VQRAE configuration: dataclasses for encoder, quantizer and decoder, and the named presets.
 
-A preset is a complete `VQRAEConfig`; an experiment overrides fields of it:
+A preset is a complete `VQRAEConfig`; an experiment overrides fields of it (strict: unknown keys are errors):
 
     cfg = get_preset("siglip2-so400m-p16-256")
-    cfg = apply_overrides(cfg, ["quantizer.codebook_size=32768"])
+    cfg = apply_overrides(cfg, ["quantizer.codebook_size=32768"])   # from common.config
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-import sys
-import types
-import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
-T = TypeVar("T")
+from common.config import ConfigError
 
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be built: unknown key, wrong type, unknown preset, inconsistent sizes."""
-
-
-@contextlib.contextmanager
-def reported_errors(*kinds: type[Exception]) -> Iterator[None]:
-    """For command-line entry points: an expected failure ends the program with one `error: ...` line on stderr and
-    exit status 2 instead of a traceback.
-
-    Args:
-        kinds: the exception types that count as expected (default: FileNotFoundError and ValueError, which covers
-            ConfigError: bad configuration, arguments or input files).
-    """
-    expected = kinds or (FileNotFoundError, ValueError)
-    try:
-        yield
-    except expected as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Strict dataclass <-> dict conversion
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _dataclass_of(tp: Any) -> type | None:
-    """The dataclass inside `tp` (also inside `X | None`), or None."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    return None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; lists become tuples for tuple fields, ints become floats."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': {value!r} does not match {tp}")
-    if origin is tuple:
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if args and len(args) != len(value):
-            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args or [Any] * len(value)))
-    if origin is list:
-        if not isinstance(value, Sequence) or isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, key) for v in value]
-    if origin is dict or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested mapping; unknown keys and wrongly typed values raise ConfigError.
-
-    Args:
-        cls: the dataclass type.
-        data: nested mapping (e.g. parsed yaml/json); missing keys take the dataclass defaults.
-        prefix: dotted path of `data` inside a larger config, used in error messages.
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config section '{prefix or cls.__name__}' must be a mapping, got {data!r}")
-    types = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(names)})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}{name}"
-        sub = _dataclass_of(types[name])
-        if sub is not None and isinstance(value, Mapping):
-            kwargs[name] = from_dict(sub, value, prefix=f"{key}.")
-        else:
-            kwargs[name] = _coerce(value, types[name], key)
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass as a plain nested dict (tuples become lists) that json/yaml can write."""
-
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, Mapping):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(obj)
-
-
-def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """Return a copy of `cfg` with `key.sub=value` overrides applied (values parsed as yaml scalars/lists).
-
-    Args:
-        cfg: a dataclass config.
-        overrides: strings like "quantizer.beta=0.5" or "data.paths=[a, b]".
-    """
-    data = to_dict(cfg)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node, obj = data, cfg
-        for i, part in enumerate(parts[:-1]):
-            if dataclasses.is_dataclass(obj):
-                if part not in {f.name for f in dataclasses.fields(obj)}:
-                    raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override {item!r}")
-                obj = getattr(obj, part)
-            else:  # inside a free-form dict field (e.g. encoder.tower): any key
-                obj = None
-            node = node.setdefault(part, {}) if obj is None else node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' has no sub-keys ({item!r})")
-        if dataclasses.is_dataclass(obj) and parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
-            raise ConfigError(f"unknown config key '{key.strip()}' in override {item!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
-    return from_dict(type(cfg), data)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 from tokenizer.config import DecoderConfig
-from tokenizer.encoder import resolve_attn_implementation
+from tokenizer.encoder import DtypeAwareAttention, set_attention
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class LearnedPositions(nn.Module):
         return x + self.table.to(x.dtype)
 
 
-class ViTDecoder(nn.Module):
+class ViTDecoder(DtypeAwareAttention):
     """Pixel decoder over a grid x grid token map."""
 
     def __init__(self, cfg: DecoderConfig, in_dim: int, grid: int, patch_size: int, attn_implementation: str = "auto"):
@@ -66,7 +66,8 @@ class ViTDecoder(nn.Module):
             hidden_act=cfg.hidden_act,
             layer_norm_eps=cfg.layer_norm_eps,
         )
-        layer_cfg._attn_implementation = resolve_attn_implementation(attn_implementation)
+        self.attn_implementation = attn_implementation
+        set_attention(layer_cfg, attn_implementation, torch.get_default_dtype())
         self.embed = nn.Linear(in_dim, d)  # bottleneck projection
         self.pos_embed = LearnedPositions(grid, d)
         self.layers = SiglipEncoder(layer_cfg)
@@ -74,6 +75,10 @@ class ViTDecoder(nn.Module):
         self.head = nn.Linear(d, patch_size * patch_size * 3)
         self.apply(_init_weights)
         nn.init.zeros_(self.head.bias)
+
+    def update_attention(self) -> None:
+        """Re-pick the attention kernel for the layers' current dtype."""
+        set_attention(self.layers.config, self.attn_implementation, self.embed.weight.dtype)
 
     def forward_features(self, z: torch.Tensor) -> torch.Tensor:
         """Args: z (B, N, D) quantized vectors, N = grid*grid. Returns: normalised states (B, N, d) fed to the head."""
@@ -87,6 +92,7 @@ class ViTDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(z))
+
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):

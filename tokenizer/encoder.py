@@ -2,7 +2,7 @@
 continuous patch features (B, N, C) are both the understanding features and the input of the quantizer.
 
 Built from `EncoderConfig.tower` with random weights (tests, presets), or from a local pretrained directory with
-`load_pretrained_encoder` (the one place that reads pretrained weights).
+`load_pretrained_encoder` (the one place that reads pretrained weights: every tensor of the tower must be found).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from tokenizer.config import ConfigError, EncoderConfig
+from common.config import ConfigError
+from common.weights import load_exactly, read_state_dict
+from tokenizer.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,24 @@ FAMILIES: dict[str, TowerFamily] = {
 }
 
 
-def resolve_attn_implementation(requested: str) -> str:
-    """'auto' -> flash_attention_2 when the flash-attn package and a CUDA device exist, else sdpa."""
+FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn rejects fp32
+
+
+def flash_attention_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def resolve_attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    """The attention kernel for weights of `dtype`: 'auto' -> flash_attention_2 when the flash-attn package and a
+    CUDA device exist and the weights are bf16 / fp16, else sdpa; anything else as asked."""
     if requested != "auto":
         return requested
-    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
-        return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if dtype in FLASH_DTYPES and flash_attention_available() else "sdpa"
+
+
+def set_attention(config: PretrainedConfig, requested: str, dtype: torch.dtype) -> None:
+    """Point a transformers config (read by its attention layers at every forward) at the kernel for `dtype`."""
+    config._attn_implementation = resolve_attn_implementation(requested, dtype)
 
 
 def set_gradient_checkpointing(module: nn.Module, enable: bool = True) -> None:
@@ -82,6 +95,20 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
     setattr(_get(module, parent) if parent else module, name, value)
 
 
+class DtypeAwareAttention(nn.Module):
+    """A module of transformers layers whose attention kernel follows its weights' dtype: every dtype or device
+    change (`.to`, `.bfloat16()`, DeepSpeed's conversion) calls `update_attention`, so "auto" picks flash-attention
+    for bf16 weights on CUDA and never for fp32 ones."""
+
+    def update_attention(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.update_attention()
+        return self
+
+
 def tower_config(cfg: EncoderConfig) -> PretrainedConfig:
     """The transformers config of the tower described by `cfg.tower`."""
     kwargs = {k: v for k, v in cfg.tower.items() if k != "model_type"}
@@ -89,7 +116,7 @@ def tower_config(cfg: EncoderConfig) -> PretrainedConfig:
         config = AutoConfig.for_model(cfg.model_type, **kwargs)
     except ValueError as e:
         raise ConfigError(f"encoder.tower: unknown transformers model_type {cfg.model_type!r}") from e
-    config._attn_implementation = resolve_attn_implementation(cfg.attn_implementation)
+    set_attention(config, cfg.attn_implementation, torch.get_default_dtype())
     return config
 
 
@@ -103,7 +130,7 @@ def tower_dict(config: PretrainedConfig) -> dict[str, Any]:
     return out
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(DtypeAwareAttention):
     """Images in [-1, 1] (B, 3, H, W) -> continuous patch features (B, N, C).
 
     No `torch.no_grad` inside: stage 1 freezes the parameters from outside, stage 2 trains them.
@@ -140,6 +167,10 @@ class VisionEncoder(nn.Module):
         _set(self.tower, family.layers, nn.ModuleList(list(layers)[:keep]))
         if family.final_norm is not None:
             _set(self.tower, family.final_norm, nn.Identity())
+
+    def update_attention(self) -> None:
+        """Re-pick the attention kernel for the tower's current dtype."""
+        set_attention(self.tower.config, self.cfg.attn_implementation, next(self.tower.parameters()).dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Args: pixel_values (B, 3, H, W) in [-1, 1]. Returns: features (B, N, C), N = (H / p) * (W / p)."""
@@ -185,12 +216,14 @@ def _preprocessor_mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, 
 def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) -> VisionEncoder:
     """Load a pretrained vision tower from a local directory (never downloads).
 
-    The directory may hold a vision tower (e.g. SiglipVisionModel) or a dual model whose config has a
-    `vision_config` (e.g. a SiglipModel / Siglip2Model / CLIPModel checkpoint); only the vision weights are read.
-    Normalisation comes from the directory's preprocessor_config.json when present.
+    The directory may hold a vision tower (e.g. SiglipVisionModel) or a model whose config has a `vision_config`
+    (a SiglipModel / Siglip2Model / CLIPModel dual encoder, an InternVL or LLaVA checkpoint); only the vision weights
+    are read, wherever they are stored (e.g. InternVL's "vision_tower." prefix). Every tensor of the tower must be in
+    the checkpoint, with its shape; otherwise one ValueError names the missing ones. Normalisation comes from the
+    directory's preprocessor_config.json when present.
 
     Args:
-        path: local directory with config.json and weights.
+        path: local directory with config.json and weights (safetensors or pytorch_model.bin, possibly sharded).
         cfg: the encoder config whose `feature_layer` and `attn_implementation` to use (its `tower` is replaced by the
             directory's).
     """
@@ -199,13 +232,12 @@ def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) 
         raise FileNotFoundError(f"encoder weights directory {path} not found or has no config.json")
     cfg = EncoderConfig() if cfg is None else cfg
     vision = _vision_config(path)
-    tower_cls = AutoModel._model_mapping[type(vision)]
-    attn = resolve_attn_implementation(cfg.attn_implementation)
-    tower = tower_cls.from_pretrained(path, config=vision, attn_implementation=attn)
     mean_std = _preprocessor_mean_std(path) or (cfg.image_mean, cfg.image_std)
     loaded = EncoderConfig(
         tower=tower_dict(vision), feature_layer=cfg.feature_layer, image_mean=tuple(mean_std[0]),
         image_std=tuple(mean_std[1]), attn_implementation=cfg.attn_implementation,
     )
-    log.info("loaded %s vision tower from %s", vision.model_type, path)
+    tower = AutoModel.from_config(tower_config(loaded))
+    prefix = load_exactly(tower, read_state_dict(path), f"encoder weights {path}", prefer="vision")
+    log.info("loaded %s vision tower from %s (keys under %r)", vision.model_type, path, prefix)
     return VisionEncoder(loaded, tower=tower)

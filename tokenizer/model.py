@@ -6,7 +6,8 @@ codebook that turns them into discrete codes for generation, and a symmetric ViT
     enc.features                          # (B, N, C) continuous, for understanding
     enc.indices                           # (B, N) int64 codes, for generation
     images = model.decode(enc.indices)    # (B, 3, H, W) in [-1, 1]
-    model.save_pretrained("out/tok"); VQRAE.from_pretrained("out/tok")
+    model.save_pretrained("out/tok"); VQRAE.from_pretrained("out/tok")   # a local folder, or a Hub id online
+    model.push_to_hub("me/my-vqrae")                                      # huggingface_hub's ModelHubMixin
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data.atomic import atomic_directory
-from tokenizer.config import ConfigError, VQRAEConfig, from_dict, to_dict
+from common.config import ConfigError, from_dict, to_dict
+from common.files import atomic_directory
+from tokenizer.config import VQRAEConfig
 from tokenizer.decoder import ViTDecoder
 from tokenizer.encoder import VisionEncoder, load_pretrained_encoder, set_gradient_checkpointing
 from tokenizer.quantizer import SimVQ
@@ -52,12 +56,17 @@ class VQRAEOutput:
     decoder_states: torch.Tensor
 
 
-class VQRAE(nn.Module):
-    """The unified tokenizer. Pixel range of inputs and outputs: [-1, 1]."""
+class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-tokenizer", "vector-quantization"],
+            paper_url="https://arxiv.org/abs/2511.23386"):
+    """The unified tokenizer. Pixel range of inputs and outputs: [-1, 1].
+
+    On disk (and on the Hub): config.json ({"model_type": "vqrae", encoder, quantizer, decoder}) + model.safetensors.
+    """
 
     def __init__(self, config: VQRAEConfig, encoder: VisionEncoder | None = None):
         super().__init__()
         self.config = config
+        self.encoder_frozen = False
         self.encoder = encoder if encoder is not None else VisionEncoder(config.encoder)
         self.quantizer = SimVQ(config.quantizer, in_dim=config.encoder.hidden_size)
         self.decoder = ViTDecoder(
@@ -122,29 +131,65 @@ class VQRAE(nn.Module):
         """Activation checkpointing of every transformer layer (encoder and decoder)."""
         set_gradient_checkpointing(self, enable)
 
+    def freeze_encoder(self, frozen: bool = True) -> None:
+        """Stage 1: the encoder's parameters take no gradient and it stays in eval mode whatever `train()` says."""
+        self.encoder_frozen = frozen
+        self.encoder.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> VQRAE:
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
     # ----- persistence -------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json + model.safetensors to `directory` atomically (fp32 unless the model is in another dtype)."""
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """The files of a VQRAE folder (the hook `save_pretrained` and `push_to_hub` call)."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_directory(directory) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps({"model_type": "vqrae", **to_dict(self.config)}, indent=2))
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (save_directory / CONFIG_NAME).write_text(json.dumps({"model_type": "vqrae", **to_dict(self.config)}, indent=2))
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    def save_pretrained(self, save_directory: str | Path, **hub_kwargs) -> str | None:
+        """Write config.json + model.safetensors (+ a model card) to `save_directory`, atomically, in the weights'
+        dtype. `push_to_hub=True, repo_id=...` and the other huggingface_hub options work as for any ModelHubMixin."""
+        push, repo_id = hub_kwargs.pop("push_to_hub", False), hub_kwargs.pop("repo_id", None)
+        local = {k: hub_kwargs.pop(k) for k in ("config", "model_card_kwargs") if k in hub_kwargs}
+        with atomic_directory(save_directory) as tmp:
+            super().save_pretrained(tmp, **local)
+        if push:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **local, **hub_kwargs)
+        return None
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls, pretrained: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+        revision: str | None = None, cache_dir: str | Path | None = None, token: str | bool | None = None,
+        local_files_only: bool = False, force_download: bool = False,
     ) -> VQRAE:
-        """Load a model written by `save_pretrained` (or by the tokenizer export script)."""
-        directory = Path(directory)
+        """Load a VQRAE folder written by `save_pretrained` (or the tokenizer export), or a Hub repository id.
+
+        Args:
+            pretrained: a local directory, or "owner/name" on the Hugging Face Hub (downloaded to its cache).
+            device, dtype: where and in which dtype to put the model (dtype None: as stored).
+            revision, cache_dir, token, local_files_only, force_download: as for `huggingface_hub.snapshot_download`.
+        """
+        directory = Path(pretrained)
+        if not directory.is_dir():
+            directory = _download(str(pretrained), revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only, force_download=force_download)
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_file.is_file() or not weights_file.is_file():
-            raise FileNotFoundError(f"{directory} is not a VQRAE directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(f"{pretrained} is not a VQRAE directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         data = json.loads(config_file.read_text())
         if data.pop("model_type", None) != "vqrae":
             raise ConfigError(f"{config_file} is not a VQRAE config (model_type must be 'vqrae')")
         model = cls(from_dict(VQRAEConfig, data))
-        model.load_state_dict(load_file(str(weights_file)), strict=True)
+        try:
+            model.load_state_dict(load_file(str(weights_file)), strict=True)
+        except RuntimeError as err:  # weights that do not fit the config (e.g. an export from another code version)
+            raise ValueError(f"cannot load the VQRAE weights of {pretrained}: {' '.join(str(err).split())}") from None
         return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
     @classmethod
@@ -154,3 +199,15 @@ class VQRAE(nn.Module):
         encoder = load_pretrained_encoder(encoder_path, config.encoder)
         config = VQRAEConfig(encoder=encoder.cfg, quantizer=config.quantizer, decoder=config.decoder)
         return cls(config, encoder=encoder)
+
+
+def _download(repo_id: str, **kwargs) -> Path:
+    """The local snapshot of a Hub repository's VQRAE files; a path-like name that is not a folder is an error."""
+    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
+        raise FileNotFoundError(f"{repo_id} is not a VQRAE directory (no such folder)")
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+                                      **kwargs))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise FileNotFoundError(f"{repo_id} is neither a local VQRAE directory nor a reachable Hub repository "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

@@ -8,6 +8,7 @@ as a whole and every code stays in use. Decoding indices always goes through C W
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenizer.config import QuantizerConfig
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def code_scores(z: torch.Tensor, codebook_t: torch.Tensor, e_sq: torch.Tensor) -> torch.Tensor:
@@ -33,10 +36,18 @@ def nearest_code_full(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return code_scores(z.float(), codebook.t(), codebook.pow(2).sum(1)).argmin(1)
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which ops on `device` run in their inputs' dtype even inside an autocast region."""
+    if device.type in AUTOCAST_DEVICES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device: no autocast exists there
+
+
 @torch.no_grad()
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor, budget_mb: int = 64) -> torch.Tensor:
-    """Index of the nearest codebook row (squared L2) for every row of z, in fp32, a block of rows at a time so that
-    the score block never exceeds `budget_mb`. Returns the same indices as `nearest_code_full`.
+    """Index of the nearest codebook row (squared L2) for every row of z, in fp32 (also under an active autocast),
+    a block of rows at a time so that the score block never exceeds `budget_mb`. Returns the same indices as
+    `nearest_code_full`.
 
     Args:
         z: (M, D) vectors; codebook: (K, D); budget_mb: memory for one (rows, K) fp32 block.
@@ -46,10 +57,11 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, budget_mb: int = 64) -
     z, codebook = z.float(), codebook.float()
     m, k = z.shape[0], codebook.shape[0]
     rows = max(1, min(m, (budget_mb << 20) // (4 * k)))
-    codebook_t, e_sq = codebook.t(), codebook.pow(2).sum(1)  # (D, K), (K,)
     out = torch.empty(m, dtype=torch.long, device=z.device)
-    for start in range(0, m, rows):
-        out[start : start + rows] = code_scores(z[start : start + rows], codebook_t, e_sq).argmin(1)
+    with no_autocast(z.device):  # autocast would run the addmm in bf16
+        codebook_t, e_sq = codebook.t(), codebook.pow(2).sum(1)  # (D, K), (K,)
+        for start in range(0, m, rows):
+            out[start : start + rows] = code_scores(z[start : start + rows], codebook_t, e_sq).argmin(1)
     return out
 
 
@@ -88,8 +100,9 @@ class SimVQ(nn.Module):
         return self.cfg.codebook_size
 
     def effective_codebook(self) -> torch.Tensor:
-        """C W, (K, D)."""
-        return self.codebook_proj(self.codebook)
+        """C W, (K, D), in the parameters' dtype (never downcast by an active autocast)."""
+        with no_autocast(self.codebook.device):
+            return self.codebook_proj(self.codebook)
 
     def forward(self, features: torch.Tensor) -> QuantizerOutput:
         """Args: features (B, N, C). Returns: QuantizerOutput."""

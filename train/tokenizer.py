@@ -2,14 +2,16 @@
 
     deepspeed train/tokenizer.py                                       # CPU default: tiny, stage 1, shapes world
     deepspeed train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml
-    deepspeed --num_gpus 8 train/tokenizer.py --config train/configs/tokenizer/siglip2-stage1.yaml \
-        model.encoder_path=/ckpt/siglip2-so400m-patch16-256 loss.lpips_vgg_path=/ckpt/vgg16-397923af.pth \
-        data.train=/data/shards run.output_dir=runs/siglip2-stage1
+    deepspeed --num_gpus 8 train/tokenizer.py --config train/configs/tokenizer/siglip2-stage1.yaml \\
+        model.encoder_path=/ckpt/siglip2-so400m-patch16-256 loss.lpips_vgg_path=/ckpt/vgg16-397923af.pth \\
+        data.train=/data/shards run.output_dir=runs/siglip2-stage1 model.quantizer.codebook_size=32768
 
-Stage 1: encoder frozen; quantizer + decoder learn L2 + LPIPS + lambda_G * adaptive * GAN + VQ.
+Stage 1: encoder frozen (and in eval mode); quantizer + decoder learn L2 + LPIPS + lambda_G * adaptive * GAN + VQ.
 Stage 2: starts from a stage-1 export (model.init_from); the encoder trains too (its own lr scale) with
 lambda_d * ||E(X) - T(X)||^2 to T, a frozen copy of the encoder taken at the start of stage 2.
-The run folder holds config.yaml, run.json (git SHA), metrics.jsonl, tb/, samples/, checkpoints/, export/.
+The model sections (model.encoder / quantizer / decoder) start from model.preset in stage 1 and from the stage-1
+export in stage 2 (where they cannot change); the run folder's config.yaml holds them resolved. The run folder also
+holds run.json (git SHA), metrics.jsonl, tb/, samples/, checkpoints/ and export/ (the EMA of every trained tensor).
 """
 
 from __future__ import annotations
@@ -21,69 +23,55 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from common.config import ConfigError, from_dict, merge_dicts, to_dict
+from common.distributed import DistInfo, barrier, init_distributed, setup_logging
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, make_grid_png
-from tokenizer.config import ConfigError, VQRAEConfig, from_dict, get_preset, to_dict
+from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
-from tokenizer.losses import (
-    adaptive_gan_weight,
-    build_lpips,
-    distillation_loss,
-    hinge_d_loss,
-    hinge_g_loss,
-    lecam_loss,
-)
-from tokenizer.model import VQRAE
-from train import common, loop
-from train.common import (
-    DebugConfig,
-    DeepSpeedConfig,
-    OptimConfig,
-    RunConfig,
-)
+from tokenizer.losses import build_lpips
+from tokenizer.model import CONFIG_NAME, VQRAE
+from tokenizer.objective import LeCAMState, LossConfig, discriminator_loss, generator_loss
+from train.config import DebugConfig, RunConfig, parse_config, run_entry_point
+from train.ema import EMA
+from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
+from train.exports import EMA_FILE, TOKENIZER_CONFIG, export_tokenizer
+from train.loop import TrainLoop
+from train.run_folder import prepare_run_dir
 
 log = logging.getLogger("vqrae")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tokenizer"
+MODEL_SECTIONS = ("encoder", "quantizer", "decoder")
 
 
 @dataclass
 class ModelSection:
     """Args:
-    preset: a name in tokenizer.config.PRESETS (stage 1). changes: nested partial VQRAEConfig merged into it.
-    encoder_path: local pretrained vision tower (stage 1; empty = random encoder, e.g. the CPU default).
-    init_from: stage 2: a stage-1 export (config.json + model.safetensors) or a stage-1 run folder.
+    preset: a name in tokenizer.config.PRESETS: the starting values of encoder / quantizer / decoder in stage 1.
+    encoder_path: local pretrained vision tower (stage 1; empty = random encoder, e.g. the CPU default); the tower's
+        own config then replaces encoder.tower.
+    init_from: stage 2: a stage-1 export (config.json + model.safetensors) or a stage-1 run folder; its config is
+        the model's, and encoder / quantizer / decoder values that differ from it are refused.
     gradient_checkpointing: recompute transformer layers in the backward pass.
+    encoder, quantizer, decoder: the VQRAE config (`model.quantizer.codebook_size=32768` overrides the preset's).
     """
 
     preset: str = "tiny"
-    changes: dict = field(default_factory=dict)
     encoder_path: str = ""
     init_from: str = ""
     gradient_checkpointing: bool = False
+    encoder: EncoderConfig = field(default_factory=lambda: get_preset("tiny").encoder)
+    quantizer: QuantizerConfig = field(default_factory=lambda: get_preset("tiny").quantizer)
+    decoder: DecoderConfig = field(default_factory=lambda: get_preset("tiny").decoder)
 
-
-@dataclass
-class LossConfig:
-    """Weights and schedule of the tokenizer loss (defaults: the VGT recipe; see specs/recipes.md)."""
-
-    l2_weight: float = 1.0
-    lpips_weight: float = 1.1
-    lpips_vgg_path: str = ""
-    allow_random_lpips: bool = False
-    gan_weight: float = 0.1
-    adaptive_gan: bool = True
-    adaptive_max: float = 1e4
-    disc_start: int = 30000
-    gan_start: int = 30000
-    lecam_weight: float = 0.001
-    lecam_decay: float = 0.999
-    distill_weight: float = 0.1
+    @property
+    def vqrae(self) -> VQRAEConfig:
+        return VQRAEConfig(encoder=self.encoder, quantizer=self.quantizer, decoder=self.decoder)
 
 
 @dataclass
@@ -116,7 +104,7 @@ class TokenizerTrainConfig:
     Args:
         stage: 1 (encoder frozen) or 2 (encoder trained at lr * encoder_lr_scale, distilled to a frozen copy).
         encoder_lr_scale: the encoder's learning-rate multiplier in stage 2.
-        ema_decay: EMA decay of the quantizer + decoder weights (exports use the EMA).
+        ema_decay: EMA decay of every trained tensor (exports use the EMA).
     """
 
     stage: int = 1
@@ -130,6 +118,45 @@ class TokenizerTrainConfig:
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @classmethod
+    def resolve_raw(cls, data: dict) -> dict:
+        """Fill model.encoder / quantizer / decoder from the preset (stage 1) or the stage-1 export (stage 2), the
+        values the user gave merged on top; in stage 2 they must equal the export's."""
+        stage = data.get("stage", 1)
+        if stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {stage!r}")
+        model = data.setdefault("model", {})
+        if not isinstance(model, dict):
+            raise ConfigError(f"config section 'model' must be a mapping, got {model!r}")
+        given = {k: model.pop(k) for k in MODEL_SECTIONS if k in model}
+        if stage == 2:
+            if not model.get("init_from"):
+                raise ConfigError("stage 2 starts from a stage-1 tokenizer: set model.init_from")
+            base = json.loads((resolve_init(model["init_from"]) / CONFIG_NAME).read_text())
+            base.pop("model_type", None)
+        else:
+            base = to_dict(get_preset(model.get("preset", ModelSection.preset)))
+        merged = merge_dicts(base, given)
+        if stage == 2 and merged != base:
+            key, ours, theirs = _first_difference(base, merged)
+            raise ConfigError(f"stage 2 continues the tokenizer of model.init_from, whose model.{key} is {ours!r}: "
+                              f"it cannot become {theirs!r}")
+        from_dict(VQRAEConfig, merged, prefix="model.")  # consistent as a whole
+        model.update(merged)
+        return data
+
+
+def _first_difference(a: dict, b: dict, prefix: str = "") -> tuple[str, object, object]:
+    """(dotted key, value in a, value in b) of the first key where two nested dicts differ."""
+    for k in sorted(a.keys() | b.keys()):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            if va != vb:
+                return _first_difference(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            return f"{prefix}{k}", va, vb
+    raise ValueError("the dicts are equal")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,43 +174,41 @@ def resolve_init(init_from: str) -> Path:
 
 
 def build_model(cfg: TokenizerTrainConfig) -> VQRAE:
-    """Stage 1: the preset (+ changes), encoder from encoder_path if given. Stage 2: the stage-1 export."""
+    """Stage 1: the resolved model config, encoder from encoder_path if given. Stage 2: the stage-1 export."""
     if cfg.stage == 2:
-        if not cfg.model.init_from:
-            raise ConfigError("stage 2 starts from a stage-1 tokenizer: set model.init_from")
         return VQRAE.from_pretrained(resolve_init(cfg.model.init_from))
-    merged = common.merge_dicts(to_dict(get_preset(cfg.model.preset)), cfg.model.changes)
-    vqrae_cfg = from_dict(VQRAEConfig, merged, prefix="model.changes.")
     if cfg.model.encoder_path:
-        return VQRAE.from_pretrained_encoder(vqrae_cfg, cfg.model.encoder_path)
+        return VQRAE.from_pretrained_encoder(cfg.model.vqrae, cfg.model.encoder_path)
     log.warning("model.encoder_path is empty: the encoder is RANDOMLY initialised (fine for the CPU demo only)")
-    return VQRAE(vqrae_cfg)
+    return VQRAE(cfg.model.vqrae)
 
 
 def param_groups(model: VQRAE, cfg: TokenizerTrainConfig) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; the encoder (stage 2) at lr * encoder_lr_scale."""
+    """AdamW groups: weight decay on matrices only; the encoder (stage 2) at lr * encoder_lr_scale. Groups are
+    named "base" and "encoder" for the logged learning rates."""
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             key = (name.startswith("encoder."), p.ndim >= 2 and "pos_embed" not in name)
             groups.setdefault(key, []).append(p)
     return [{"params": ps, "weight_decay": cfg.optim.weight_decay if decay else 0.0,
-             "lr": cfg.optim.lr * (cfg.encoder_lr_scale if is_encoder else 1.0)}
-            for (is_encoder, decay), ps in groups.items()]
+             "lr": cfg.optim.lr * (cfg.encoder_lr_scale if is_encoder else 1.0),
+             "name": "encoder" if is_encoder else "base"}
+            for (is_encoder, decay), ps in sorted(groups.items())]
 
 
-def ensure_world(path: str, samples: int, image_size: int, seed: int, info: common.DistInfo) -> None:
+def ensure_world(path: str, samples: int, image_size: int, seed: int, info: DistInfo) -> None:
     """Write the shapes world to `path` (which must end in /shards) unless it is already there (rank 0)."""
     if samples <= 0 or Path(path).exists():
         return
     if Path(path).name != "shards":
         raise ConfigError(f"data.world writes tar shards: the data path must end in /shards, got {path}")
     if info.is_main:
-        from data.shapes import export_world
+        from data.shapes_export import export_world
 
         log.info("writing %d shapes-world images (seed %d) to %s", samples, seed, path)
         export_world(Path(path).parent, samples, image_size=image_size, seed=seed, fmt="shards")
-    common.barrier()
+    barrier()
 
 
 def sample_batch(cfg: TokenizerTrainConfig, image_size: int) -> torch.Tensor:
@@ -193,85 +218,28 @@ def sample_batch(cfg: TokenizerTrainConfig, image_size: int) -> torch.Tensor:
     return collate_images(samples)["pixel_values"]
 
 
-class DiscriminatorState:
-    """LeCAM running means of the discriminator's real / fake logits."""
-
-    def __init__(self, real: float = 0.0, fake: float = 0.0):
-        self.real, self.fake = real, fake
-
-    def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, decay: float) -> None:
-        self.real = decay * self.real + (1 - decay) * logits_real.float().mean().item()
-        self.fake = decay * self.fake + (1 - decay) * logits_fake.float().mean().item()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# One optimizer step
-
-
-def generator_loss(cfg: TokenizerTrainConfig, out, x, step, lpips, teacher, disc, patch: int
-                   ) -> tuple[torch.Tensor, dict]:
-    """The full generator-side loss and its parts (pure wiring of tokenizer.losses). `disc` is the discriminator
-    module (not its engine: no engine backward hooks), None without GAN; `patch` is the decoder's output patch size
-    (for the adaptive GAN weight)."""
-    rec = out.reconstruction
-    parts = {"l2": F.mse_loss(rec.float(), x.float())}
-    rec_loss = cfg.loss.l2_weight * parts["l2"]
-    if cfg.loss.lpips_weight > 0:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.deepspeed.bf16):
-            parts["lpips"] = lpips(rec.float(), x.float()).float().mean()
-        rec_loss = rec_loss + cfg.loss.lpips_weight * parts["lpips"]
-    loss = rec_loss + out.vq_loss
-    parts["vq"] = out.vq_loss
-    if teacher is not None:
-        with torch.no_grad():
-            target = teacher(x)
-        parts["distill"] = distillation_loss(out.features, target)
-        loss = loss + cfg.loss.distill_weight * parts["distill"]
-    if cfg.loss.gan_weight > 0 and step >= cfg.loss.gan_start:
-        parts["g_adv"] = hinge_g_loss(disc(rec))
-        weight = torch.tensor(1.0, device=x.device)
-        if cfg.loss.adaptive_gan:
-            weight = adaptive_gan_weight(rec_loss, parts["g_adv"], rec, out.decoder_states, patch,
-                                         cfg.loss.adaptive_max)
-        parts["gan_weight"] = weight
-        loss = loss + cfg.loss.gan_weight * weight * parts["g_adv"]
-    return loss, parts
-
-
-def discriminator_loss(cfg: TokenizerTrainConfig, disc, x, rec, state: DiscriminatorState) -> tuple[torch.Tensor,
-                                                                                                     dict]:
-    """Hinge loss of the discriminator on real images and detached reconstructions, plus LeCAM against the running
-    means in `state` (updated here); returns (loss, logged parts)."""
-    logits_real, logits_fake = disc(x), disc(rec.detach())
-    loss = hinge_d_loss(logits_real, logits_fake)
-    parts = {"d_loss": loss.detach(), "logits_real": logits_real.float().mean().detach(),
-             "logits_fake": logits_fake.float().mean().detach()}
-    if cfg.loss.lecam_weight > 0:
-        ema_real, ema_fake = (torch.tensor(v, device=x.device) for v in (state.real, state.fake))
-        loss = loss + cfg.loss.lecam_weight * lecam_loss(logits_real, logits_fake, ema_real, ema_fake)
-        state.update(logits_real, logits_fake, cfg.loss.lecam_decay)
-    return loss, parts
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class TokenizerTrainer(loop.TrainLoop):
+class TokenizerTrainer(TrainLoop):
     """Stage 1 / stage 2 tokenizer training: one engine for VQRAE, one for the discriminator."""
 
-    def __init__(self, cfg: TokenizerTrainConfig, info: common.DistInfo):
+    def __init__(self, cfg: TokenizerTrainConfig, info: DistInfo):
         super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
         self.cfg = cfg
         model = build_model(cfg)
+        cfg.model.encoder, cfg.model.quantizer, cfg.model.decoder = (model.config.encoder, model.config.quantizer,
+                                                                     model.config.decoder)  # as built
+        prepare_run_dir(cfg, self.out_dir, info)
         self.image_size = model.config.encoder.image_size
         self.patch = model.config.output_patch_size
         ensure_world(cfg.data.train, cfg.data.world.train_samples, self.image_size, cfg.data.world.train_seed, info)
         if cfg.data.eval:
             ensure_world(cfg.data.eval, cfg.data.world.eval_samples, self.image_size, cfg.data.world.eval_seed, info)
-        self.dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        self.dtype = cfg.deepspeed.dtype
         self.teacher = None
         if cfg.stage == 1:
-            model.encoder.requires_grad_(False)
+            model.freeze_encoder()
         else:  # T: a frozen copy of the encoder as it is at the start of stage 2
             self.teacher = copy.deepcopy(model.encoder).requires_grad_(False).eval().to(info.device, self.dtype)
         model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
@@ -279,25 +247,24 @@ class TokenizerTrainer(loop.TrainLoop):
         if cfg.loss.lpips_weight > 0:
             self.lpips = build_lpips(cfg.loss.lpips_vgg_path or None, cfg.loss.allow_random_lpips).to(info.device)
         self.vqrae_config = to_dict(model.config)
-        self.ema = loop.EMA({n: p for n, p in model.named_parameters() if not n.startswith("encoder.")},
-                            cfg.ema_decay)
-        ds_json = common.deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
-        self.engine = loop.build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json,
-                                        cfg.deepspeed.compile)
+        self.ema = EMA({n: p for n, p in model.named_parameters() if p.requires_grad}, cfg.ema_decay)
+        ds_json = deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
+        self.engine = build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json,
+                                   cfg.deepspeed.compile)
         if self.teacher is not None and cfg.deepspeed.compile:
             self.teacher.compile()
-        self.ema.zero3 = cfg.deepspeed.zero_stage == 3
         self.engines = {"model": self.engine}
         self.disc = None
         if cfg.loss.gan_weight > 0:
             # The discriminator runs at ZeRO <= 2: it is small, and replicated parameters let the generator's
             # backward pass run through it outside its own engine (a ZeRO-3 partition would be released by then).
+            # Its schedule spans its own steps, from loss.disc_start to the end.
             d = PatchDiscriminator(cfg.disc)
-            d_json = common.merge_dicts(ds_json, {"zero_optimization": {"stage": min(cfg.deepspeed.zero_stage, 2)}})
-            self.disc = loop.build_engine(d, [{"params": list(d.parameters()), "weight_decay": 0.0}], cfg.optim,
-                                          cfg.run.steps, d_json)
+            d_json = merge_dicts(ds_json, {"zero_optimization": {"stage": min(cfg.deepspeed.zero_stage, 2)}})
+            self.disc = build_engine(d, [{"params": list(d.parameters()), "weight_decay": 0.0}], cfg.optim,
+                                     max(1, cfg.run.steps - cfg.loss.disc_start), d_json)
             self.engines["disc"] = self.disc
-        self.d_state = DiscriminatorState()
+        self.lecam = LeCAMState()
         self.resume()
         dataset = build_image_dataset(cfg.data.train, ImageTransform(self.image_size, cfg.data.crop, cfg.data.hflip),
                                       seed=cfg.run.seed)
@@ -314,8 +281,9 @@ class TokenizerTrainer(loop.TrainLoop):
         if self.disc is not None:
             self.disc.module.requires_grad_(False)
         self.out = self.engine(x)
-        loss, parts = generator_loss(self.cfg, self.out, x, self.state["step"], self.lpips, self.teacher,
-                                     self.disc.module if self.disc is not None else None, self.patch)
+        loss, parts = generator_loss(self.cfg.loss, self.out, x, self.state["step"], self.lpips, self.teacher,
+                                     self.disc.module if self.disc is not None else None, self.patch,
+                                     bf16=self.cfg.deepspeed.bf16)
         return loss, parts | self.out.metrics
 
     def after_backward(self, batch: dict, metrics: dict) -> None:
@@ -323,7 +291,7 @@ class TokenizerTrainer(loop.TrainLoop):
             return
         self.disc.module.requires_grad_(True)
         # self.x: this micro-batch, already on the device (micro_step moved it)
-        d_loss, d_parts = discriminator_loss(self.cfg, self.disc, self.x, self.out.reconstruction, self.d_state)
+        d_loss, d_parts = discriminator_loss(self.cfg.loss, self.disc, self.x, self.out.reconstruction, self.lecam)
         self.disc.backward(d_loss)
         self.disc.step()
         metrics.update(d_parts)
@@ -342,51 +310,29 @@ class TokenizerTrainer(loop.TrainLoop):
             make_grid_png([self.grid_images.float().cpu(), rec.float().clamp(-1, 1).cpu()], path, min_cell=128)
 
     def checkpoint_files(self) -> dict:
-        return {"ema.safetensors": lambda p: save_file(self.ema.state_dict(), str(p)),
-                "vqrae_config.json": lambda p: p.write_text(json.dumps(self.vqrae_config, indent=2))}
+        return {EMA_FILE: lambda p: save_file(self.ema.state_dict(), str(p)),
+                TOKENIZER_CONFIG: lambda p: p.write_text(json.dumps(self.vqrae_config, indent=2))}
 
     def load_checkpoint_files(self, path: Path) -> None:
-        self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-        self.d_state = DiscriminatorState(*self.state.get("lecam", (0.0, 0.0)))
+        self.ema.load_state_dict(load_file(str(path / EMA_FILE)))
+        self.lecam = LeCAMState(*self.state.get("lecam", (0.0, 0.0)))
 
     def extra_state(self) -> dict:
-        return {"lecam": [self.d_state.real, self.d_state.fake], "stage": self.cfg.stage}
+        return {"lecam": [self.lecam.real, self.lecam.fake], "stage": self.cfg.stage}
 
     def finish(self, checkpoint: Path) -> None:
         if self.info.is_main:
-            export(checkpoint, self.out_dir / "export", weights="ema")
+            export_tokenizer(checkpoint, self.out_dir / "export", weights="ema")
             log.info("exported %s", self.out_dir / "export")
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = common.parse_config(TokenizerTrainConfig, argv, CONFIG_DIR / "tiny-stage1.yaml", __doc__)
-    if cfg.stage not in (1, 2):
-        raise ConfigError(f"stage must be 1 or 2, got {cfg.stage}")
-    info = common.init_distributed()
-    common.setup_logging(info)
-    common.prepare_run_dir(cfg, Path(cfg.run.output_dir), info)
+    cfg = parse_config(TokenizerTrainConfig, argv, CONFIG_DIR / "tiny-stage1.yaml", __doc__)
+    info = init_distributed(always=True)
+    setup_logging(info)
     torch.manual_seed(cfg.run.seed)
     TokenizerTrainer(cfg, info).fit(cfg.run.steps, cfg)
 
 
-def export(checkpoint: Path, directory: Path, weights: str = "ema") -> None:
-    """Write a `VQRAE.from_pretrained` directory from a training checkpoint (any ZeRO stage, no GPU needed).
-
-    Args:
-        checkpoint: a checkpoints/step_* folder. directory: the export folder (written atomically).
-        weights: "ema" (EMA of quantizer + decoder, trained encoder) or "raw".
-    """
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-    config = from_dict(VQRAEConfig, json.loads((checkpoint / "vqrae_config.json").read_text()))
-    with torch.device("meta"):
-        model = VQRAE(config)
-    state = loop.consolidated_state_dict(checkpoint, tag="model")
-    if weights == "ema":
-        state.update(load_file(str(checkpoint / "ema.safetensors")))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    model.save_pretrained(directory)
-
-
 if __name__ == "__main__":
-    common.run_entry_point(main)
+    run_entry_point(main)

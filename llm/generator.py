@@ -1,0 +1,152 @@
+"""The generator: a causal LM whose vocabulary is expanded by a VQRAE tokenizer's codes. How it is built for
+training (`LMConfig`, `build_lm`), and the one pair of functions that write and read its export folder:
+
+    DIR/config.json, model.safetensors     the causal LM with the expanded vocabulary (transformers format)
+    DIR/tokenizer files                    the expanded text tokenizer
+    DIR/image_vocab.json                   where the code tokens live (llm.vocab.ImageVocab)
+    DIR/sequence_format.json               prompt template and unconditional-prompt mode used in training
+    DIR/vqrae/                             the image tokenizer export whose codes the LM predicts
+
+    save_generator(DIR, model, tokenizer, vocab, SequenceFormat("chat", "pad"), vqrae_dir)
+    model, tokenizer, vocab, fmt, vqrae = load_generator(DIR, device="cuda", dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from common.config import ConfigError
+from common.distributed import barrier, is_rank_zero
+from common.files import atomic_directory, atomic_write
+from llm.text_tokenizer import corpus_tokenizer
+from llm.vocab import TEMPLATES, UNCOND_MODES, ImageVocab, build_tiny_qwen3, expand_vocabulary
+from tokenizer import VQRAE
+from tokenizer.encoder import resolve_attn_implementation
+
+log = logging.getLogger("vqrae")
+FORMAT_FILE = "sequence_format.json"
+VQRAE_DIR = "vqrae"
+
+
+@dataclass
+class LMConfig:
+    """Args:
+    pretrained: local causal-LM directory (e.g. Qwen3-0.6B); empty -> a tiny random Qwen3 with a text tokenizer
+        trained on the training captions (CPU default). tiny: overrides of llm.vocab.build_tiny_qwen3
+        (e.g. num_hidden_layers).
+    init: new embedding rows from the "mean" of the text rows or from the "codebook" (projected).
+    template: prompt format "plain" | "chat". uncond: unconditional prompt "pad" (Janus) | "empty".
+    gradient_checkpointing: recompute the LM's layers in the backward pass.
+    attn_implementation: "auto" (flash-attention for bf16 weights on CUDA when installed, else sdpa), or a
+        transformers attention name.
+    """
+
+    pretrained: str = ""
+    tiny: dict = field(default_factory=dict)
+    init: str = "mean"
+    template: str = "plain"
+    uncond: str = "pad"
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "auto"
+
+    @property
+    def sequence_format(self) -> SequenceFormat:
+        return SequenceFormat(self.template, self.uncond)
+
+
+@dataclass(frozen=True)
+class SequenceFormat:
+    """How prompts are built: template "plain" | "chat", unconditional prompt "pad" | "empty" (llm/vocab.py)."""
+
+    template: str = "plain"
+    uncond: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES or self.uncond not in UNCOND_MODES:
+            raise ConfigError(f"sequence format needs template in {TEMPLATES} and uncond in {UNCOND_MODES}, got "
+                              f"{self.template!r}, {self.uncond!r}")
+
+
+def build_lm(cfg: LMConfig, vqrae: VQRAE, work_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+             texts: Sequence[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ImageVocab]:
+    """(model, tokenizer, vocab): the LM (fp32 weights, train mode) with its vocabulary expanded by `vqrae`'s codes.
+
+    Args:
+        cfg: the LM section.
+        vqrae: the image tokenizer (its codebook size, and its codebook for init "codebook").
+        work_dir: where the tiny LM's text tokenizer is written (rank 0 alone; the others load it after a barrier).
+        seed: seed of the tiny LM's weights and of the codebook projection.
+        dtype: the dtype the LM will compute in (picks the attention kernel).
+        texts: the captions a tiny LM's text tokenizer is trained on (required without cfg.pretrained).
+    """
+    attn = resolve_attn_implementation(cfg.attn_implementation, dtype)
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"lm.pretrained={path}: no config.json (a local causal-LM directory)")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    else:
+        if not texts:
+            raise ConfigError("lm.pretrained is empty and there are no captions to train a small text tokenizer on")
+        log.warning("lm.pretrained is empty: a tiny RANDOM Qwen3 with a text tokenizer of the captions (CPU demo)")
+        if is_rank_zero():
+            corpus_tokenizer(texts, work_dir / "text_tokenizer")
+        barrier()  # two ranks replacing one folder at once would race
+        tokenizer = AutoTokenizer.from_pretrained(work_dir / "text_tokenizer")
+        model = build_tiny_qwen3(tokenizer, seed=seed, **cfg.tiny)
+        model.config._attn_implementation = attn
+    codebook = vqrae.quantizer.effective_codebook().detach() if cfg.init == "codebook" else None
+    vocab = expand_vocabulary(model, tokenizer, vqrae.config.quantizer.codebook_size, init=cfg.init,
+                              codebook=codebook, seed=seed)
+    return model.train(), tokenizer, vocab
+
+
+def save_text_side(directory: Path, tokenizer: PreTrainedTokenizerBase, vocab: ImageVocab,
+                   fmt: SequenceFormat) -> None:
+    """The expanded text tokenizer, its image vocabulary and the sequence format, into `directory`."""
+    tokenizer.save_pretrained(directory)
+    vocab.save(directory)
+    with atomic_write(directory / FORMAT_FILE) as f:
+        json.dump(asdict(fmt), f)
+
+
+def load_text_side(directory: Path) -> tuple[PreTrainedTokenizerBase, ImageVocab, SequenceFormat]:
+    """What `save_text_side` wrote; the tokenizer must hold the vocabulary's tokens at its ids."""
+    if not (directory / FORMAT_FILE).is_file():
+        raise FileNotFoundError(f"{directory} has no {FORMAT_FILE}: not a generator's text side")
+    tokenizer, vocab = AutoTokenizer.from_pretrained(directory), ImageVocab.load(directory)
+    vocab.check_tokenizer(tokenizer)
+    return tokenizer, vocab, SequenceFormat(**json.loads((directory / FORMAT_FILE).read_text()))
+
+
+def save_generator(directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                   vocab: ImageVocab, fmt: SequenceFormat, vqrae_dir: str | Path) -> None:
+    """Write a generator export folder (see the module docstring) atomically; `vqrae_dir` is copied into it."""
+    if not (Path(vqrae_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{vqrae_dir} is not a VQRAE export (no config.json)")
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        save_text_side(tmp, tokenizer, vocab, fmt)
+        shutil.copytree(vqrae_dir, tmp / VQRAE_DIR)
+
+
+def load_generator(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ImageVocab, SequenceFormat, VQRAE]:
+    """Read a generator export folder: (model in eval mode, tokenizer, vocab, sequence format, VQRAE)."""
+    directory = Path(directory)
+    for needed in ("config.json", FORMAT_FILE, VQRAE_DIR):
+        if not (directory / needed).exists():
+            raise FileNotFoundError(f"{directory} is not a generator export (no {needed})")
+    tokenizer, vocab, fmt = load_text_side(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    vqrae = VQRAE.from_pretrained(directory / VQRAE_DIR, device=device).eval()
+    return model, tokenizer, vocab, fmt, vqrae

@@ -1,0 +1,109 @@
+"""The trainers' shared pieces without DeepSpeed: schedule, resumable data order, EMA, DeepSpeed JSON, guard,
+command line, metrics file."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from common.config import ConfigError
+from train.config import RunConfig, parse_config
+from train.data_order import ResumableBatchSampler
+from train.ema import EMA
+from train.engine import DeepSpeedConfig, OptimConfig, deepspeed_json, lr_lambda
+from train.guard import NonFiniteGuard, NonFiniteLossError
+from train.run_folder import truncate_metrics
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    values = [lr_lambda(s, optim, 110) for s in range(120)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert values[110] == pytest.approx(0.1) and values[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def stream(sampler: ResumableBatchSampler, n: int) -> list[list[tuple[int, int]]]:
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_resumable_sampler_resumes_exactly_and_shards_ranks():
+    full = stream(ResumableBatchSampler(50, 4, 0, 1, seed=3), 30)  # 12 batches per epoch: crosses 2 epochs
+    resumed = stream(ResumableBatchSampler(50, 4, 0, 1, seed=3, start=17), 13)
+    assert resumed == full[17:]
+    epoch0 = [i for batch in full[:12] for e, i in batch if e == 0]
+    assert len(set(epoch0)) == 48  # a permutation, remainder dropped
+    ranks = [stream(ResumableBatchSampler(50, 4, r, 2, seed=3), 6) for r in range(2)]
+    for b in range(6):
+        assert not set(ranks[0][b]) & set(ranks[1][b])
+    with pytest.raises(ConfigError, match="smaller than one global batch"):
+        ResumableBatchSampler(7, 4, 0, 2, seed=0)
+
+
+def test_ema_matches_direct_computation_with_warmup():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"p": p}, decay=0.9)
+    expected = torch.zeros(3)
+    for step in range(1, 30):
+        with torch.no_grad():
+            p.add_(1.0)
+        ema.update(step)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = d * expected + (1 - d) * p.detach()
+        torch.testing.assert_close(ema.state_dict()["p"], expected)
+    other = EMA({"p": p}, decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(other.shadow["p"], ema.shadow["p"])
+
+
+def test_deepspeed_json_is_derived_from_the_dataclasses():
+    ds = DeepSpeedConfig(zero_stage=3, bf16=True, micro_batch_size=8, grad_accum_steps=4,
+                                extra={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    out = deepspeed_json(ds, OptimConfig(grad_clip=0.5), world_size=16)
+    assert out["train_batch_size"] == 8 * 4 * 16 and out["gradient_clipping"] == 0.5
+    assert out["bf16"] == {"enabled": True}
+    assert out["zero_optimization"]["stage"] == 3
+    assert out["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    with pytest.raises(ConfigError, match="zero_stage must be 0-3"):
+        deepspeed_json(DeepSpeedConfig(zero_stage=4), OptimConfig(), 1)
+
+
+def test_nonfinite_guard_counts_and_raises():
+    guard = NonFiniteGuard(max_consecutive=2)
+    assert guard.ok(torch.tensor(1.0))
+    assert not guard.ok(torch.tensor(float("nan"))) and not guard.ok(torch.tensor(float("inf")))
+    assert guard.ok(torch.tensor(0.5)) and guard.skipped == 2
+    for _ in range(2):
+        guard.ok(torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive"):
+        guard.ok(torch.tensor(float("nan")))
+
+
+@dataclass
+class _Cfg:
+    run: RunConfig = field(default_factory=RunConfig)
+    name: str = "x"
+
+
+def test_parse_config_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  steps: 7\nname: from-yaml\n")
+    cfg = parse_config(_Cfg, ["--config", str(path), "run.seed=5", "--local_rank=0"], path, "")
+    assert (cfg.run.steps, cfg.run.seed, cfg.name) == (7, 5, "from-yaml")
+    path.write_text("run:\n  stepz: 7\n")
+    with pytest.raises(ConfigError, match="unknown config key 'run.stepz'"):
+        parse_config(_Cfg, ["--config", str(path)], path, "")
+
+
+def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 8)))
+    truncate_metrics(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
