@@ -1,0 +1,160 @@
+"""Scoring of understanding benchmarks from answers: MME and POPE by LLaVA's rules (LLaVA's MME path is the
+official MME calculation; POPE is LLaVA's eval_pope), optionally lmms-eval's variants, and exact match per question
+type for the shapes world. Every score names its variant.
+
+    records = [{"subtask": "existence", "image": "000.png", "answer": "Yes", "label": "yes"}, ...]
+    score_mme(records)["perception"]
+    score_pope([{"category": "random", "answer": "No, there is not.", "label": "no"}, ...])["mean_f1"]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+VARIANTS = ("llava", "lmms-eval")
+POPE_CATEGORIES = ("adversarial", "popular", "random")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+# ----------------------------------------------------------------------------------------------- MME
+
+
+def parse_mme(answer: str, variant: str = "llava") -> str:
+    """An MME answer as "yes", "no" or "other" (counted wrong).
+
+    llava (the official calculation): lower-case; exactly "yes" / "no"; else "yes" when the first 4 characters
+    contain "yes", else "no" when they contain "no", else "other". lmms-eval: the same after stripping and removing
+    every ".", and a single "y" / "n" also counts.
+    """
+    _check_variant(variant)
+    text = answer.lower()
+    if variant == "lmms-eval":
+        text = text.strip().replace(".", "")
+        if text in ("y", "n"):
+            return "yes" if text == "y" else "no"
+    if text in ("yes", "no"):
+        return text
+    prefix = text[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
+def score_mme(records: Iterable[Mapping[str, Any]], variant: str = "llava") -> dict[str, Any]:
+    """MME scores: per subtask acc (share of questions right), acc_plus (share of images with every question right)
+    and score = 100 acc + 100 acc_plus; perception and cognition = the sums over the subtasks of each present.
+
+    Args:
+        records: dicts with "subtask", "image", "answer" (the model's) and "label" ("Yes" / "No").
+        variant: "llava" or "lmms-eval" (the answer parser).
+    """
+    by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        label = str(r["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"MME labels are yes / no, got {r['label']!r} ({r['subtask']}, {r['image']})")
+        by_task[r["subtask"]][r["image"]].append(parse_mme(str(r["answer"]), variant) == label)
+    if not by_task:
+        raise ValueError("no MME records to score")
+    subtasks = {}
+    for task, images in by_task.items():
+        answers = [ok for oks in images.values() for ok in oks]
+        acc = sum(answers) / len(answers)
+        acc_plus = sum(all(oks) for oks in images.values()) / len(images)
+        subtasks[task] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * acc + 100 * acc_plus,
+                          "questions": len(answers), "images": len(images)}
+    return {
+        "variant": variant,
+        "subtasks": subtasks,
+        "perception": sum(subtasks[t]["score"] for t in MME_PERCEPTION if t in subtasks),
+        "cognition": sum(subtasks[t]["score"] for t in MME_COGNITION if t in subtasks),
+        "missing_subtasks": [t for t in (*MME_PERCEPTION, *MME_COGNITION) if t not in subtasks],
+    }
+
+
+# ----------------------------------------------------------------------------------------------- POPE
+
+
+def parse_pope(answer: str, variant: str = "llava") -> str:
+    """A POPE answer as "yes" or "no".
+
+    llava (eval_pope): the text before the first "."; commas removed; split on spaces; "no" when a word is exactly
+    "No", "not" or "no", else "yes" (an empty answer is "yes"). lmms-eval: "yes" only when the answer, lower-cased
+    and stripped, is exactly "yes"; "no" otherwise.
+    """
+    _check_variant(variant)
+    if variant == "lmms-eval":
+        return "yes" if answer.lower().strip() == "yes" else "no"
+    text = answer.split(".")[0] if "." in answer else answer
+    words = text.replace(",", "").split(" ")
+    return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else 0.0
+
+
+def score_pope(records: Iterable[Mapping[str, Any]], variant: str = "llava") -> dict[str, Any]:
+    """POPE scores per category (positive = "yes"): accuracy, precision, recall, f1, yes_ratio, and mean_f1 over
+    the categories (the published POPE number). yes_ratio is the share of predictions that are yes (llava), or of
+    labels that are yes (lmms-eval). A ratio with an empty denominator is 0.
+
+    Args:
+        records: dicts with "category", "answer" and "label" ("yes" / "no").
+        variant: "llava" or "lmms-eval".
+    """
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+    for r in records:
+        label = str(r["label"]).strip().lower()
+        if label not in ("yes", "no"):
+            raise ValueError(f"POPE labels are yes / no, got {r['label']!r}")
+        pred = parse_pope(str(r["answer"]), variant)
+        key = ("t" if pred == label else "f") + ("p" if pred == "yes" else "n")
+        counts[r["category"]][key] += 1
+    if not counts:
+        raise ValueError("no POPE records to score")
+    categories = {}
+    for name, c in counts.items():
+        total = sum(c.values())
+        precision, recall = _ratio(c["tp"], c["tp"] + c["fp"]), _ratio(c["tp"], c["tp"] + c["fn"])
+        yes = c["tp"] + c["fp"] if variant == "llava" else c["tp"] + c["fn"]
+        categories[name] = {"accuracy": _ratio(c["tp"] + c["tn"], total), "precision": precision, "recall": recall,
+                            "f1": _ratio(2 * precision * recall, precision + recall), "yes_ratio": yes / total,
+                            "questions": total, **c}
+    return {"variant": variant, "categories": categories,
+            "mean_f1": sum(c["f1"] for c in categories.values()) / len(categories)}
+
+
+# ----------------------------------------------------------------------------------------------- exact match
+
+
+def normalize_answer(answer: str) -> str:
+    """Lower-case, stripped, without a final period: "Red." -> "red"."""
+    return answer.strip().lower().removesuffix(".").strip()
+
+
+def score_exact_match(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Accuracy per question type and overall (mean over questions) of normalised exact match.
+
+    Args:
+        records: dicts with "type", "answer" and "label".
+    """
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for r in records:
+        by_type[r["type"]].append(normalize_answer(str(r["answer"])) == normalize_answer(str(r["label"])))
+    if not by_type:
+        raise ValueError("no records to score")
+    everything = [ok for oks in by_type.values() for ok in oks]
+    return {"types": {t: {"accuracy": sum(oks) / len(oks), "questions": len(oks)} for t, oks in by_type.items()},
+            "overall": sum(everything) / len(everything), "questions": len(everything)}
