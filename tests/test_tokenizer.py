@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from common.config import ConfigError, apply_overrides, from_dict, to_dict
 from tokenizer import PRESETS, VQRAE, EncoderConfig, VQRAEConfig, get_preset
@@ -174,7 +174,8 @@ def test_save_load_round_trip(tmp_path):
     model = tiny_model().eval()
     model.save_pretrained(tmp_path / "tok")
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert json.loads((tmp_path / "tok" / "config.json").read_text()) == {"model_type": "vqrae", **to_dict(model.config)}
+    record = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert record == {"model_type": "vqrae", "format_version": 2, **to_dict(model.config)}
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]  # no temporary left behind
     loaded = VQRAE.from_pretrained(tmp_path / "tok").eval()
     assert loaded.config == model.config
@@ -186,16 +187,31 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]
 
 
-def test_feature_layer_penultimate_matches_hidden_states():
-    full = tiny_model(seed=2)
-    penult = tiny_model(seed=2, feature_layer=-2)
-    assert len(penult.encoder.tower.encoder.layers) == 1
-    penult.encoder.tower.load_state_dict(full.encoder.tower.state_dict(), strict=False)
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_features_are_the_hidden_states_llava_reads(layer):
+    """feature_layer k = transformers' hidden_states[k] of the unpruned tower: never its final norm."""
+    torch.manual_seed(2)
+    tower = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in get_preset("tiny").encoder.tower.items()
+                                                    if k != "model_type"})).eval()
+    model = tiny_model(seed=2, feature_layer=layer)
+    assert len(model.encoder.tower.encoder.layers) == 2 + layer + 1
+    assert isinstance(model.encoder.tower.post_layernorm, torch.nn.Identity)
+    model.encoder.tower.load_state_dict(tower.state_dict(), strict=False)
     x = images()
     with torch.no_grad():
-        hidden = full.encoder.tower(pixel_values=x, output_hidden_states=True).hidden_states[-2]
-        torch.testing.assert_close(penult.encode_features(x), hidden)
-        torch.testing.assert_close(full.encode_features(x), full.encoder.tower(pixel_values=x).last_hidden_state)
+        out = tower(pixel_values=x * model.encoder.scale + model.encoder.shift, output_hidden_states=True)
+        torch.testing.assert_close(model.encode_features(x), out.hidden_states[layer])
+        assert not torch.allclose(out.hidden_states[-1], out.last_hidden_state)  # the norm would have mattered
+
+
+def test_old_format_exports_are_refused(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "tok")
+    path = tmp_path / "tok" / "config.json"
+    record = json.loads(path.read_text())
+    del record["format_version"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="format version 1, this code reads 2"):
+        VQRAE.from_pretrained(tmp_path / "tok")
 
 
 def test_encoder_normalisation_follows_config():
@@ -229,7 +245,8 @@ def test_load_pretrained_encoder_from_local_directory(tmp_path, kind):
     model = VQRAE.from_pretrained_encoder(get_preset("tiny"), tmp_path / "siglip")
     x = images()
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_features(x), reference.eval()(pixel_values=x).last_hidden_state)
+        expected = reference.eval()(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(model.encode_features(x), expected)
     # the exported tokenizer no longer needs the encoder directory
     model.save_pretrained(tmp_path / "tok")
     with torch.no_grad():
@@ -405,4 +422,4 @@ def test_push_to_hub_uploads_the_vqrae_folder(tmp_path, monkeypatch):
     model.push_to_hub("someone/tiny-vqrae")
     assert uploaded["repo"] == "someone/tiny-vqrae"
     assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
-    assert uploaded["config"] == {"model_type": "vqrae", **to_dict(model.config)}
+    assert uploaded["config"] == {"model_type": "vqrae", "format_version": 2, **to_dict(model.config)}

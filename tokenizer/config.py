@@ -31,8 +31,10 @@ class EncoderConfig:
         tower: a transformers config as a dict with its `model_type` (e.g. "siglip_vision_model",
             "siglip2_vision_model", "internvl_vision", or any AutoModel vision tower); built with random weights,
             or read from a pretrained directory by `tokenizer.encoder.load_pretrained_encoder`.
-        feature_layer: -1 takes the tower's output (after its final norm); -k (k >= 2) takes the output of the
-            k-th layer from the end (LLaVA uses -2); the layers after it are removed from the model.
+        feature_layer: which hidden state is the feature, as transformers' LLaVA `vision_feature_layer` reads it:
+            hidden_states[feature_layer], the residual stream after that layer, never the tower's final norm; -1
+            the last layer's output, -k (k >= 2) the k-th layer's from the end (LLaVA uses -2). The layers after it
+            are removed from the model.
         image_mean, image_std: the tower's input normalisation (applied to images in [0, 1]).
         attn_implementation: "auto" (flash_attention_2 when the flash-attn package and a GPU are present, else
             sdpa), "sdpa", "flash_attention_2" or "eager".

@@ -37,7 +37,8 @@ class TowerFamily:
 
     Args:
         layers: dotted path of the tower's ModuleList of transformer layers.
-        final_norm: dotted path of a norm applied to `last_hidden_state` after the last layer (None if none).
+        final_norm: dotted path of a norm the tower applies to `last_hidden_state` after its last layer (None if
+            none); VQRAE never applies it (features are hidden states, as LLaVA reads them), so it is removed.
         prefix_tokens: tokens before the patch tokens in the output (a CLS token: 1).
         naflex: the tower takes flattened patches + `spatial_shapes` (SigLIP2 NaFlex) instead of an image.
         unused: dotted paths of modules VQRAE never runs (pooling heads), removed at build time.
@@ -152,7 +153,7 @@ class VisionEncoder(DtypeAwareAttention):
         self.register_buffer("shift", (0.5 - mean) / std, persistent=False)
 
     def _prune(self, family: TowerFamily) -> None:
-        """Drop the layers after `feature_layer` (and the final norm with them) and unused heads."""
+        """Drop the layers after `feature_layer`, the final norm and unused heads."""
         for path in family.unused:
             parent, _, name = path.rpartition(".")
             owner = _get(self.tower, parent) if parent else self.tower
@@ -160,13 +161,12 @@ class VisionEncoder(DtypeAwareAttention):
                 delattr(owner, name)
                 if hasattr(owner, "use_head"):
                     owner.use_head = False
-        if self.cfg.feature_layer == -1:
-            return
-        layers = _get(self.tower, family.layers)
-        keep = len(layers) + self.cfg.feature_layer + 1
-        _set(self.tower, family.layers, nn.ModuleList(list(layers)[:keep]))
         if family.final_norm is not None:
             _set(self.tower, family.final_norm, nn.Identity())
+        if self.cfg.feature_layer != -1:
+            layers = _get(self.tower, family.layers)
+            keep = len(layers) + self.cfg.feature_layer + 1
+            _set(self.tower, family.layers, nn.ModuleList(list(layers)[:keep]))
 
     def update_attention(self) -> None:
         """Re-pick the attention kernel for the tower's current dtype."""
@@ -178,8 +178,7 @@ class VisionEncoder(DtypeAwareAttention):
         dtype = next(self.tower.parameters()).dtype
         x = x.to(dtype)
         if self.family is None:  # any other tower: read the requested hidden state
-            out = self.tower(pixel_values=x, output_hidden_states=self.cfg.feature_layer != -1)
-            hidden = out.last_hidden_state if self.cfg.feature_layer == -1 else out.hidden_states[self.cfg.feature_layer]
+            hidden = self.tower(pixel_values=x, output_hidden_states=True).hidden_states[self.cfg.feature_layer]
             grid = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
             return hidden[:, hidden.shape[1] - grid :]
         if self.family.naflex:

@@ -31,6 +31,7 @@ from tokenizer.quantizer import SimVQ
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 2  # 2: features are hidden states without the tower's final norm (1 applied it at feature_layer -1)
 
 
 @dataclass
@@ -60,7 +61,8 @@ class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-
             paper_url="https://arxiv.org/abs/2511.23386"):
     """The unified tokenizer. Pixel range of inputs and outputs: [-1, 1].
 
-    On disk (and on the Hub): config.json ({"model_type": "vqrae", encoder, quantizer, decoder}) + model.safetensors.
+    On disk (and on the Hub): config.json ({"model_type": "vqrae", "format_version", encoder, quantizer, decoder})
+    + model.safetensors.
     """
 
     def __init__(self, config: VQRAEConfig, encoder: VisionEncoder | None = None):
@@ -148,7 +150,8 @@ class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-
     def _save_pretrained(self, save_directory: Path) -> None:
         """The files of a VQRAE folder (the hook `save_pretrained` and `push_to_hub` call)."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        (save_directory / CONFIG_NAME).write_text(json.dumps({"model_type": "vqrae", **to_dict(self.config)}, indent=2))
+        record = {"model_type": "vqrae", "format_version": FORMAT_VERSION, **to_dict(self.config)}
+        (save_directory / CONFIG_NAME).write_text(json.dumps(record, indent=2))
         save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
     def save_pretrained(self, save_directory: str | Path, **hub_kwargs) -> str | None:
@@ -179,13 +182,10 @@ class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-
         if not directory.is_dir():
             directory = _download(str(pretrained), revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only, force_download=force_download)
-        config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        if not config_file.is_file() or not weights_file.is_file():
+        weights_file = directory / WEIGHTS_NAME
+        if not (directory / CONFIG_NAME).is_file() or not weights_file.is_file():
             raise FileNotFoundError(f"{pretrained} is not a VQRAE directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        data = json.loads(config_file.read_text())
-        if data.pop("model_type", None) != "vqrae":
-            raise ConfigError(f"{config_file} is not a VQRAE config (model_type must be 'vqrae')")
-        model = cls(from_dict(VQRAEConfig, data))
+        model = cls(from_dict(VQRAEConfig, read_config_dict(directory)))
         try:
             model.load_state_dict(load_file(str(weights_file)), strict=True)
         except RuntimeError as err:  # weights that do not fit the config (e.g. an export from another code version)
@@ -199,6 +199,19 @@ class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-
         encoder = load_pretrained_encoder(encoder_path, config.encoder)
         config = VQRAEConfig(encoder=encoder.cfg, quantizer=config.quantizer, decoder=config.decoder)
         return cls(config, encoder=encoder)
+
+
+def read_config_dict(directory: str | Path) -> dict:
+    """The VQRAEConfig fields stored in a VQRAE folder's config.json (checked: its model type and format version)."""
+    path = Path(directory) / CONFIG_NAME
+    data = json.loads(path.read_text())
+    if data.pop("model_type", None) != "vqrae":
+        raise ConfigError(f"{path} is not a VQRAE config (model_type must be 'vqrae')")
+    version = data.pop("format_version", 1)
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{path} has format version {version}, this code reads {FORMAT_VERSION}: version 1 applied "
+                          "the tower's final norm at feature_layer -1; train or export it again with this version")
+    return data
 
 
 def _download(repo_id: str, **kwargs) -> Path:

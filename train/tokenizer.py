@@ -35,7 +35,7 @@ from data.transforms import ImageTransform, make_grid_png
 from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import build_lpips
-from tokenizer.model import CONFIG_NAME, VQRAE
+from tokenizer.model import VQRAE, read_config_dict
 from tokenizer.objective import LeCAMState, LossConfig, discriminator_loss, generator_loss
 from train.config import DebugConfig, RunConfig, parse_config, run_entry_point
 from train.ema import EMA
@@ -133,8 +133,7 @@ class TokenizerTrainConfig:
         if stage == 2:
             if not model.get("init_from"):
                 raise ConfigError("stage 2 starts from a stage-1 tokenizer: set model.init_from")
-            base = json.loads((resolve_init(model["init_from"]) / CONFIG_NAME).read_text())
-            base.pop("model_type", None)
+            base = read_config_dict(resolve_init(model["init_from"]))
         else:
             base = to_dict(get_preset(model.get("preset", ModelSection.preset)))
         merged = merge_dicts(base, given)

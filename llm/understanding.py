@@ -1,0 +1,248 @@
+"""Understanding on VQRAE's continuous features as a standard transformers LLaVA model: the VQRAE encoder exported
+as a transformers vision tower (cut at its feature layer), LLaVA-1.5's `mlp2x_gelu` projector (transformers'
+projector with `gelu`) and a causal LM, with `<image>` a real added token that a `LlavaProcessor` expands.
+
+    tower_dir = export_vision_tower("runs/tiny-stage2/export", "runs/tower")       # a transformers vision model
+    model, processor = build_llava(VQRAE.from_pretrained(...), lm, tokenizer)        # projector freshly initialised
+    save_llava(model, processor, "runs/und/export")   # loads with LlavaForConditionalGeneration + AutoProcessor
+    replace_vision_tower("llava-hf/...", "runs/tiny-stage2/export", "runs/llava-vqrae")   # plug-and-play
+
+The tower's features, as LLaVA selects them (hidden_states[-1]; "full" for towers without a CLS token, "default"
+drops it), equal `VQRAE.encode_features`: VQRAE's feature_layer reads hidden states the way LLaVA's
+vision_feature_layer does, and the exported tower stops at that layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tokenizers import AddedToken
+from transformers import (
+    AutoModel,
+    AutoProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    SiglipImageProcessor,
+)
+
+from common.config import ConfigError
+from common.files import atomic_directory
+from common.weights import load_exactly
+from tokenizer import VQRAE
+from tokenizer.encoder import FAMILIES
+
+IMAGE_TOKEN = "<image>"
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompt suffix
+# ChatML (Qwen's turn format) whose user turns may hold {"type": "image"} items, rendered as LLaVA's "<image>\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
+
+
+# ----------------------------------------------------------------------------------------------- the vision tower
+
+
+def feature_select_strategy(vqrae: VQRAE) -> str:
+    """LLaVA's vision_feature_select_strategy for this encoder: "full" without a CLS token, "default" with one."""
+    prefix = vqrae.encoder.family.prefix_tokens if vqrae.encoder.family is not None else None
+    if prefix not in (0, 1):
+        raise ConfigError(f"a {vqrae.config.encoder.model_type} tower has no LLaVA feature selection this code knows "
+                          "(one with 0 or 1 prefix tokens: SigLIP, InternViT, CLIP)")
+    return "full" if prefix == 0 else "default"
+
+
+def vision_tower(vqrae: VQRAE) -> PreTrainedModel:
+    """A standalone transformers vision model (a copy, fp32) whose LLaVA features equal `vqrae.encode_features`:
+    the encoder's tower with only the layers up to the feature layer. The final norm VQRAE never applies is kept as
+    an identity-initialised norm so the standard class loads; LLaVA reads the hidden state before it."""
+    cfg = vqrae.config.encoder
+    if cfg.model_type == "siglip2_vision_model":
+        raise ConfigError("a SigLIP2 NaFlex tower takes patch sequences, LLaVA feeds it images: use the SigLIP "
+                          "(FixRes) form of the checkpoint (model_type siglip_vision_model) for understanding")
+    feature_select_strategy(vqrae)
+    source = vqrae.encoder.tower
+    config = copy.deepcopy(source.config)
+    family = FAMILIES[cfg.model_type]
+    config.num_hidden_layers = len(_get(source, family.layers))
+    if hasattr(config, "vision_use_head"):
+        config.vision_use_head = False
+    tower = AutoModel.from_config(config).float()
+    state = {k: v.detach().float().cpu() for k, v in source.state_dict().items()}
+    if family.final_norm is not None:
+        norm = _get(tower, family.final_norm)
+        state |= {f"{family.final_norm}.weight": torch.ones_like(norm.weight),
+                  f"{family.final_norm}.bias": torch.zeros_like(norm.bias)}
+    load_exactly(tower, state, "the VQRAE encoder")
+    return tower.eval()
+
+
+def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def image_processor(vqrae: VQRAE) -> SiglipImageProcessor:
+    """Resize to the encoder's square resolution (bicubic), scale to [0, 1], normalise by its mean / std."""
+    cfg = vqrae.config.encoder
+    return SiglipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
+                                image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+
+
+def export_vision_tower(vqrae_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the VQRAE encoder of `vqrae_dir` as a transformers vision model folder (config.json, model.safetensors,
+    preprocessor_config.json), atomically; returns `out_dir`."""
+    vqrae = VQRAE.from_pretrained(vqrae_dir)
+    tower = vision_tower(vqrae)
+    with atomic_directory(out_dir) as tmp:
+        tower.save_pretrained(tmp)
+        image_processor(vqrae).save_pretrained(tmp)
+    return Path(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- the LLaVA model
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Add `<image>` as a special token (once) and return its id."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def llava_config(vqrae: VQRAE, text_config: PretrainedConfig, image_token_id: int,
+                 tower_config: PretrainedConfig | None = None) -> LlavaConfig:
+    """The LlavaConfig of a VQRAE tower + LM: projector gelu (mlp2x_gelu), features hidden_states[-1]."""
+    tower_config = tower_config or vision_tower(vqrae).config
+    return LlavaConfig(vision_config=tower_config.to_dict(), text_config=text_config.to_dict(),
+                       image_token_index=image_token_id, projector_hidden_act="gelu",
+                       vision_feature_select_strategy=feature_select_strategy(vqrae), vision_feature_layer=-1,
+                       image_seq_length=vqrae.config.num_tokens, multimodal_projector_bias=True)
+
+
+def build_processor(vqrae: VQRAE, tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
+    """A LlavaProcessor carrying the encoder's size and mean / std, `<image>` expanded to one token per feature."""
+    missing = [m for m in CHAT_MARKERS if m not in tokenizer.get_vocab()]
+    if missing:
+        raise ConfigError(f"the understanding chat template is ChatML; this tokenizer lacks {missing}")
+    add_image_token(tokenizer)
+    prefix = vqrae.encoder.family.prefix_tokens
+    return LlavaProcessor(image_processor=image_processor(vqrae), tokenizer=tokenizer,
+                          patch_size=vqrae.config.encoder.patch_size,
+                          vision_feature_select_strategy=feature_select_strategy(vqrae), chat_template=CHAT_TEMPLATE,
+                          image_token=IMAGE_TOKEN, num_additional_image_tokens=prefix)
+
+
+def build_llava(vqrae: VQRAE, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+                ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A LlavaForConditionalGeneration from a VQRAE encoder and a causal LM (its weights copied; the tokenizer
+    gains `<image>` and the embeddings a row for it), with a freshly initialised projector; and its processor."""
+    processor = build_processor(vqrae, tokenizer)
+    image_id = processor.image_token_id
+    if lm.get_input_embeddings().weight.shape[0] <= image_id:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    tower = vision_tower(vqrae)
+    config = llava_config(vqrae, lm.config, image_id, tower.config)
+    model = LlavaForConditionalGeneration(config)
+    body = lm.get_decoder()
+    load_exactly(model.model.vision_tower, tower.state_dict(), "the VQRAE tower")
+    load_exactly(model.model.language_model, body.state_dict(), "the language model")
+    if not config.tie_word_embeddings:
+        load_exactly(model.lm_head, lm.get_output_embeddings().state_dict(), "the language model's head")
+    model.tie_weights()
+    return model.eval(), processor
+
+
+def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path) -> Path:
+    """Write an export folder (config, safetensors, processor, tokenizer, chat template) atomically."""
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(directory)
+
+
+def load_llava(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+               ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """An export folder back: (model in eval mode, processor)."""
+    directory = Path(directory)
+    config = directory / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "llava":
+        raise FileNotFoundError(f"{directory} is not a LLaVA export (no config.json of model_type 'llava')")
+    model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(device).eval()
+    return model, AutoProcessor.from_pretrained(directory)
+
+
+def replace_vision_tower(llava_dir: str | Path, vqrae_dir: str | Path, out_dir: str | Path) -> Path:
+    """Plug-and-play: an existing transformers LLaVA checkpoint with its vision tower replaced by a VQRAE encoder of
+    the same shapes (projector and LLM kept), saved as a new checkpoint. The tower must have the checkpoint's
+    width, patch size and resolution, and feed the projector the same number of feature tokens."""
+    llava_dir = Path(llava_dir)
+    model, processor = load_llava(llava_dir)
+    vqrae = VQRAE.from_pretrained(vqrae_dir)
+    old, new = model.config.vision_config, vision_tower(vqrae)
+    for name, theirs, ours in (("width", old.hidden_size, new.config.hidden_size),
+                               ("patch size", old.patch_size, new.config.patch_size),
+                               ("resolution", old.image_size, new.config.image_size)):
+        if theirs != ours:
+            raise ConfigError(f"{llava_dir}'s vision tower has {name} {theirs}, the VQRAE encoder {ours}: the "
+                              "projector cannot take its features")
+    strategy = feature_select_strategy(vqrae)
+    if strategy != model.config.vision_feature_select_strategy:
+        raise ConfigError(f"{llava_dir} selects features with {model.config.vision_feature_select_strategy!r}, the "
+                          f"VQRAE encoder needs {strategy!r}")
+    config = copy.deepcopy(model.config)
+    config.vision_config = new.config
+    config.vision_feature_layer = -1
+    swapped = LlavaForConditionalGeneration(config)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("model.vision_tower.")}
+    load_exactly(swapped, kept | {f"model.vision_tower.{k}": v for k, v in new.state_dict().items()}, "the swap")
+    swapped.tie_weights()
+    processor.image_processor = image_processor(vqrae)
+    return save_llava(swapped.eval(), processor, out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- answering
+
+
+@torch.no_grad()
+def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: Sequence[Image.Image | None],
+           questions: Sequence[str], max_new_tokens: int = 16, short: bool = True) -> list[str]:
+    """Greedy answers for a batch of (image, question) pairs, left-padded (LLaVA-1.5's evaluation prompt:
+    `<image>\\n{question}` + SHORT_ANSWER when `short`). An image may be None (a text-only question)."""
+    if len(images) != len(questions):
+        raise ValueError(f"{len(images)} images for {len(questions)} questions")
+    texts = []
+    for image, question in zip(images, questions):
+        content = ([{"type": "image"}] if image is not None else []) + [
+            {"type": "text", "text": question + (SHORT_ANSWER if short else "")}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False))
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        pictures = [im for im in images if im is not None]
+        inputs = processor(images=pictures or None, text=texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    end = tokenizer.convert_tokens_to_ids(CHAT_MARKERS[1])
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                         pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip()
+            for row in out[:, inputs["input_ids"].shape[1] :]]
