@@ -97,3 +97,41 @@ def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
     write_atomic(path, buf.getvalue())
+
+
+def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, seed: int = 0,
+                 progress: bool = True) -> None:
+    """The world as understanding data in LLaVA's formats, resumably (images written once, settings recorded):
+
+    out_dir/images/{index:08d}.png
+    out_dir/captions.json        stage 1: one {"id", "image", "conversations": [<image>, caption]} per image
+    out_dir/conversations.json   stage 2: every question of an image as one multi-turn conversation
+    out_dir/questions.jsonl      one {"question_id", "image", "text", "answer", "type"} per question (evaluation)
+
+    Questions carry LLaVA-1.5's short-answer instruction, as the evaluation prompt does.
+    """
+    from llm.understanding import SHORT_ANSWER
+
+    check_image_size(image_size)
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    ensure_settings(out / WORLD_FILE, {"version": 1, "kind": "llava", "seed": seed, "image_size": image_size,
+                                       "num_samples": num_samples})
+    captions, conversations, questions = [], [], []
+    for i in tqdm(range(num_samples), desc="shapes world (llava)", unit="img", disable=not progress):
+        meta, nominal = sample_metadata(seed, i, image_size)
+        image = f"images/{i:08d}.png"
+        if not (out / image).exists():
+            write_atomic(out / image, _png_bytes(render(meta["objects"], nominal, image_size)))
+        captions.append({"id": f"{i:08d}", "image": image, "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": meta["prompt"]}]})
+        turns = []
+        for k, qa in enumerate(meta["qa"]):
+            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"] + SHORT_ANSWER},
+                      {"from": "gpt", "value": qa["answer"]}]
+            questions.append({"question_id": f"{i:08d}-{k}", "image": image, "text": qa["question"] + SHORT_ANSWER,
+                              "answer": qa["answer"], "type": qa["type"]})
+        conversations.append({"id": f"{i:08d}", "image": image, "conversations": turns})
+    write_atomic(out / "captions.json", json.dumps(captions))
+    write_atomic(out / "conversations.json", json.dumps(conversations))
+    write_atomic(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))

@@ -1,0 +1,185 @@
+"""LLaVA-format conversations for the understanding model: reading LLaVA's json, the two training templates, and
+the collate function.
+
+File format (LLaVA-1.5's): a json list of {"id", "image": path relative to the image root (optional: text-only),
+"conversations": [{"from": "human" | "gpt", "value": str}, ...]}; `<image>` stands for the image in a human turn and
+is moved to the start of the first one, as LLaVA does.
+
+Templates:
+- "plain" (stage 1): exactly one human turn (the image) and one gpt turn (the caption); input = the image tokens +
+  caption + "\\n"; only the caption and its "\\n" are supervised.
+- "chat" (stage 2): ChatML turns, the understanding model's chat template (llm/understanding.py's CHAT_TEMPLATE),
+  multi-turn; only the assistant answers and their end-of-turn token are supervised.
+
+The image becomes `num_image_tokens` copies of the `<image>` token id (what LlavaForConditionalGeneration fills with
+the projected features); pixels are padded to a square with the processor's mean colour (LLaVA's
+`image_aspect_ratio pad`) and then preprocessed by the processor's own image processor, so training sees exactly what
+evaluation does. A sample whose truncation would cut image tokens, whose image is missing or unreadable, or whose
+tokens differ from what the chat template renders is skipped (None) and counted by reason in `collate_llava`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from data.images import DECODE_ERRORS
+from data.transforms import to_rgb
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+TEMPLATES = ("plain", "chat")
+SKIP_REASONS = ("missing_image", "unreadable_image", "truncated_image", "template_mismatch", "no_answer")
+
+
+def read_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """A LLaVA json file (a list of samples), validated: one clear error naming the first bad sample."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"conversation file {path} not found")
+    try:
+        samples = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid json ({err.msg} at line {err.lineno})") from None
+    if not isinstance(samples, list):
+        raise ValueError(f"{path} must hold a json list of LLaVA samples")
+    for i, sample in enumerate(samples):
+        turns = sample.get("conversations") if isinstance(sample, dict) else None
+        ok = isinstance(turns, list) and turns and all(
+            isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str)
+            for t in turns)
+        if not ok or ("image" in sample and not isinstance(sample["image"], str)):
+            raise ValueError(f"{path}: sample {i} is not a LLaVA sample ({{'id', 'image'?, 'conversations': "
+                             "[{'from': 'human' | 'gpt', 'value': str}, ...]}})")
+    return samples
+
+
+def normalize_turns(sample: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(role, text) turns with roles user / assistant; with an image, `<image>` removed wherever it was and put at
+    the start of the first human turn as "<image>\\n" (LLaVA's convention)."""
+    turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in sample["conversations"]]
+    if sample.get("image") is None:
+        return turns
+    turns = [(role, text.replace(IMAGE_PLACEHOLDER, "").strip() if role == "user" else text)
+             for role, text in turns]
+    first = next(i for i, (role, _) in enumerate(turns) if role == "user")
+    role, text = turns[first]
+    turns[first] = (role, f"{IMAGE_PLACEHOLDER}\n{text}" if text else IMAGE_PLACEHOLDER)
+    return turns
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Tokenised LLaVA samples: item -> {"input_ids", "labels", "pixel_values" (3, H, W) or None, "id"}, or
+    {"skipped": reason} for a sample that cannot be trained on exactly.
+
+    Args:
+        samples: from `read_conversations`.
+        image_root: folder the "image" paths are relative to.
+        processor: the understanding model's LlavaProcessor (tokenizer with `<image>`, chat template, image
+            processor).
+        num_image_tokens: image tokens per image (the model's image_seq_length).
+        template: "plain" or "chat".
+        max_length: longest sequence kept (LLaVA: 2048); longer ones are cut at the end.
+    """
+
+    def __init__(self, samples: Sequence[Mapping[str, Any]], image_root: str | Path, processor: Any,
+                 num_image_tokens: int, template: str = "chat", max_length: int = 2048):
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+        self.samples, self.root, self.processor = list(samples), Path(image_root), processor
+        self.tokenizer = processor.tokenizer
+        self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        self.num_image_tokens, self.template, self.max_length = num_image_tokens, template, max_length
+        mean = processor.image_processor.image_mean
+        self.fill = tuple(int(round(255 * m)) for m in mean)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tokens(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]] | str:
+        """input ids and labels of the turns, or the reason they cannot be trained on."""
+        if self.template == "plain":
+            if len(turns) != 2 or turns[0][0] != "user" or turns[1][0] != "assistant":
+                return "template_mismatch"
+            prompt, answer = self.encode(turns[0][1]), self.encode(turns[1][1] + "\n")
+            return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        ids: list[int] = []
+        labels: list[int] = []
+        for role, text in turns:
+            head, body, tail = self.encode(f"<|im_start|>{role}\n"), self.encode(f"{text}<|im_end|>"), self.encode("\n")
+            ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head) + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
+            labels += [IGNORE_INDEX] * len(tail)
+        rendered = self.processor.apply_chat_template(
+            [{"role": role, "content": text} for role, text in turns], tokenize=False)
+        if self.encode(rendered) != ids:  # the trained tokens must be exactly what the template renders
+            return "template_mismatch"
+        return ids, labels
+
+    def image(self, relative: str) -> torch.Tensor | str:
+        path = self.root / relative
+        if not path.is_file():
+            return "missing_image"
+        try:
+            with Image.open(path) as raw:
+                raw.load()
+                image = to_rgb(raw)
+        except DECODE_ERRORS:
+            return "unreadable_image"
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), self.fill)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        return self.processor.image_processor(images=square, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) keys from the resumable sampler
+        sample = self.samples[i]
+        pixels = None
+        if sample.get("image") is not None:
+            pixels = self.image(sample["image"])
+            if isinstance(pixels, str):
+                return {"skipped": pixels, "id": sample.get("id")}
+        encoded = self.tokens(normalize_turns(sample))
+        if isinstance(encoded, str):
+            return {"skipped": encoded, "id": sample.get("id")}
+        ids, labels = encoded
+        if pixels is not None:
+            at = ids.index(self.image_id)
+            ids = ids[:at] + [self.image_id] * self.num_image_tokens + ids[at + 1 :]
+            labels = labels[:at] + [IGNORE_INDEX] * self.num_image_tokens + labels[at + 1 :]
+            if at + self.num_image_tokens > self.max_length:
+                return {"skipped": "truncated_image", "id": sample.get("id")}
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            return {"skipped": "no_answer", "id": sample.get("id")}
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
+                "id": sample.get("id")}
+
+
+def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded batch (pad id, attention 0, label IGNORE_INDEX); pixel_values of the samples with an image, in
+    order (None when there is none); `skipped`: reason -> count of the dropped samples."""
+    kept = [s for s in samples if "skipped" not in s]
+    skipped = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
+    if not kept:
+        return {"input_ids": None, "skipped": skipped, "examples": 0}
+    length = max(s["input_ids"].numel() for s in kept)
+    ids = torch.full((len(kept), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(kept), length, dtype=torch.long)
+    for row, s in enumerate(kept):
+        n = s["input_ids"].numel()
+        ids[row, :n], labels[row, :n], mask[row, :n] = s["input_ids"], s["labels"], 1
+    images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.stack(images) if images else None, "skipped": skipped, "examples": len(kept)}
