@@ -14,7 +14,6 @@ training (`LMConfig`, `build_lm`), and the one pair of functions that write and 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,14 +23,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from common.config import ConfigError
-from common.distributed import barrier, is_rank_zero
 from common.files import atomic_directory, atomic_write
-from llm.text_tokenizer import corpus_tokenizer
-from llm.vocab import TEMPLATES, UNCOND_MODES, ImageVocab, build_tiny_qwen3, expand_vocabulary
+from llm.lm import causal_lm
+from llm.vocab import TEMPLATES, UNCOND_MODES, ImageVocab, expand_vocabulary
 from tokenizer import VQRAE
-from tokenizer.encoder import resolve_attn_implementation
 
-log = logging.getLogger("vqrae")
 FORMAT_FILE = "sequence_format.json"
 VQRAE_DIR = "vqrae"
 
@@ -87,23 +83,7 @@ def build_lm(cfg: LMConfig, vqrae: VQRAE, work_dir: Path, seed: int = 0, dtype: 
         dtype: the dtype the LM will compute in (picks the attention kernel).
         texts: the captions a tiny LM's text tokenizer is trained on (required without cfg.pretrained).
     """
-    attn = resolve_attn_implementation(cfg.attn_implementation, dtype)
-    if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"lm.pretrained={path}: no config.json (a local causal-LM directory)")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
-    else:
-        if not texts:
-            raise ConfigError("lm.pretrained is empty and there are no captions to train a small text tokenizer on")
-        log.warning("lm.pretrained is empty: a tiny RANDOM Qwen3 with a text tokenizer of the captions (CPU demo)")
-        if is_rank_zero():
-            corpus_tokenizer(texts, work_dir / "text_tokenizer")
-        barrier()  # two ranks replacing one folder at once would race
-        tokenizer = AutoTokenizer.from_pretrained(work_dir / "text_tokenizer")
-        model = build_tiny_qwen3(tokenizer, seed=seed, **cfg.tiny)
-        model.config._attn_implementation = attn
+    model, tokenizer = causal_lm(cfg.pretrained, cfg.tiny, work_dir, seed, dtype, cfg.attn_implementation, texts)
     codebook = vqrae.quantizer.effective_codebook().detach() if cfg.init == "codebook" else None
     vocab = expand_vocabulary(model, tokenizer, vqrae.config.quantizer.codebook_size, init=cfg.init,
                               codebook=codebook, seed=seed)
