@@ -168,11 +168,12 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded batch (pad id, attention 0, label IGNORE_INDEX); pixel_values of the samples with an image, in
-    order (None when there is none); `skipped`: reason -> count of the dropped samples."""
+    order (None when there is none); `skipped`: how many samples were dropped, `skip_reasons`: reason -> count."""
     kept = [s for s in samples if "skipped" not in s]
-    skipped = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
+    reasons = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
+    skipped = {"skipped": len(samples) - len(kept), "skip_reasons": reasons}
     if not kept:
-        return {"input_ids": None, "skipped": skipped, "examples": 0}
+        return {"input_ids": None, "examples": 0, **skipped}
     length = max(s["input_ids"].numel() for s in kept)
     ids = torch.full((len(kept), length), pad_id, dtype=torch.long)
     labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)
@@ -182,4 +183,4 @@ def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, A
         ids[row, :n], labels[row, :n], mask[row, :n] = s["input_ids"], s["labels"], 1
     images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack(images) if images else None, "skipped": skipped, "examples": len(kept)}
+            "pixel_values": torch.stack(images) if images else None, "examples": len(kept), **skipped}

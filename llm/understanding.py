@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -166,11 +166,15 @@ def build_llava(vqrae: VQRAE, lm: PreTrainedModel, tokenizer: PreTrainedTokenize
     return model.eval(), processor
 
 
-def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path) -> Path:
-    """Write an export folder (config, safetensors, processor, tokenizer, chat template) atomically."""
+def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path,
+               extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write an export folder (config, safetensors, processor, tokenizer, chat template) atomically; `extra`: name ->
+    a function writing that file or folder into it too."""
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        for name, write in (extra or {}).items():
+            write(tmp / name)
     return Path(directory)
 
 

@@ -95,8 +95,8 @@ def test_skipped_samples_are_counted_by_reason_and_collation(world, tmp_path):
     assert items[1]["pixel_values"] is None and processor.image_token_id not in items[1]["input_ids"].tolist()
     batch = collate_llava(items, pad_id=processor.tokenizer.pad_token_id)
     assert batch["examples"] == 2 and batch["pixel_values"].shape == (1, 3, 64, 64)
-    assert batch["skipped"] == {"missing_image": 1, "unreadable_image": 1, "truncated_image": 0,
-                                "template_mismatch": 0, "no_answer": 1}
+    assert batch["skipped"] == 3 and batch["skip_reasons"] == {
+        "missing_image": 1, "unreadable_image": 1, "truncated_image": 0, "template_mismatch": 0, "no_answer": 1}
     n = items[1]["input_ids"].numel()
     assert batch["attention_mask"][1].sum() == n and (batch["labels"][1, n:] == IGNORE_INDEX).all()
     short = ConversationDataset(samples[:1], tmp_path, processor, 64, "chat", max_length=40)

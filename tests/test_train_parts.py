@@ -107,3 +107,21 @@ def test_truncate_metrics_drops_lines_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(1, 8)))
     truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from train.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(7), np.random.rand(7), random.random()  # move every generator on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 
 from common.config import ConfigError
-from common.distributed import DistInfo, barrier, init_distributed, setup_logging
+from common.distributed import DistInfo, barrier
 from data.codes import CHUNK_SIZE, CodeDataset, ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.sequences import CaptionCodeSequences, collate_sequences
@@ -37,10 +37,10 @@ from llm.generator import LMConfig, build_lm, save_text_side
 from llm.sampler import Engine, SamplingConfig
 from llm.vocab import build_prompt_ids, unconditional_prompt_ids
 from tokenizer import VQRAE
-from train.config import DebugConfig, RunConfig, parse_config, run_entry_point
+from train.config import DebugConfig, RunConfig, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
 from train.exports import GENERATOR_META, TEXT_SIDE, export_generator
-from train.loop import TrainLoop
+from train.loop import TrainLoop, run_trainer
 from train.run_folder import prepare_run_dir
 
 log = logging.getLogger("vqrae")
@@ -182,11 +182,7 @@ class ARGenTrainer(TrainLoop):
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(ARGenTrainConfig, argv, CONFIG_DIR / "tiny.yaml", __doc__)
-    info = init_distributed(always=True)
-    setup_logging(info)
-    torch.manual_seed(cfg.run.seed)
-    ARGenTrainer(cfg, info).fit(cfg.run.steps, cfg)
+    run_trainer(ARGenTrainer, ARGenTrainConfig, CONFIG_DIR / "tiny.yaml", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,43 @@ so a folder named checkpoints/step_* is always complete; and the consolidated fp
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.distributed import DistInfo, barrier
 from common.files import atomic_write
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+RNG_DIR = "rng"  # one file per rank: the random generators' states (dropout, noise)
+log = logging.getLogger("vqrae")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (torch CPU and CUDA, numpy, python), in a form torch.load reads with
+    weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -65,6 +90,8 @@ class Checkpointer:
         barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(tmp), tag=name)
+        (tmp / RNG_DIR).mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / RNG_DIR / f"rank_{self.info.rank:05d}.pt")
         barrier()
         if self.info.is_main:
             for name, write in (files or {}).items():
@@ -93,13 +120,19 @@ class Checkpointer:
             raise FileNotFoundError(f"run.resume={resume}: not a complete checkpoint (no {STATE_FILE})")
         return path
 
-    @staticmethod
-    def load(path: Path, engines: dict[str, Any]) -> dict[str, Any]:
-        """Load every engine's shards (model, optimizer, scheduler) and return the trainer state."""
+    def load(self, path: Path, engines: dict[str, Any]) -> dict[str, Any]:
+        """Load every engine's shards (model, optimizer, scheduler) and this rank's random generators; return the
+        trainer state."""
         for name, engine in engines.items():
             load_path, _ = engine.load_checkpoint(str(path), tag=name)
             if load_path is None:
                 raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed state for '{name}'")
+        rng = path / RNG_DIR / f"rank_{self.info.rank:05d}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=True))
+        else:
+            log.warning("checkpoint %s has no random-generator state for rank %d: dropout and noise will differ "
+                        "from the interrupted run", path, self.info.rank)
         return json.loads((path / STATE_FILE).read_text())
 
 

@@ -55,5 +55,7 @@ def resumable_loader(dataset: Any, collate_fn: Callable, micro_batch_size: int, 
     """
     sampler = ResumableBatchSampler(len(dataset), micro_batch_size, info.rank, info.world_size, seed, start=start)
     workers = default_num_workers() if num_workers < 0 else num_workers
+    # its own generator: starting the iterator must not draw from the global RNG, which a resume restores
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
-                                       pin_memory=info.device.type == "cuda")  # for non_blocking copies
+                                       pin_memory=info.device.type == "cuda",  # for non_blocking copies
+                                       generator=torch.Generator().manual_seed(seed))

@@ -71,7 +71,7 @@ def lr_lambda(step: int, optim: OptimConfig, total_steps: int) -> float:
     if step < optim.warmup_steps:
         return (step + 1) / optim.warmup_steps
     progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-    floor = optim.min_lr / optim.lr
+    floor = optim.min_lr / optim.lr if optim.lr else 0.0  # lr 0 (frozen run): any multiplier gives 0
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

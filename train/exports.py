@@ -4,6 +4,8 @@ checkpoint. The tokenizer's is a `VQRAE.from_pretrained` folder; the generator's
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -61,3 +63,47 @@ def export_generator(checkpoint: Path, directory: Path) -> None:
                          f"unexpected {result.unexpected_keys[:3]}")
     tokenizer, vocab, fmt = load_text_side(checkpoint / TEXT_SIDE)
     save_generator(directory, model, tokenizer, vocab, fmt, meta["vqrae"])
+
+
+LLAVA_CONFIG = "llava_config.json"  # the understanding model's LlavaConfig
+PROCESSOR_DIR = "processor"  # its LlavaProcessor (tokenizer with <image>, chat template, image processor)
+PROJECTOR_FILE = "projector.safetensors"  # the projector alone (LLaVA's mm_projector), fp32
+LORA_CONFIG = "lora.json"  # present when the LLM trains LoRA adapters
+ADAPTER_DIR = "adapter"  # the unmerged adapter of an export made with lora.merge_on_export=false
+
+
+def export_understanding(checkpoint: Path, directory: Path) -> None:
+    """Write an understanding export (llm/understanding.py's `save_llava` layout, loadable by transformers'
+    LlavaForConditionalGeneration + AutoProcessor) from a checkpoint; LoRA adapters are merged into the LLM, or kept
+    unmerged in directory/adapter/ (a peft adapter of the exported base model)."""
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+    from llm.understanding import save_llava
+
+    config = LlavaConfig.from_dict(json.loads((checkpoint / LLAVA_CONFIG).read_text()))
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    state = consolidated_state_dict(checkpoint, tag="model")
+    lora = json.loads((checkpoint / LORA_CONFIG).read_text()) if (checkpoint / LORA_CONFIG).is_file() else None
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(lora["target_modules"])
+        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                                                 target_modules=rf".*language_model.*\.({targets})"))
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights() if lora is None else model.get_base_model().tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {checkpoint} does not fit its LLaVA config: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    processor = AutoProcessor.from_pretrained(checkpoint / PROCESSOR_DIR)
+    if lora is not None and not lora["merge"]:
+        with tempfile.TemporaryDirectory() as adapter:
+            model.save_pretrained(adapter)  # the adapter alone, before unloading removes it
+            save_llava(model.unload(), processor, directory,
+                       {ADAPTER_DIR: lambda path: shutil.copytree(adapter, path)})
+        return
+    save_llava(model.merge_and_unload() if lora is not None else model, processor, directory)

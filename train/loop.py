@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from common.distributed import DistInfo, barrier
+from common.distributed import DistInfo, barrier, init_distributed, setup_logging
 from train.checkpoint import Checkpointer
-from train.config import DebugConfig, RunConfig
+from train.config import DebugConfig, RunConfig, parse_config
 from train.data_order import resumable_loader
 from train.engine import learning_rates
 from train.guard import NonFiniteGuard
@@ -91,7 +91,7 @@ class TrainLoop:
         path = self.checkpointer.resolve(self.run_cfg.resume)
         if path is None:
             return
-        self.state.update(Checkpointer.load(path, self.engines))
+        self.state.update(self.checkpointer.load(path, self.engines))
         self.load_checkpoint_files(path)
         log.info("resumed from %s (step %d)", path, self.state["step"])
         if self.info.is_main:
@@ -154,3 +154,14 @@ class TrainLoop:
         barrier()
         log.info("done: step %d (skipped %d unreadable images, %d non-finite micro-steps)", st["step"],
                  st["skipped_images"], guard.skipped)
+
+
+def run_trainer(trainer: type[TrainLoop], cfg_cls: type, default_config: Path, description: str,
+                argv: list[str] | None = None) -> None:
+    """A trainer's whole main(): the command line (`train.config.parse_config`), the process group (one is set up
+    under plain python), rank-tagged logging, the global seed, then `trainer(cfg, info).fit(cfg.run.steps, cfg)`."""
+    cfg = parse_config(cfg_cls, argv, default_config, description)
+    info = init_distributed(always=True)
+    setup_logging(info)
+    torch.manual_seed(cfg.run.seed)
+    trainer(cfg, info).fit(cfg.run.steps, cfg)

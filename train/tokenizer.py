@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError, from_dict, merge_dicts, to_dict
-from common.distributed import DistInfo, barrier, init_distributed, setup_logging
+from common.distributed import DistInfo, barrier
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, make_grid_png
 from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
@@ -37,11 +37,11 @@ from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import build_lpips
 from tokenizer.model import VQRAE, read_config_dict
 from tokenizer.objective import LeCAMState, LossConfig, discriminator_loss, generator_loss
-from train.config import DebugConfig, RunConfig, parse_config, run_entry_point
+from train.config import DebugConfig, RunConfig, run_entry_point
 from train.ema import EMA
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
 from train.exports import EMA_FILE, TOKENIZER_CONFIG, export_tokenizer
-from train.loop import TrainLoop
+from train.loop import TrainLoop, run_trainer
 from train.run_folder import prepare_run_dir
 
 log = logging.getLogger("vqrae")
@@ -326,11 +326,7 @@ class TokenizerTrainer(TrainLoop):
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(TokenizerTrainConfig, argv, CONFIG_DIR / "tiny-stage1.yaml", __doc__)
-    info = init_distributed(always=True)
-    setup_logging(info)
-    torch.manual_seed(cfg.run.seed)
-    TokenizerTrainer(cfg, info).fit(cfg.run.steps, cfg)
+    run_trainer(TokenizerTrainer, TokenizerTrainConfig, CONFIG_DIR / "tiny-stage1.yaml", __doc__, argv)
 
 
 if __name__ == "__main__":

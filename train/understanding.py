@@ -1,0 +1,307 @@
+"""Understanding training, LLaVA-1.5 style, on VQRAE's continuous features under DeepSpeed ZeRO.
+
+    deepspeed train/understanding.py                                     # CPU default: stage 1 on the shapes world
+    deepspeed train/understanding.py --config train/configs/understanding/tiny-stage2.yaml
+    deepspeed --num_gpus 8 train/understanding.py --config train/configs/understanding/qwen3-stage1.yaml \\
+        model.tokenizer=runs/siglip2-stage2/export model.lm_pretrained=/ckpt/Qwen3-1.7B \\
+        data.conversations=/data/llava/blip_laion_cc_sbu_558k.json data.image_root=/data/llava/images
+
+Stage 1: the projector alone learns (VQRAE tower and LLM frozen, ZeRO-2, "plain" template: image -> caption); the
+run saves the projector by itself (projector.safetensors, as LLaVA does) and a full export. Stage 2: projector +
+LLM (fully, or LoRA adapters through peft with the projector trained fully at its own lr), ChatML conversations,
+ZeRO-3 and gradient checkpointing; it starts from a stage-1 export (model.init_from) or from a stage-1 projector file
+loaded into a fresh model before DeepSpeed partitions it (model.projector). The tower stays frozen unless
+model.train_tower (at lr * tower_lr_scale). Every run ends with an export that transformers' LLaVA classes load
+(LoRA merged, or kept beside it with lora.merge_on_export=false).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.config import ConfigError
+from common.distributed import DistInfo, barrier
+from common.weights import load_exactly
+from data.llava import SKIP_REASONS, ConversationDataset, collate_llava, read_conversations
+from data.shapes import world_texts
+from llm.lm import causal_lm
+from llm.understanding import build_llava, load_llava
+from tokenizer import VQRAE
+from train.config import DebugConfig, RunConfig, run_entry_point
+from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
+from train.exports import LLAVA_CONFIG, LORA_CONFIG, PROCESSOR_DIR, PROJECTOR_FILE, export_understanding
+from train.loop import TrainLoop, run_trainer
+from train.run_folder import prepare_run_dir
+
+log = logging.getLogger("vqrae")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "understanding"
+PROJECTOR = "model.multi_modal_projector."
+
+
+@dataclass
+class UnderstandingModelConfig:
+    """Args:
+    tokenizer: the VQRAE export whose encoder is the vision tower (stage 1, and stage 2 from a projector file).
+    lm_pretrained: local causal-LM directory (e.g. Qwen3-1.7B); empty -> a tiny random Qwen3 with a tokenizer of
+        the shapes world's captions (CPU default). lm_tiny: overrides of that tiny Qwen3.
+    init_from: stage 2: a stage-1 run folder or its export. projector: stage 2 instead: a stage-1
+        projector.safetensors, loaded into a model built from tokenizer + lm_pretrained.
+    train_tower: train the vision tower too (stage 2) at lr * tower_lr_scale.
+    gradient_checkpointing: recompute the LM's and tower's layers in the backward pass.
+    """
+
+    tokenizer: str = "runs/tiny-stage2/export"
+    lm_pretrained: str = ""
+    lm_tiny: dict = field(default_factory=dict)
+    attn_implementation: str = "auto"
+    init_from: str = ""
+    projector: str = ""
+    train_tower: bool = False
+    tower_lr_scale: float = 0.1
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters on the LLM in stage 2 (LLaVA-1.5's LoRA recipe: r 128, alpha 256, lr 2e-4, projector 2e-5).
+
+    Args:
+        enabled: train adapters instead of the whole LLM. target_modules: the LLM's linear layers that get one.
+        projector_lr: the projector's learning rate (trained fully). merge_on_export: merge the adapters into the
+            exported LLM (else the export holds the base LLM and the adapter beside it, in adapter/).
+    """
+
+    enabled: bool = False
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    projector_lr: float = 2e-5
+    merge_on_export: bool = True
+
+
+@dataclass
+class WorldSection:
+    """The shapes world written as LLaVA data to data.image_root on first use (samples > 0)."""
+
+    samples: int = 0
+    seed: int = 0
+
+
+@dataclass
+class UnderstandingDataConfig:
+    """Args: conversations: a LLaVA json file; image_root: the folder its image paths are relative to; template:
+    "plain" | "chat" (default: plain in stage 1, chat in stage 2); max_length: longest sequence kept."""
+
+    conversations: str = ""
+    image_root: str = ""
+    template: str = ""
+    max_length: int = 2048
+    world: WorldSection = field(default_factory=WorldSection)
+
+
+@dataclass
+class UnderstandingTrainConfig:
+    """Everything `train/understanding.py` reads (yaml sections and `key=value` paths follow the field names)."""
+
+    stage: int = 1
+    run: RunConfig = field(default_factory=RunConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    model: UnderstandingModelConfig = field(default_factory=UnderstandingModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: UnderstandingDataConfig = field(default_factory=UnderstandingDataConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage == 1 and (self.lora.enabled or self.model.train_tower):
+            raise ConfigError("stage 1 trains the projector alone: lora.enabled and model.train_tower are stage 2's")
+        if self.stage == 2 and bool(self.model.init_from) == bool(self.model.projector):
+            raise ConfigError("stage 2 starts from model.init_from (a stage-1 export) or model.projector (a stage-1 "
+                              "projector.safetensors): set exactly one")
+
+    @property
+    def template(self) -> str:
+        return self.data.template or ("plain" if self.stage == 1 else "chat")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_export(path: str) -> Path:
+    """A LLaVA export folder from a path to it or to a run folder holding export/."""
+    for candidate in (Path(path), Path(path) / "export"):
+        config = candidate / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
+            return candidate
+    raise FileNotFoundError(f"model.init_from={path}: no understanding export there or in its export/ folder")
+
+
+def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
+    """(LlavaForConditionalGeneration in fp32, processor): from a stage-1 export, or built from the VQRAE tower and
+    the LM (with the stage-1 projector file loaded in stage 2)."""
+    if cfg.model.init_from:
+        return load_llava(resolve_export(cfg.model.init_from))
+    vqrae = VQRAE.from_pretrained(cfg.model.tokenizer)
+    lm, tokenizer = causal_lm(cfg.model.lm_pretrained, cfg.model.lm_tiny, work_dir, cfg.run.seed, cfg.deepspeed.dtype,
+                              cfg.model.attn_implementation, None if cfg.model.lm_pretrained else world_texts(),
+                              key="model.lm_pretrained")
+    model, processor = build_llava(vqrae, lm, tokenizer)
+    if cfg.model.projector:  # before DeepSpeed partitions anything (the ZeRO-3 projector-loading failure)
+        path = Path(cfg.model.projector)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.projector={path} not found (a stage-1 {PROJECTOR_FILE})")
+        load_exactly(model.model.multi_modal_projector, load_file(str(path)), f"model.projector={path}")
+    return model, processor
+
+
+def freeze(model, cfg: UnderstandingTrainConfig):
+    """Set requires_grad for the stage; with LoRA, wrap the LLM's linear layers (peft). Returns the model to train."""
+    model.requires_grad_(False)
+    if cfg.stage == 2 and cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(cfg.lora.target_modules)
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=rf".*language_model.*\.({targets})")
+        model = get_peft_model(model, lora)  # only the adapters train
+    elif cfg.stage == 2:
+        llava = model
+        llava.model.language_model.requires_grad_(True)
+        llava.lm_head.requires_grad_(True)
+    llava = model.get_base_model() if cfg.lora.enabled and cfg.stage == 2 else model
+    llava.model.multi_modal_projector.requires_grad_(True)
+    if cfg.model.train_tower:
+        llava.model.vision_tower.requires_grad_(True)
+    return model, llava
+
+
+def param_groups(model, cfg: UnderstandingTrainConfig) -> list[dict]:
+    """AdamW groups named for the logged lrs: the LLM (or its adapters) at lr ("base"), the projector at lr (or
+    lora.projector_lr with LoRA), the tower at lr * tower_lr_scale; weight decay on matrices only."""
+    lrs = {"base": cfg.optim.lr, "projector": cfg.lora.projector_lr if cfg.lora.enabled else cfg.optim.lr,
+           "tower": cfg.optim.lr * cfg.model.tower_lr_scale}
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "projector" if "multi_modal_projector" in name else "tower" if "vision_tower" in name else "base"
+        groups.setdefault((part, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": lrs[part], "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+             "name": part} for (part, decay), ps in sorted(groups.items())]
+
+
+def ensure_world(cfg: UnderstandingTrainConfig, image_size: int, info: DistInfo) -> None:
+    """Write the shapes world's LLaVA data to data.image_root when data.world.samples > 0 and it is missing."""
+    if cfg.data.world.samples <= 0 or Path(cfg.data.conversations).is_file():
+        return
+    if info.is_main:
+        from data.shapes_export import export_llava
+
+        export_llava(cfg.data.image_root, cfg.data.world.samples, image_size, cfg.data.world.seed)
+    barrier()
+
+
+class UnderstandingTrainer(TrainLoop):
+    """Stage 1 / stage 2 training of a LlavaForConditionalGeneration on LLaVA-format conversations."""
+
+    def __init__(self, cfg: UnderstandingTrainConfig, info: DistInfo):
+        super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
+        self.cfg = cfg
+        prepare_run_dir(cfg, self.out_dir, info)
+        llava, self.processor = build_model(cfg, self.out_dir)
+        ensure_world(cfg, self.processor.image_processor.size["height"], info)
+        if cfg.model.gradient_checkpointing:
+            llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.llava_config = llava.config.to_dict()
+        model, self.llava = freeze(llava, cfg)
+        self.llava.train()
+        if not cfg.model.train_tower:
+            self.llava.model.vision_tower.eval()
+        self.trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.dtype = cfg.deepspeed.dtype
+        ds_json = deepspeed_json(cfg.deepspeed, cfg.optim, info.world_size)
+        self.engine = build_engine(model, param_groups(model, cfg), cfg.optim, cfg.run.steps, ds_json,
+                                   cfg.deepspeed.compile)
+        self.engines = {"model": self.engine}
+        self.reasons = dict.fromkeys(SKIP_REASONS, 0)
+        self.resume()
+        samples = read_conversations(cfg.data.conversations)
+        self.dataset = ConversationDataset(samples, cfg.data.image_root, self.processor,
+                                           self.llava.config.image_seq_length, cfg.template, cfg.data.max_length)
+        pad = self.processor.tokenizer.pad_token_id
+        self.loader = self.make_loader(self.dataset, lambda batch: collate_llava(batch, pad),
+                                       cfg.deepspeed.micro_batch_size)
+        log.info("understanding stage %d (%s template): %d conversations, %d trained tensors, step %d of %d",
+                 cfg.stage, cfg.template, len(samples), len(self.trained), self.state["step"], cfg.run.steps)
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
+        for reason, n in batch["skip_reasons"].items():
+            self.reasons[reason] += n
+        if batch["input_ids"] is None:
+            return None
+        device = self.info.device
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+        pixels = batch["pixel_values"]
+        if pixels is not None:
+            inputs["pixel_values"] = pixels.to(device, self.dtype, non_blocking=True)
+        out = self.engine(**inputs)
+        loss = out.loss
+        if pixels is None and self.cfg.deepspeed.zero_stage == 3:
+            # ZeRO-3 gathers the tower's weights collectively: every rank runs it, a text-only batch on a dummy
+            size = self.processor.image_processor.size["height"]
+            dummy = torch.zeros(1, 3, size, size, device=device, dtype=self.dtype)
+            loss = loss + 0.0 * torch.stack(self.llava.get_image_features(pixel_values=dummy).pooler_output).sum()
+        tokens = (inputs["labels"][:, 1:] != -100).sum()
+        return loss, {"examples": batch["examples"], "answer_tokens": tokens}
+
+    def checkpoint_files(self) -> dict:
+        def projector(path: Path) -> None:  # every rank gathered it already (rank 0 writes): see _projector_state
+            save_file(self._projector, str(path))
+
+        self._projector = self._projector_state()
+        files = {PROCESSOR_DIR: self.processor.save_pretrained,
+                 LLAVA_CONFIG: lambda p: p.write_text(json.dumps(self.llava_config, indent=2)),
+                 PROJECTOR_FILE: projector}
+        if self.cfg.stage == 2 and self.cfg.lora.enabled:
+            lora = {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha, "dropout": self.cfg.lora.dropout,
+                    "target_modules": list(self.cfg.lora.target_modules), "merge": self.cfg.lora.merge_on_export}
+            files[LORA_CONFIG] = lambda p: p.write_text(json.dumps(lora, indent=2))
+        return files
+
+    def _projector_state(self) -> dict[str, torch.Tensor]:
+        """The projector's fp32 weights (collective under ZeRO-3: every rank calls it, as checkpointing does)."""
+        from train.ema import master_weight
+
+        projector = self.llava.model.multi_modal_projector
+        return {k: master_weight(p).detach().cpu().contiguous() for k, p in projector.named_parameters()}
+
+    def extra_state(self) -> dict:
+        return {"skip_reasons": self.reasons}
+
+    def load_checkpoint_files(self, path: Path) -> None:
+        self.reasons = {**dict.fromkeys(SKIP_REASONS, 0), **self.state.get("skip_reasons", {})}
+
+    def finish(self, checkpoint: Path) -> None:
+        if self.info.is_main:
+            export_understanding(checkpoint, self.out_dir / "export")
+            log.info("exported %s (skipped samples by reason: %s)", self.out_dir / "export", self.reasons)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_trainer(UnderstandingTrainer, UnderstandingTrainConfig, CONFIG_DIR / "tiny-stage1.yaml", __doc__, argv)
+
+
+if __name__ == "__main__":
+    run_entry_point(main)
