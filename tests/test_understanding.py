@@ -214,3 +214,32 @@ def test_tower_script_errors_are_one_line(tmp_path):
     proc = subprocess.run([*script, "export", str(tmp_path / "tok"), str(tmp_path / "tower")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "tower" / "preprocessor_config.json").is_file()
+
+
+def test_evaluation_answers_resumes_and_scores(llava_export, tmp_path):
+    from data.shapes_export import export_llava
+    from eval.understanding import main as evaluate
+
+    root = llava_export[0]
+    export_llava(tmp_path / "world", 3, image_size=64, seed=4, progress=False)
+    questions = tmp_path / "world" / "questions.jsonl"
+    out = tmp_path / "eval"
+    argv = ["--model", str(root / "export"), "--questions", str(questions), "--out", str(out), "--batch-size", "4",
+            "--device", "cpu"]
+    evaluate(argv)
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    total = len(questions.read_text().splitlines())
+    assert len(rows) == total and all("prediction" in r for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["questions"] == total and 0 <= summary["overall"] <= 1
+    # an interrupted run: drop the last answers (and cut a line in half); the rerun answers only those, the same way
+    lines = (out / "answers.jsonl").read_text().splitlines()
+    (out / "answers.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
+    evaluate(argv)
+    again = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert sorted(again, key=lambda r: r["question_id"]) == sorted(rows, key=lambda r: r["question_id"])
+    with pytest.raises(SystemExit):
+        evaluate([*argv, "--max-new-tokens", "3"])  # other settings in the same folder: refused
+    evaluate([*argv[:5], str(tmp_path / "blank"), *argv[6:], "--blank-images"])
+    blank = [json.loads(line) for line in (tmp_path / "blank" / "answers.jsonl").read_text().splitlines()]
+    assert len(blank) == total
