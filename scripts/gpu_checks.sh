@@ -2,13 +2,14 @@
 # The GPU checks of the repository as one prepared run: the three benchmarks, the CUDA tests and short runs of both
 # trainers, each under its own time limit, so that one slow or failing part still leaves the others' results. Logs and JSON go to $OUT.
 #
-#   bash scripts/gpu_checks.sh            # generate tokenizer tests trainers quantizer  (~5-8 min on an H200)
+#   bash scripts/gpu_checks.sh            # generate tokenizer tests trainers understanding quantizer (~6-9 min)
 #   bash scripts/gpu_checks.sh generate tokenizer_compile
 #
 # Sections, most important first: generate (sampler vs baselines, with torch.compile variants), tokenizer (training
 # step MFU, stage 2, SigLIP2-so400m at 256 px, batch 32, bf16, checkpointing off and on), tests (the CUDA tests),
 # trainers (both trainers on CUDA, bf16, ZeRO-2, a few dozen steps on the shapes world: tokenizer stage 1 -> stage 2
-# -> generator), quantizer (nearest-code search), tokenizer_compile (the tokenizer step torch.compile'd).
+# -> generator), understanding (stage 1 at ZeRO-2 then stage 2 at ZeRO-3, bf16, from the trainers' export),
+# quantizer (nearest-code search), tokenizer_compile (the tokenizer step torch.compile'd).
 # Needs torch, torchvision, transformers (the version in constraints.txt), lpips, deepspeed (trainers only), pyyaml,
 # safetensors, pillow, numpy, tokenizers and pytest. On an offline machine whose Python lacks some, bring them as
 # wheels (deepspeed publishes only a source archive: `DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8` makes
@@ -51,10 +52,25 @@ trainers() {  # tokenizer stage 1 -> stage 2 -> generator on CUDA; each must fin
     ls $dir/s1/export $dir/s2/export $dir/ar/export
 }
 
+understanding() {  # understanding stage 1 (ZeRO-2) -> stage 2 (ZeRO-3) on CUDA from the trainers' tokenizer export
+    set -e
+    local dir=/tmp/gpu-checks common="deepspeed.bf16=true run.log_every=5 run.tensorboard=false"
+    [ -d $dir/s2/export ] || { echo "needs the trainers section's export ($dir/s2/export)"; exit 1; }
+    "$PY" train/understanding.py $common deepspeed.zero_stage=2 run.output_dir=$dir/und1 run.steps=40 \
+        run.ckpt_every=20 model.tokenizer=$dir/s2/export data.image_root=$dir/llava \
+        data.conversations=$dir/llava/captions.json data.world.samples=1024
+    "$PY" train/understanding.py --config train/configs/understanding/tiny-stage2.yaml $common \
+        deepspeed.zero_stage=3 run.output_dir=$dir/und2 run.steps=40 run.ckpt_every=20 model.init_from=$dir/und1 \
+        data.image_root=$dir/llava data.conversations=$dir/llava/conversations.json model.gradient_checkpointing=true
+    tail -n 2 $dir/und1/metrics.jsonl $dir/und2/metrics.jsonl
+    ls $dir/und2/export
+}
+
 run() {
     case $1 in
         tests) section tests 120 "$PY" -m pytest -m gpu -q tests/test_sampler.py tests/test_tokenizer.py ;;
         trainers) section trainers 150 bash -c "$(declare -f trainers); trainers" ;;
+        understanding) section understanding 150 bash -c "$(declare -f understanding); understanding" ;;
         quantizer) section quantizer 40 "$PY" scripts/bench_quantizer.py --device cuda ;;
         generate) section generate 210 "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
             --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate.json" ;;
@@ -63,7 +79,8 @@ run() {
         tokenizer_compile) section tokenizer_compile 200 "$PY" scripts/bench_tokenizer.py \
             --preset siglip2-so400m-p16-256 --device cuda --dtype bf16 --batch 32 --stages 2 --ckpt off --compile \
             --json "$OUT/tokenizer_compile.json" ;;
-        *) echo "error: unknown section '$1' (generate tokenizer tests trainers quantizer tokenizer_compile)"; exit 2 ;;
+        *) echo "error: unknown section '$1' (generate tokenizer tests trainers understanding quantizer" \
+              "tokenizer_compile)"; exit 2 ;;
     esac
 }
 
@@ -71,5 +88,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     2>&1 | tee -a "$OUT/device.txt"
 sections=("$@")
-[ $# -eq 0 ] && sections=(generate tokenizer tests trainers quantizer)
+[ $# -eq 0 ] && sections=(generate tokenizer tests trainers understanding quantizer)
 for part in "${sections[@]}"; do run "$part"; done
