@@ -14,6 +14,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -21,6 +22,7 @@ from common.files import ensure_settings, write_atomic
 from data.shapes import check_image_size, render, sample_metadata
 
 WORLD_FILE = "world.json"
+QA_ORDER_STREAM = 0x0DE5  # SeedSequence namespace of the question order of a conversation
 
 
 def _png_bytes(image: Image.Image) -> bytes:
@@ -108,14 +110,16 @@ def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, se
     out_dir/conversations.json   stage 2: every question of an image as one multi-turn conversation
     out_dir/questions.jsonl      one {"question_id", "image", "text", "answer", "type"} per question (evaluation)
 
-    Questions carry LLaVA-1.5's short-answer instruction, as the evaluation prompt does.
+    Questions carry LLaVA-1.5's short-answer instruction, as the evaluation prompt does. A conversation asks its
+    questions in an order drawn per image (QA_ORDER_STREAM), so every question type is sometimes the first turn, the
+    one an evaluation question is asked in.
     """
     from llm.understanding import SHORT_ANSWER
 
     check_image_size(image_size)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    ensure_settings(out / WORLD_FILE, {"version": 1, "kind": "llava", "seed": seed, "image_size": image_size,
+    ensure_settings(out / WORLD_FILE, {"version": 2, "kind": "llava", "seed": seed, "image_size": image_size,
                                        "num_samples": num_samples})
     captions, conversations, questions = [], [], []
     for i in tqdm(range(num_samples), desc="shapes world (llava)", unit="img", disable=not progress):
@@ -126,7 +130,8 @@ def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, se
         captions.append({"id": f"{i:08d}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": meta["prompt"]}]})
         turns = []
-        for k, qa in enumerate(meta["qa"]):
+        order = np.random.default_rng(np.random.SeedSequence((QA_ORDER_STREAM, seed, i))).permutation(len(meta["qa"]))
+        for k, qa in enumerate(meta["qa"][j] for j in order):
             turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"] + SHORT_ANSWER},
                       {"from": "gpt", "value": qa["answer"]}]
             questions.append({"question_id": f"{i:08d}-{k}", "image": image, "text": qa["question"] + SHORT_ANSWER,

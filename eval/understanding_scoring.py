@@ -158,3 +158,11 @@ def score_exact_match(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     everything = [ok for oks in by_type.values() for ok in oks]
     return {"types": {t: {"accuracy": sum(oks) / len(oks), "questions": len(oks)} for t, oks in by_type.items()},
             "overall": sum(everything) / len(everything), "questions": len(everything)}
+
+
+def majority_answers(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """The most frequent normalised label per question type of `records` (ties: the alphabetically first)."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        counts[r["type"]][normalize_answer(str(r["label"]))] += 1
+    return {t: min(c, key=lambda a: (-c[a], a)) for t, c in counts.items()}

@@ -114,3 +114,16 @@ def test_reading_and_normalising_conversations(tmp_path):
     path.write_text(json.dumps([{"id": 1, "conversations": [{"from": "robot", "value": "x"}]}]))
     with pytest.raises(ValueError, match="sample 0 is not a LLaVA sample"):
         read_conversations(path)
+
+
+def test_every_question_type_is_sometimes_asked_first(tmp_path):
+    export_llava(tmp_path, 60, image_size=32, seed=3, progress=False)
+    conversations = read_conversations(tmp_path / "conversations.json")
+    questions = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
+    first = {}
+    for q in questions:  # the first question of each image in the conversation is the one with <image>
+        first.setdefault(q["image"], None)
+    types = {q["text"]: q["type"] for q in questions}
+    for c in conversations:
+        first[c["image"]] = types[c["conversations"][0]["value"].removeprefix("<image>\n")]
+    assert set(first.values()) == {"color", "count", "existence", "position"}

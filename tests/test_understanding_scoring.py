@@ -85,3 +85,11 @@ def test_exact_match_per_type():
     out = score_exact_match(records)
     assert out["types"]["color"]["accuracy"] == 0.5 and out["types"]["count"]["accuracy"] == 1.0
     assert out["overall"] == pytest.approx(2 / 3) and normalize_answer(" Yes. ") == "yes"
+
+
+def test_majority_answer_per_type():
+    from eval.understanding_scoring import majority_answers
+
+    records = [{"type": "count", "label": "2"}, {"type": "count", "label": "1"}, {"type": "count", "label": "2."},
+               {"type": "existence", "label": "yes"}, {"type": "existence", "label": "no"}]
+    assert majority_answers(records) == {"count": "2", "existence": "no"}  # a tie goes to the first alphabetically
