@@ -167,7 +167,8 @@ def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
 
 
 def freeze(model, cfg: UnderstandingTrainConfig):
-    """Set requires_grad for the stage; with LoRA, wrap the LLM's linear layers (peft). Returns the model to train."""
+    """Set requires_grad for the stage; with LoRA, wrap the LLM's linear layers (peft). Returns (the model to train,
+    the LlavaForConditionalGeneration inside it)."""
     model.requires_grad_(False)
     if cfg.stage == 2 and cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -177,9 +178,8 @@ def freeze(model, cfg: UnderstandingTrainConfig):
                           target_modules=rf".*language_model.*\.({targets})")
         model = get_peft_model(model, lora)  # only the adapters train
     elif cfg.stage == 2:
-        llava = model
-        llava.model.language_model.requires_grad_(True)
-        llava.lm_head.requires_grad_(True)
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     llava = model.get_base_model() if cfg.lora.enabled and cfg.stage == 2 else model
     llava.model.multi_modal_projector.requires_grad_(True)
     if cfg.model.train_tower:
