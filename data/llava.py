@@ -31,6 +31,7 @@ from PIL import Image
 
 from data.images import DECODE_ERRORS
 from data.transforms import to_rgb
+from llm.understanding import mean_color
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -97,8 +98,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.tokenizer = processor.tokenizer
         self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         self.num_image_tokens, self.template, self.max_length = num_image_tokens, template, max_length
-        mean = processor.image_processor.image_mean
-        self.fill = tuple(int(round(255 * m)) for m in mean)
+        self.fill = mean_color(processor)
 
     def __len__(self) -> int:
         return len(self.samples)

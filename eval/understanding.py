@@ -65,7 +65,7 @@ def answered(path: Path) -> dict[Any, dict]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from llm.understanding import answer, load_llava
+    from llm.understanding import answer, load_llava, mean_color
 
     questions = read_questions(args.questions, args.benchmark)
     images_root = args.images or args.questions.parent
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ensure_settings(args.out / "settings.json", settings)
     model, processor = load_llava(args.model, args.device, dtype_of(args.dtype))
     size = processor.image_processor.size["height"]
-    blank = Image.new("RGB", (size, size), tuple(int(round(255 * m)) for m in processor.image_processor.image_mean))
+    blank = Image.new("RGB", (size, size), mean_color(processor))
     path = args.out / "answers.jsonl"
     done = answered(path)
     with atomic_write(path) as f:  # rewrite the complete lines, then grow the file batch by batch

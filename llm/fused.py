@@ -82,24 +82,24 @@ class FusedDecoder:
             for key, tensors in self._sources(layer).items():
                 if w[key] is not None:
                     torch.cat([t.detach() for t in tensors], out=w[key])
-            if self.qk_norm:
-                a = layer.self_attn
-                torch.cat([a.q_norm.weight.detach().expand(self.heads, -1),
-                           a.k_norm.weight.detach().expand(self.kv_heads, -1)], out=w["qk_norm"])
 
-    @staticmethod
-    def _sources(layer) -> dict[str, list[torch.Tensor | None]]:
-        """The tensors each concatenated buffer of a layer is made of."""
+    def _sources(self, layer) -> dict[str, list[torch.Tensor | None]]:
+        """The tensors each concatenated buffer of a layer is made of; with QK-norm, the per-head norm weights of
+        the q heads then the k heads, (H + Hkv, d)."""
         a, m = layer.self_attn, layer.mlp
-        return {
+        sources = {
             "qkv": [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight],
             "qkv_bias": [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias],
             "gate_up": [m.gate_proj.weight, m.up_proj.weight],
             "gate_up_bias": [m.gate_proj.bias, m.up_proj.bias],
         }
+        if self.qk_norm:
+            sources["qk_norm"] = [a.q_norm.weight.expand(self.heads, -1), a.k_norm.weight.expand(self.kv_heads, -1)]
+        return sources
 
     def _fuse(self, layer) -> dict:
-        """One layer's weights: q/k/v and gate/up concatenated (copies, see `refresh`), the rest views."""
+        """One layer's weights: q/k/v, gate/up and the QK-norm weights concatenated (copies, see `refresh`), the rest
+        views."""
         a, m = layer.self_attn, layer.mlp
 
         def view(t):
@@ -112,9 +112,6 @@ class FusedDecoder:
             "o": view(a.o_proj.weight), "o_bias": view(a.o_proj.bias),
             "down": view(m.down_proj.weight), "down_bias": view(m.down_proj.bias),
         })
-        if self.qk_norm:  # per-head weights of the q heads then the k heads: (H + Hkv, d)
-            out["qk_norm"] = torch.cat([a.q_norm.weight.detach().expand(self.heads, -1),
-                                        a.k_norm.weight.detach().expand(self.kv_heads, -1)])
         return out
 
     @torch.no_grad()

@@ -95,6 +95,11 @@ def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
     return module
 
 
+def mean_color(processor: LlavaProcessor) -> tuple[int, int, int]:
+    """The processor's mean colour as 8-bit RGB: the fill of LLaVA's pad-to-square and of a blank image."""
+    return tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
+
+
 def image_processor(vqrae: VQRAE) -> SiglipImageProcessor:
     """Resize to the encoder's square resolution (bicubic), scale to [0, 1], normalise by its mean / std."""
     cfg = vqrae.config.encoder
@@ -178,12 +183,17 @@ def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
     return Path(directory)
 
 
+def is_llava_export(directory: str | Path) -> bool:
+    """True for a folder whose config.json is a LLaVA model's."""
+    config = Path(directory) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
+
+
 def load_llava(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """An export folder back: (model in eval mode, processor)."""
     directory = Path(directory)
-    config = directory / "config.json"
-    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "llava":
+    if not is_llava_export(directory):
         raise FileNotFoundError(f"{directory} is not a LLaVA export (no config.json of model_type 'llava')")
     model = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(device).eval()
     return model, AutoProcessor.from_pretrained(directory)
@@ -216,6 +226,15 @@ def replace_vision_tower(llava_dir: str | Path, vqrae_dir: str | Path, out_dir: 
     swapped.tie_weights()
     processor.image_processor = image_processor(vqrae)
     return save_llava(swapped.eval(), processor, out_dir)
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules: Sequence[str]):
+    """peft's LoraConfig for adapters on the language model's linear layers named `target_modules` only (the vision
+    tower's attention layers have the same names)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=rf".*language_model.*\.({'|'.join(target_modules)})")
 
 
 # ----------------------------------------------------------------------------------------------- answering

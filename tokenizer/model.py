@@ -183,7 +183,7 @@ class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-
             directory = _download(str(pretrained), revision=revision, cache_dir=cache_dir, token=token,
                                   local_files_only=local_files_only, force_download=force_download)
         weights_file = directory / WEIGHTS_NAME
-        if not (directory / CONFIG_NAME).is_file() or not weights_file.is_file():
+        if not is_vqrae_export(directory):
             raise FileNotFoundError(f"{pretrained} is not a VQRAE directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
         model = cls(from_dict(VQRAEConfig, read_config_dict(directory)))
         try:
@@ -199,6 +199,11 @@ class VQRAE(nn.Module, PyTorchModelHubMixin, library_name="vqrae", tags=["image-
         encoder = load_pretrained_encoder(encoder_path, config.encoder)
         config = VQRAEConfig(encoder=encoder.cfg, quantizer=config.quantizer, decoder=config.decoder)
         return cls(config, encoder=encoder)
+
+
+def is_vqrae_export(directory: str | Path) -> bool:
+    """True for a folder holding a VQRAE config.json and model.safetensors."""
+    return (Path(directory) / CONFIG_NAME).is_file() and (Path(directory) / WEIGHTS_NAME).is_file()
 
 
 def read_config_dict(directory: str | Path) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,28 @@ TOKENIZER_CONFIG = "vqrae_config.json"  # the VQRAEConfig a tokenizer checkpoint
 EMA_FILE = "ema.safetensors"  # EMA of the trained (requires_grad) tensors
 GENERATOR_META = "generator.json"  # the LM's transformers config and the VQRAE export it learns
 TEXT_SIDE = "text_tokenizer"  # the expanded text tokenizer, image vocabulary and sequence format
+
+
+def find_export(path: str, is_export: Callable[[Path], bool], key: str, what: str) -> Path:
+    """An export folder from a config value naming it or a run folder holding it in export/."""
+    for candidate in (Path(path), Path(path) / "export"):
+        if is_export(candidate):
+            return candidate
+    raise FileNotFoundError(f"{key}={path}: no {what} there or in its export/ folder")
+
+
+def fill_from_checkpoint(model: torch.nn.Module, state: dict[str, torch.Tensor], tied: bool, checkpoint: Path,
+                         base: torch.nn.Module | None = None) -> None:
+    """Load a consolidated state dict into a model built on the meta device: every parameter must come from it and
+    nothing else may be in it (a tied LM head is re-tied, on `base` when the model wraps one, e.g. with peft)."""
+    if tied:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    (base or model).tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {checkpoint} does not fit its model config: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
 
 
 def export_tokenizer(checkpoint: Path, directory: Path, weights: str = "ema") -> None:
@@ -52,15 +75,8 @@ def export_generator(checkpoint: Path, directory: Path) -> None:
     config = AutoConfig.for_model(**meta["hf_config"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    state = consolidated_state_dict(checkpoint, tag="model")
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {checkpoint} does not fit its LM config: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
+    fill_from_checkpoint(model, consolidated_state_dict(checkpoint, tag="model"), config.tie_word_embeddings,
+                         checkpoint)
     tokenizer, vocab, fmt = load_text_side(checkpoint / TEXT_SIDE)
     save_generator(directory, model, tokenizer, vocab, fmt, meta["vqrae"])
 
@@ -78,27 +94,20 @@ def export_understanding(checkpoint: Path, directory: Path) -> None:
     unmerged in directory/adapter/ (a peft adapter of the exported base model)."""
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-    from llm.understanding import save_llava
+    from llm.understanding import lora_config, save_llava
 
     config = LlavaConfig.from_dict(json.loads((checkpoint / LLAVA_CONFIG).read_text()))
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
-    state = consolidated_state_dict(checkpoint, tag="model")
     lora = json.loads((checkpoint / LORA_CONFIG).read_text()) if (checkpoint / LORA_CONFIG).is_file() else None
+    base = None
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets = "|".join(lora["target_modules"])
-        model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                                                 target_modules=rf".*language_model.*\.({targets})"))
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights() if lora is None else model.get_base_model().tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {checkpoint} does not fit its LLaVA config: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}")
+        base = model
+        model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"]))
+    fill_from_checkpoint(model, consolidated_state_dict(checkpoint, tag="model"), config.tie_word_embeddings,
+                         checkpoint, base)
     processor = AutoProcessor.from_pretrained(checkpoint / PROCESSOR_DIR)
     if lora is not None and not lora["merge"]:
         with tempfile.TemporaryDirectory() as adapter:

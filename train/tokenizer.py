@@ -35,12 +35,12 @@ from data.transforms import ImageTransform, make_grid_png
 from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import build_lpips
-from tokenizer.model import VQRAE, read_config_dict
+from tokenizer.model import VQRAE, is_vqrae_export, read_config_dict
 from tokenizer.objective import LeCAMState, LossConfig, discriminator_loss, generator_loss
 from train.config import DebugConfig, RunConfig, run_entry_point
 from train.ema import EMA
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
-from train.exports import EMA_FILE, TOKENIZER_CONFIG, export_tokenizer
+from train.exports import EMA_FILE, TOKENIZER_CONFIG, export_tokenizer, find_export
 from train.loop import TrainLoop, run_trainer
 from train.run_folder import prepare_run_dir
 
@@ -164,12 +164,8 @@ def _first_difference(a: dict, b: dict, prefix: str = "") -> tuple[str, object, 
 
 def resolve_init(init_from: str) -> Path:
     """A stage-1 export directory from `model.init_from` (an export, or a run folder holding export/)."""
-    path = Path(init_from)
-    for candidate in (path, path / "export"):
-        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise FileNotFoundError(f"model.init_from={init_from}: no tokenizer export (config.json + model.safetensors) "
-                            "there or in its export/ folder")
+    return find_export(init_from, is_vqrae_export, "model.init_from", "tokenizer export (config.json + "
+                       "model.safetensors)")
 
 
 def build_model(cfg: TokenizerTrainConfig) -> VQRAE:

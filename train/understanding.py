@@ -34,17 +34,23 @@ from common.weights import load_exactly
 from data.llava import SKIP_REASONS, ConversationDataset, collate_llava, read_conversations
 from data.shapes import world_texts
 from llm.lm import causal_lm
-from llm.understanding import build_llava, load_llava
+from llm.understanding import build_llava, is_llava_export, load_llava, lora_config
 from tokenizer import VQRAE
 from train.config import DebugConfig, RunConfig, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
-from train.exports import LLAVA_CONFIG, LORA_CONFIG, PROCESSOR_DIR, PROJECTOR_FILE, export_understanding
+from train.exports import (
+    LLAVA_CONFIG,
+    LORA_CONFIG,
+    PROCESSOR_DIR,
+    PROJECTOR_FILE,
+    export_understanding,
+    find_export,
+)
 from train.loop import TrainLoop, run_trainer
 from train.run_folder import prepare_run_dir
 
 log = logging.getLogger("vqrae")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "understanding"
-PROJECTOR = "model.multi_modal_projector."
 
 
 @dataclass
@@ -139,20 +145,11 @@ class UnderstandingTrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resolve_export(path: str) -> Path:
-    """A LLaVA export folder from a path to it or to a run folder holding export/."""
-    for candidate in (Path(path), Path(path) / "export"):
-        config = candidate / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("model_type") == "llava":
-            return candidate
-    raise FileNotFoundError(f"model.init_from={path}: no understanding export there or in its export/ folder")
-
-
 def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
     """(LlavaForConditionalGeneration in fp32, processor): from a stage-1 export, or built from the VQRAE tower and
     the LM (with the stage-1 projector file loaded in stage 2)."""
     if cfg.model.init_from:
-        return load_llava(resolve_export(cfg.model.init_from))
+        return load_llava(find_export(cfg.model.init_from, is_llava_export, "model.init_from", "understanding export"))
     vqrae = VQRAE.from_pretrained(cfg.model.tokenizer)
     lm, tokenizer = causal_lm(cfg.model.lm_pretrained, cfg.model.lm_tiny, work_dir, cfg.run.seed, cfg.deepspeed.dtype,
                               cfg.model.attn_implementation, None if cfg.model.lm_pretrained else world_texts(),
@@ -171,11 +168,9 @@ def freeze(model, cfg: UnderstandingTrainConfig):
     the LlavaForConditionalGeneration inside it)."""
     model.requires_grad_(False)
     if cfg.stage == 2 and cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets = "|".join(cfg.lora.target_modules)
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=rf".*language_model.*\.({targets})")
+        lora = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
         model = get_peft_model(model, lora)  # only the adapters train
     elif cfg.stage == 2:
         model.model.language_model.requires_grad_(True)
@@ -267,13 +262,10 @@ class UnderstandingTrainer(TrainLoop):
         return loss, {"examples": batch["examples"], "answer_tokens": tokens}
 
     def checkpoint_files(self) -> dict:
-        def projector(path: Path) -> None:  # every rank gathered it already (rank 0 writes): see _projector_state
-            save_file(self._projector, str(path))
-
-        self._projector = self._projector_state()
+        projector = self._projector_state()  # on every rank (collective under ZeRO-3); rank 0 writes it
         files = {PROCESSOR_DIR: self.processor.save_pretrained,
                  LLAVA_CONFIG: lambda p: p.write_text(json.dumps(self.llava_config, indent=2)),
-                 PROJECTOR_FILE: projector}
+                 PROJECTOR_FILE: lambda p: save_file(projector, str(p))}
         if self.cfg.stage == 2 and self.cfg.lora.enabled:
             lora = {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha, "dropout": self.cfg.lora.dropout,
                     "target_modules": list(self.cfg.lora.target_modules), "merge": self.cfg.lora.merge_on_export}
