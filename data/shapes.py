@@ -342,6 +342,28 @@ def _object(shape: str, color: str, nominal: tuple[int, int, int, int]) -> dict:
 # ----------------------------------------------------------------------------------------------- QA
 
 
+def color_question(shape: str) -> str:
+    return f"What color is the {shape}?"
+
+
+def count_question(shape: str) -> str:
+    return f"How many {SHAPES[shape].plural} are there?"
+
+
+def existence_question(shape: str) -> str:
+    return f"Is there {_a(shape)} in the image?"
+
+
+def position_question(shape: str, relation: str, other: str) -> str:
+    return f"Is the {shape} {relation} the {other}?"
+
+
+def question_texts() -> list[str]:
+    """Every question `make_qa` can ask, sorted (with `world_texts`, the corpus of an understanding tokenizer)."""
+    return sorted({q(s) for q in (color_question, count_question, existence_question) for s in SHAPE_NAMES} |
+                  {position_question(a, r, b) for a in SHAPE_NAMES for b in SHAPE_NAMES if a != b for r in RELATIONS})
+
+
 def make_qa(rng: np.random.Generator, objects: list[dict]) -> list[dict]:
     """Question-answer pairs true of `objects`: one colour question (a class present once), one count question,
     two existence questions (one present and one absent class, so yes/no balance), one position question (two
@@ -353,14 +375,14 @@ def make_qa(rng: np.random.Generator, objects: list[dict]) -> list[dict]:
     qa = []
     if single:
         o = single[rng.integers(len(single))]
-        qa.append({"question": f"What color is the {o['shape']}?", "answer": o["color"], "type": "color"})
+        qa.append({"question": color_question(o["shape"]), "answer": o["color"], "type": "color"})
     pool = present if (not absent or rng.random() < 0.75) else absent
     s = pool[rng.integers(len(pool))]
-    qa.append({"question": f"How many {SHAPES[s].plural} are there?", "answer": str(counts[s]), "type": "count"})
+    qa.append({"question": count_question(s), "answer": str(counts[s]), "type": "count"})
     for pool, answer in ((present, "yes"), (absent, "no")):
         if pool:
             s = pool[rng.integers(len(pool))]
-            qa.append({"question": f"Is there {_a(s)} in the image?", "answer": answer, "type": "existence"})
+            qa.append({"question": existence_question(s), "answer": answer, "type": "existence"})
     if len(single) >= 2:
         i, j = rng.permutation(len(single))[:2]
         a, b = single[i], single[j]
@@ -370,7 +392,7 @@ def make_qa(rng: np.random.Generator, objects: list[dict]) -> list[dict]:
                                             else strength[r] < 0.5 - POSITION_MARGIN)]
         if choices:
             r = choices[rng.integers(len(choices))]
-            qa.append({"question": f"Is the {a['shape']} {r} the {b['shape']}?", "answer": "yes" if want_yes else "no",
+            qa.append({"question": position_question(a["shape"], r, b["shape"]), "answer": "yes" if want_yes else "no",
                        "type": "position"})
     return qa
 

@@ -240,32 +240,66 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules: Sequence[str
 # ----------------------------------------------------------------------------------------------- answering
 
 
+def user_turn(text: str, with_image: bool = False) -> dict:
+    """A user message in the processor's chat format, the image (if any) before the text (LLaVA's `<image>\n`)."""
+    return {"role": "user", "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}
+
+
+def _model_inputs(model: LlavaForConditionalGeneration, processor: LlavaProcessor, texts: list[str],
+                  images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """Left-padded processor outputs on the model's device, pixels in its dtype."""
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    param = next(model.parameters())
+    inputs = {k: v.to(param.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    return inputs
+
+
+def _end_of_turn(processor: LlavaProcessor) -> int:
+    return processor.tokenizer.convert_tokens_to_ids(CHAT_MARKERS[1])
+
+
 @torch.no_grad()
 def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: Sequence[Image.Image | None],
            questions: Sequence[str], max_new_tokens: int = 16, short: bool = True) -> list[str]:
     """Greedy answers for a batch of (image, question) pairs, left-padded (LLaVA-1.5's evaluation prompt:
-    `<image>\\n{question}` + SHORT_ANSWER when `short`). An image may be None (a text-only question)."""
+    `<image>\n{question}` + SHORT_ANSWER when `short`). An image may be None (a text-only question)."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    texts = []
-    for image, question in zip(images, questions):
-        content = ([{"type": "image"}] if image is not None else []) + [
-            {"type": "text", "text": question + (SHORT_ANSWER if short else "")}]
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
-                                                   add_generation_prompt=True, tokenize=False))
+    texts = [processor.apply_chat_template([user_turn(question + (SHORT_ANSWER if short else ""), image is not None)],
+                                           add_generation_prompt=True, tokenize=False)
+             for image, question in zip(images, questions)]
+    inputs = _model_inputs(model, processor, texts, [im for im in images if im is not None])
     tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        pictures = [im for im in images if im is not None]
-        inputs = processor(images=pictures or None, text=texts, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
-    end = tokenizer.convert_tokens_to_ids(CHAT_MARKERS[1])
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_end_of_turn(processor),
                          pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row, skip_special_tokens=True).strip()
             for row in out[:, inputs["input_ids"].shape[1] :]]
+
+
+@torch.no_grad()
+def reply(model: LlavaForConditionalGeneration, processor: LlavaProcessor, messages: Sequence[dict],
+          image: Image.Image | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+          streamer=None) -> str:
+    """The assistant's next turn of a conversation: `messages` in the processor's chat format, ending with the user's
+    turn; `image` is what their one `{"type": "image"}` item stands for. Greedy at temperature 0, else sampled
+    (torch's global generator); `streamer` (a transformers streamer) receives the text as it is generated."""
+    slots = sum(item.get("type") == "image" for m in messages if not isinstance(m["content"], str)
+                for item in m["content"])
+    if slots != (image is not None):
+        raise ValueError(f"the conversation has {slots} image items for {int(image is not None)} image")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    inputs = _model_inputs(model, processor, [text], [image] if image is not None else [])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False}
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=_end_of_turn(processor),
+                         pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, **sampling)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -5,42 +5,72 @@
 - two baselines measured here: the majority answer per type of the training questions, and the stage-2 model
   answering on a blank (mean-coloured) image instead of the real one (what it knows without looking).
 
-    python scripts/understanding_report.py          # prints a markdown table, writes runs/understanding_report.json
+With --plug-and-play, the paper's plug-and-play claim on the same questions: an understanding model trained (both
+stages, the CPU default's configs) on the stage-1 tokenizer's encoder (frozen in tokenizer stage 1: the
+"pretrained VFM"), then evaluated with its vision tower swapped, without retraining, for the stage-2 encoder
+(self-distilled to the VFM) and for a stage-2 encoder trained without self-distillation (loss.distill_weight=0);
+with the cosine similarity of each encoder's features to the VFM's on the held-out images. The runs it needs and
+lacks are trained first (about 10 minutes on 2 cores).
+
+    python scripts/understanding_report.py                  # markdown table, runs/understanding_report.json
+    python scripts/understanding_report.py --plug-and-play  # and the swap table, runs/plug_and_play_report.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
+import torch
+from PIL import Image
+
+from common.cli import reported_errors
 from common.files import atomic_write
 from data.shapes_export import export_llava
 from eval.understanding import main as evaluate
 from eval.understanding_scoring import majority_answers, score_exact_match
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "train" / "configs"
+HELD_OUT_SEED = 1  # the training conversations use seed 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=REPO / "runs")
-    parser.add_argument("--images", type=int, default=300, help="held-out images")
-    args = parser.parse_args()
-    runs = args.runs
+def held_out_questions(runs: Path, images: int) -> Path:
+    """The held-out question file (exported once)."""
     world = runs / "world-llava-eval"
-    export_llava(world, args.images, image_size=32, seed=1, progress=False)  # training uses seed 0
-    questions = world / "questions.jsonl"
+    export_llava(world, images, image_size=32, seed=HELD_OUT_SEED, progress=False)
+    return world / "questions.jsonl"
+
+
+def exact_match(export: Path, questions: Path, out: Path, *extra: str) -> dict[str, Any]:
+    """eval/understanding.py's summary of an export on the question file (resumes in `out`)."""
+    evaluate(["--model", str(export), "--questions", str(questions), "--out", str(out), "--device", "cpu", *extra])
+    return json.loads((out / "summary.json").read_text())
+
+
+def table(rows: dict[str, dict[str, Any]], extra: dict[str, str] | None = None) -> str:
+    types = list(next(iter(rows.values()))["types"])
+    head = "| model | " + " | ".join(types) + " | overall |" + (" feature cosine to the VFM |" if extra else "")
+    lines = [head, "|---" * (len(types) + 2 + bool(extra)) + "|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['types'][t]['accuracy']:.3f}" for t in types) +
+                     f" | {r['overall']:.3f} |" + (f" {extra.get(name, '')} |" if extra else ""))
+    return "\n".join(lines)
+
+
+def stage_report(runs: Path, questions: Path) -> None:
     rows = {}
     for name, model, extra in (("stage 1", "tiny-und-stage1", []), ("stage 2", "tiny-und-stage2", []),
                                ("stage 2, blank image", "tiny-und-stage2", ["--blank-images"])):
         out = runs / "understanding_report" / name.replace(" ", "-").replace(",", "")
-        evaluate(["--model", str(runs / model / "export"), "--questions", str(questions), "--out", str(out),
-                  "--device", "cpu", *extra])
-        rows[name] = json.loads((out / "summary.json").read_text())
+        rows[name] = exact_match(runs / model / "export", questions, out, *extra)
     train = [json.loads(line) for line in (runs / "world-llava" / "questions.jsonl").read_text().splitlines()]
     majority = majority_answers([{"type": q["type"], "label": q["answer"]} for q in train])
     held_out = [json.loads(line) for line in questions.read_text().splitlines()]
@@ -48,12 +78,81 @@ def main() -> None:
         [{"type": q["type"], "answer": majority[q["type"]], "label": q["answer"]} for q in held_out])
     with atomic_write(runs / "understanding_report.json") as f:
         json.dump({"rows": rows, "majority": majority}, f, indent=2)
-    types = list(rows["stage 2"]["types"])
-    print("| model | " + " | ".join(types) + " | overall |")
-    print("|---" * (len(types) + 2) + "|")
-    for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r['types'][t]['accuracy']:.3f}" for t in types) +
-              f" | {r['overall']:.3f} |")
+    print(table(rows))
+
+
+# ------------------------------------------------------------------------------------------------ plug-and-play
+
+
+def train(script: str, *argv: str) -> None:
+    """One CPU-default training run through the DeepSpeed launcher (a finished run only re-exports)."""
+    launcher = Path(sys.executable).parent / "deepspeed"
+    subprocess.run([str(launcher), f"train/{script}.py", *argv], cwd=REPO, check=True,
+                   env={**os.environ, "DS_ACCELERATOR": "cpu"})
+
+
+@torch.no_grad()
+def feature_cosine(reference: Path, other: Path, images: list[Path]) -> float:
+    """Mean cosine similarity, per feature token, of two tokenizers' encoder features on the images."""
+    from data.transforms import pil_to_tensor
+    from tokenizer.model import VQRAE
+
+    a, b = VQRAE.from_pretrained(reference).eval(), VQRAE.from_pretrained(other).eval()
+    total = 0.0
+    for start in range(0, len(images), 64):
+        x = torch.stack([pil_to_tensor(Image.open(p).convert("RGB")) for p in images[start : start + 64]])
+        total += torch.cosine_similarity(a.encode_features(x), b.encode_features(x), dim=-1).mean(-1).sum().item()
+    return total / len(images)
+
+
+def plug_and_play_report(runs: Path, questions: Path) -> None:
+    from llm.understanding import replace_vision_tower
+    from tokenizer.model import is_vqrae_export
+
+    vfm, distilled, plain = runs / "tiny-stage1" / "export", runs / "tiny-stage2" / "export", \
+        runs / "tiny-stage2-nodistill" / "export"
+    for tokenizer in (vfm, distilled):
+        if not is_vqrae_export(tokenizer):
+            raise FileNotFoundError(f"{tokenizer} missing: run the CPU default's tokenizer stages first (deepspeed "
+                                    "train/tokenizer.py, then --config train/configs/tokenizer/tiny-stage2.yaml)")
+    if not is_vqrae_export(plain):
+        train("tokenizer", "--config", str(CONFIGS / "tokenizer" / "tiny-stage2.yaml"), "loss.distill_weight=0",
+              f"run.output_dir={plain.parent}")
+    stage1, stage2 = runs / "tiny-und-vfm-stage1", runs / "tiny-und-vfm-stage2"
+    if not (stage1 / "export" / "config.json").is_file():
+        train("understanding", f"model.tokenizer={vfm}", f"run.output_dir={stage1}")
+    if not (stage2 / "export" / "config.json").is_file():
+        train("understanding", "--config", str(CONFIGS / "understanding" / "tiny-stage2.yaml"),
+              f"model.init_from={stage1}", f"run.output_dir={stage2}")
+    out = runs / "plug_and_play"
+    models = {"trained on the VFM (stage-1 encoder)": (stage2 / "export", vfm)}
+    for name, tokenizer in (("-> stage-2 encoder, self-distilled", distilled),
+                            ("-> stage-2 encoder, no self-distillation", plain)):
+        swapped = out / tokenizer.parent.name
+        if not (swapped / "config.json").is_file():
+            replace_vision_tower(stage2 / "export", tokenizer, swapped)
+        models[name] = (swapped, tokenizer)
+    images = sorted({questions.parent / json.loads(line)["image"] for line in questions.read_text().splitlines()})
+    rows, cosine = {}, {}
+    for name, (export, tokenizer) in models.items():
+        rows[name] = exact_match(export, questions, out / "eval" / export.name)
+        cosine[name] = f"{feature_cosine(vfm, tokenizer, images):.3f}"
+    with atomic_write(runs / "plug_and_play_report.json") as f:
+        json.dump({"rows": rows, "feature_cosine_to_vfm": cosine}, f, indent=2)
+    print(table(rows, cosine))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=REPO / "runs")
+    parser.add_argument("--images", type=int, default=300, help="held-out images")
+    parser.add_argument("--plug-and-play", action="store_true", help="also the swap experiment (trains what it lacks)")
+    args = parser.parse_args()
+    with reported_errors():
+        questions = held_out_questions(args.runs, args.images)
+        stage_report(args.runs, questions)
+        if args.plug_and_play:
+            plug_and_play_report(args.runs, questions)
 
 
 if __name__ == "__main__":

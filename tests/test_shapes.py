@@ -254,9 +254,10 @@ def test_objects_inside_apart_and_drawn_where_the_boxes_say(size):
 
 
 def test_qa_answers_follow_from_objects(samples):
-    kinds = Counter()
+    kinds, every_question = Counter(), set(shapes.question_texts())
     for _, meta in samples:
         objects = meta["objects"]
+        assert {qa["question"] for qa in meta["qa"]} <= every_question  # the understanding tokenizer's corpus
         count = Counter(o["shape"] for o in objects)
         types = [qa["type"] for qa in meta["qa"]]
         assert types.count("existence") == 2 and types.count("count") == 1

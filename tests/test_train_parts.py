@@ -6,7 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,3 +129,39 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(again[0], expected[0]) and np.array_equal(again[1], expected[1]) and again[2] == expected[2]
+
+
+def _mismatched_checkpoint_check(root: str) -> None:
+    """Run in a fresh process: a checkpoint of one model, loaded into an engine of another, is one ConfigError."""
+    import deepspeed
+
+    from common.distributed import init_distributed
+    from train.checkpoint import Checkpointer
+    from train.engine import build_engine
+
+    info = init_distributed(always=True)
+    optim = OptimConfig(lr=1e-3, warmup_steps=1)
+    ds = deepspeed_json(DeepSpeedConfig(zero_stage=0, bf16=False, micro_batch_size=1), optim, info.world_size)
+    ckpt = Checkpointer(Path(root), info, keep=1)
+
+    def engine(*widths: int):
+        model = torch.nn.Sequential(*(torch.nn.Linear(4, w) for w in widths))
+        return build_engine(model, [{"params": list(model.parameters())}], optim, 10, ds)
+
+    path = ckpt.save(1, {"model": engine(4)}, {})
+    try:
+        ckpt.load(path, {"model": engine(4, 4)})
+    except ConfigError as e:
+        assert "does not fit this run's 'model'" in str(e) and "\n" not in str(e), e
+        print("refused:", e)
+    deepspeed.comm.destroy_process_group()
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    code = f"from tests.test_train_parts import _mismatched_checkpoint_check; _mismatched_checkpoint_check({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "refused: checkpoint" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

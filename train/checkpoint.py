@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.config import ConfigError
 from common.distributed import DistInfo, barrier
 from common.files import atomic_write
 
@@ -124,7 +125,14 @@ class Checkpointer:
         """Load every engine's shards (model, optimizer, scheduler) and this rank's random generators; return the
         trainer state."""
         for name, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(str(path), tag=name)
+            try:
+                load_path, _ = engine.load_checkpoint(str(path), tag=name)
+            except RuntimeError as e:  # missing / unexpected keys or shapes: another model or code version wrote it
+                if "state_dict" not in str(e):
+                    raise
+                raise ConfigError(f"checkpoint {path} does not fit this run's '{name}' "
+                                  f"({str(e).splitlines()[-1].strip()}): it was written by another model "
+                                  "configuration or code version; set run.resume=none or a new run.output_dir") from e
             if load_path is None:
                 raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed state for '{name}'")
         rng = path / RNG_DIR / f"rank_{self.info.rank:05d}.pt"

@@ -32,9 +32,9 @@ from common.config import ConfigError
 from common.distributed import DistInfo, barrier
 from common.weights import load_exactly
 from data.llava import SKIP_REASONS, ConversationDataset, collate_llava, read_conversations
-from data.shapes import world_texts
+from data.shapes import question_texts, world_texts
 from llm.lm import causal_lm
-from llm.understanding import build_llava, is_llava_export, load_llava, lora_config
+from llm.understanding import SHORT_ANSWER, build_llava, is_llava_export, load_llava, lora_config
 from tokenizer import VQRAE
 from train.config import DebugConfig, RunConfig, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
@@ -145,6 +145,12 @@ class UnderstandingTrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def shapes_texts() -> list[str]:
+    """The corpus of the CPU default's text tokenizer: the world's captions, its questions, LLaVA's short-answer
+    instruction (each a few tokens then, not spelled out byte by byte)."""
+    return [*world_texts(), *question_texts(), SHORT_ANSWER.strip()]
+
+
 def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
     """(LlavaForConditionalGeneration in fp32, processor): from a stage-1 export, or built from the VQRAE tower and
     the LM (with the stage-1 projector file loaded in stage 2)."""
@@ -152,7 +158,7 @@ def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
         return load_llava(find_export(cfg.model.init_from, is_llava_export, "model.init_from", "understanding export"))
     vqrae = VQRAE.from_pretrained(cfg.model.tokenizer)
     lm, tokenizer = causal_lm(cfg.model.lm_pretrained, cfg.model.lm_tiny, work_dir, cfg.run.seed, cfg.deepspeed.dtype,
-                              cfg.model.attn_implementation, None if cfg.model.lm_pretrained else world_texts(),
+                              cfg.model.attn_implementation, None if cfg.model.lm_pretrained else shapes_texts(),
                               key="model.lm_pretrained")
     model, processor = build_llava(vqrae, lm, tokenizer)
     if cfg.model.projector:  # before DeepSpeed partitions anything (the ZeRO-3 projector-loading failure)
