@@ -3,7 +3,9 @@
 - exact match per question type (colour, count, existence, position) on 300 shapes-world images of a seed the
   training never saw, for the stage-1 and the stage-2 exports;
 - two baselines measured here: the majority answer per type of the training questions, and the stage-2 model
-  answering on a blank (mean-coloured) image instead of the real one (what it knows without looking).
+  answering on a blank (mean-coloured) image instead of the real one (what it knows without looking);
+- a logistic-regression probe for "is there a <shape>" on the tokenizer encoder's features and on raw pixels
+  (trained on 5000 training images, scored on the held-out ones): how linearly the features carry shape identity.
 
 With --plug-and-play, the paper's plug-and-play claim on the same questions: an understanding model trained (both
 stages, the CPU default's configs) on the stage-1 tokenizer's encoder (frozen in tokenizer stage 1: the
@@ -65,6 +67,49 @@ def table(rows: dict[str, dict[str, Any]], extra: dict[str, str] | None = None) 
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def _inputs(tokenizer: Path, world: Path, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels, encoder features, shape-presence labels) of the first `count` images of a LLaVA world export."""
+    from data.shapes import SHAPE_NAMES, sample_metadata
+    from data.transforms import pil_to_tensor
+    from tokenizer.model import VQRAE
+
+    vqrae = VQRAE.from_pretrained(tokenizer).eval()
+    pixels = torch.stack([pil_to_tensor(Image.open(world / "images" / f"{i:08d}.png").convert("RGB"))
+                          for i in range(count)])
+    features = torch.cat([vqrae.encode_features(pixels[s : s + 256]) for s in range(0, count, 256)])
+    labels = torch.tensor([[any(o["shape"] == c for o in sample_metadata(seed, i, 32)[0]["objects"])
+                            for c in SHAPE_NAMES] for i in range(count)], dtype=torch.float32)
+    return pixels, features, labels
+
+
+def shape_probe(runs: Path, images: int, train_images: int = 5000, steps: int = 300) -> dict[str, list[float]]:
+    """Held-out accuracy of a logistic-regression probe for "is there a <shape>" (one per shape), on the tokenizer
+    encoder's flattened features and on raw pixels: how linearly the features carry shape identity."""
+    from data.shapes import SHAPE_NAMES
+
+    tokenizer = runs / "tiny-stage2" / "export"
+    train = _inputs(tokenizer, runs / "world-llava", 0, train_images)
+    test = _inputs(tokenizer, runs / "world-llava-eval", HELD_OUT_SEED, images)
+    out = {"shapes": list(SHAPE_NAMES), "held_out_base_rate": test[2].mean(0).tolist()}
+    torch.manual_seed(0)
+    for name, k in (("features", 1), ("pixels", 0)):
+        x, x_test = train[k].flatten(1), test[k].flatten(1)
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        x, x_test = (x - mean) / std, (x_test - mean) / std
+        weight = torch.zeros(x.shape[1], len(SHAPE_NAMES), requires_grad=True)
+        bias = torch.zeros(len(SHAPE_NAMES), requires_grad=True)
+        opt = torch.optim.Adam([weight, bias], lr=1e-3)
+        for _ in range(steps):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, train[2])
+            opt.zero_grad()
+            (loss + 1e-4 * weight.square().sum()).backward()
+            opt.step()
+        with torch.no_grad():
+            out[name] = (((x_test @ weight + bias) > 0).float() == test[2]).float().mean(0).tolist()
+    return out
+
+
 def stage_report(runs: Path, questions: Path) -> None:
     rows = {}
     for name, model, extra in (("stage 1", "tiny-und-stage1", []), ("stage 2", "tiny-und-stage2", []),
@@ -76,9 +121,13 @@ def stage_report(runs: Path, questions: Path) -> None:
     held_out = [json.loads(line) for line in questions.read_text().splitlines()]
     rows["majority answer per type"] = score_exact_match(
         [{"type": q["type"], "answer": majority[q["type"]], "label": q["answer"]} for q in held_out])
+    probe = shape_probe(runs, len({q["image"] for q in held_out}))
     with atomic_write(runs / "understanding_report.json") as f:
-        json.dump({"rows": rows, "majority": majority}, f, indent=2)
+        json.dump({"rows": rows, "majority": majority, "shape_probe": probe}, f, indent=2)
     print(table(rows))
+    print("linear probe, held-out accuracy of 'is there a <shape>' (" + ", ".join(probe["shapes"]) + "): features " +
+          " ".join(f"{a:.3f}" for a in probe["features"]) + ", pixels " + " ".join(f"{a:.3f}" for a in probe["pixels"])
+          + ", base rate " + " ".join(f"{a:.3f}" for a in probe["held_out_base_rate"]))
 
 
 # ------------------------------------------------------------------------------------------------ plug-and-play

@@ -160,3 +160,71 @@ def test_wrong_kind_of_export_is_one_line(exports):
     proc = chat_script("--und", str(exports / "gen"), "--device", "cpu")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("is not an understanding export (it is one for --gen)")
+
+
+# ----------------------------------------------------------------------------------------------- the web demo
+
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.slow
+def test_web_demo_answers_draws_and_reconstructs_in_a_browser(exports, tmp_path):
+    """The page on localhost, driven in headless Chromium: an answer, a gallery of drawings and a reconstruction
+    appear. VQRAE_SCREENSHOT=path keeps a screenshot of the page; VQRAE_DEMO_UND / VQRAE_DEMO_GEN serve other
+    exports (the README's screenshot: the CPU default's trained ones)."""
+    import shutil
+    import time
+    import urllib.request
+
+    pytest.importorskip("gradio")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium package")
+    from tests.helpers import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_ANALYTICS_ENABLED": "False"}
+    und = os.environ.get("VQRAE_DEMO_UND", str(exports / "und"))
+    gen = os.environ.get("VQRAE_DEMO_GEN", str(exports / "gen"))
+    server = subprocess.Popen([sys.executable, "scripts/web_demo.py", "--und", und, "--gen", gen,
+                               "--port", str(port), "--out", str(tmp_path / "out"),
+                               "--device", "cpu"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url)
+            page.set_input_files("#und-image input[type=file]", str(exports / "scene.png"))
+            page.fill("#question textarea", "What color is the circle?")
+            page.click("#ask")
+            page.wait_for_function("document.querySelectorAll('#conversation .message').length >= 2", timeout=60_000)
+            assert "What color is the circle?" in page.inner_text("#conversation")
+            page.get_by_role("tab", name="Generation").click()
+            page.click("#draw")
+            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 4", timeout=60_000)
+            page.get_by_role("tab", name="Reconstruction").click()
+            page.set_input_files("#rec-image input[type=file]", str(exports / "scene.png"))
+            page.click("#reconstruct")
+            page.wait_for_function("document.querySelector('#rec-info textarea').value.includes('PSNR')",
+                                   timeout=60_000)
+            assert "64 codes of 512" in page.input_value("#rec-info textarea")
+            assert page.locator("#reconstruction img").count() == 1
+            if os.environ.get("VQRAE_SCREENSHOT"):
+                page.get_by_role("tab", name="Generation").click()
+                page.screenshot(path=os.environ["VQRAE_SCREENSHOT"], full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        log = server.communicate(timeout=30)[0]
+    assert "127.0.0.1" in log and "gradio.live" not in log, log[-2000:]

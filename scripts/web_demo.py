@@ -1,0 +1,192 @@
+"""A web page for the project's models (gradio, `pip install -c constraints.txt -e ".[demo]"`): an understanding
+panel (image + question -> answer, the conversation kept per browser session), a generation panel (prompt, CFG,
+temperature, seed, a gallery of several images) and a reconstruction panel (image -> codes -> image, PSNR), all on
+the same loaded models.
+
+    python scripts/web_demo.py                                # the CPU default's exports, http://127.0.0.1:7860
+    python scripts/web_demo.py --und runs/qwen3-und-stage2/export --gen runs/qwen3-0.6b-ar/export --device cuda
+
+It listens on 127.0.0.1 unless --host says otherwise (binding elsewhere prints a warning) and never makes a public
+share link. Images come only as uploads (the page cannot name a file on the server), are refused past --max-upload-mb
+or when they are not images, and each model serves one request at a time; every browser session has its own
+conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
+
+import torch
+
+from common.cli import DTYPES, default_device, dtype_of, reported_errors
+from scripts.chat import KIND_NAMES, ChatSettings, Models, Session, default_export
+
+LOCAL = "127.0.0.1"
+MAX_PIXELS = 64_000_000  # decoded size past which an upload is refused (a decompression bomb guard)
+
+
+class Demo:
+    """The loaded models, one lock per model (one request at a time each), and the folder outputs go to (one
+    sub-folder per browser session)."""
+
+    def __init__(self, models: Models, out_dir: Path):
+        self.models, self.out_dir = models, out_dir
+        self.locks = {"und": threading.Lock(), "gen": threading.Lock(), "tok": threading.Lock()}
+
+    def session(self, state: Session | None) -> Session:
+        """The browser session's own conversation and output folder (made on its first request)."""
+        return state if state is not None else Session(self.models, self.out_dir / uuid.uuid4().hex, ChatSettings())
+
+    def ask(self, image: str | None, question: str, history: list, state: Session | None):
+        """Understanding: (chat history, cleared question box, session). A new image starts a new conversation."""
+        session = self.session(state)
+        if not question.strip():
+            raise error("Type a question.")
+        if image is not None and image != session.image_path:
+            call(session.attach, image)
+            history = []
+        elif image is None and session.image is not None:
+            session.reset()
+            history = []
+        with self.locks["und"]:
+            record = call(session.ask, question.strip())
+        return [*history, {"role": "user", "content": question},
+                {"role": "assistant", "content": record["text"]}], "", session
+
+    def reset(self, state: Session | None):
+        session = self.session(state)
+        session.reset()
+        return [], None, session
+
+    def draw(self, prompt: str, cfg_scale: float, temperature: float, seed: float, count: float,
+             state: Session | None):
+        """Generation: the gallery's images (paths) and the session."""
+        session = self.session(state)
+        if not prompt.strip():
+            raise error("Type a prompt.")
+        call(session.change_settings, f"draw.cfg_scale={cfg_scale} draw.temperature={temperature} "
+                                      f"draw.seed={int(seed)} draw.count={int(count)}")
+        with self.locks["gen"]:
+            record = checked(session.handle(f"/draw {prompt.strip()}"))
+        return record["paths"], session
+
+    def reconstruct(self, image: str | None, state: Session | None):
+        """Reconstruction: (the reconstruction's path, a line with PSNR and codes, the session)."""
+        session = self.session(state)
+        if image is None:
+            raise error("Upload an image.")
+        with self.locks["tok"]:
+            record = checked(session.handle(f"/reconstruct {image}"))
+        return record["paths"][0], f"PSNR {record['psnr']:.2f} dB, {record['codes']} codes of " \
+                                   f"{record['codebook_size']}", session
+
+
+def error(message: str):
+    """The page's error message (a gradio exception)."""
+    import gradio as gr
+
+    return gr.Error(message)
+
+
+def checked(record: dict) -> dict:
+    """A turn's record, or the page's error message for a refused one."""
+    if record["kind"] == "error":
+        raise error(record["text"])
+    return record
+
+
+def call(fn, *args) -> dict:
+    """A session method's record, its one-line refusal shown on the page."""
+    try:
+        return fn(*args)
+    except (FileNotFoundError, ValueError) as e:
+        raise error(str(e).splitlines()[0]) from e
+
+
+def build(demo: Demo):
+    import gradio as gr
+
+    with gr.Blocks(title="VQRAE") as page:
+        state = gr.State(None)
+        gr.Markdown("# VQRAE: understand, draw, reconstruct with one tokenizer")
+        with gr.Tab("Understanding"):
+            with gr.Row():
+                und_image = gr.Image(type="filepath", sources=["upload"], label="Image", elem_id="und-image")
+                with gr.Column():
+                    conversation = gr.Chatbot(label="Conversation", elem_id="conversation")
+                    question = gr.Textbox(label="Question", placeholder="What color is the circle?",
+                                          elem_id="question")
+                    with gr.Row():
+                        ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                        clear = gr.Button("New conversation")
+            ask.click(demo.ask, [und_image, question, conversation, state], [conversation, question, state])
+            question.submit(demo.ask, [und_image, question, conversation, state], [conversation, question, state])
+            clear.click(demo.reset, [state], [conversation, und_image, state])
+        with gr.Tab("Generation"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value="a photo of a red circle", elem_id="prompt")
+                    cfg = gr.Slider(1, 10, value=5, step=0.5, label="CFG scale")
+                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
+                    count = gr.Slider(1, 16, value=4, step=1, label="Images")
+                    draw = gr.Button("Draw", variant="primary", elem_id="draw")
+                gallery = gr.Gallery(label="Samples", columns=4, elem_id="gallery")
+            draw.click(demo.draw, [prompt, cfg, temperature, seed, count, state], [gallery, state])
+        with gr.Tab("Reconstruction"):
+            with gr.Row():
+                rec_in = gr.Image(type="filepath", sources=["upload"], label="Image", elem_id="rec-image")
+                with gr.Column():
+                    rec_out = gr.Image(type="filepath", label="Reconstruction", interactive=False,
+                                       elem_id="reconstruction")
+                    rec_info = gr.Textbox(label="Round trip", interactive=False, elem_id="rec-info")
+                    rebuild = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
+            rebuild.click(demo.reconstruct, [rec_in, state], [rec_out, rec_info, state])
+    return page
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--und", type=Path, default=None, help="understanding export (default: the CPU default's)")
+    parser.add_argument("--gen", type=Path, default=None, help="generator export (default: the CPU default's)")
+    parser.add_argument("--tok", type=Path, default=None, help="VQRAE export that reconstructs (default: the "
+                        "generator's)")
+    parser.add_argument("--host", default=LOCAL, help="address to listen on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-upload-mb", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=None, help="where drawings and reconstructions go (default: a "
+                        "temporary folder)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    args = parser.parse_args(argv)
+    with reported_errors(FileNotFoundError, ValueError, ImportError):
+        try:
+            import gradio  # noqa: F401  (checked before the models load)
+        except ImportError as e:
+            raise ImportError('the web demo needs gradio: pip install -c constraints.txt -e ".[demo]"') from e
+        paths = {k: getattr(args, k) if getattr(args, k) is not None else default_export(k) for k in KIND_NAMES}
+        models = Models(paths["und"], paths["gen"], paths["tok"], args.device,
+                        dtype_of(args.dtype or ("bf16" if args.device == "cuda" else "fp32")))
+    if args.host != LOCAL:
+        print(f"warning: listening on {args.host}: anyone who can reach it can use these models", file=sys.stderr)
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    out = args.out or Path(tempfile.mkdtemp(prefix="vqrae-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    page = build(Demo(models, out))
+    page.queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, share=False, max_file_size=int(args.max_upload_mb * 1024 * 1024),
+        allowed_paths=[str(out)], show_error=True)
+
+
+if __name__ == "__main__":
+    main()
