@@ -177,7 +177,7 @@ def relation_strength(box_a: Iterable[float], box_b: Iterable[float], relation: 
 # ----------------------------------------------------------------------------------------------- prompts
 
 
-def _a(word: str) -> str:
+def a_or_an(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
@@ -195,22 +195,22 @@ def task_records(tag: str) -> tuple[dict, ...]:
     """Every distinct GenEval prompt line the shapes world has for `tag` (as read-only templates; copy to edit)."""
     pairs = [(a, b) for a in SHAPE_NAMES for b in SHAPE_NAMES if a != b]
     if tag == "single_object":
-        out = [_record(tag, [{"class": s, "count": 1}], None, _a(s)) for s in SHAPE_NAMES]
+        out = [_record(tag, [{"class": s, "count": 1}], None, a_or_an(s)) for s in SHAPE_NAMES]
     elif tag == "two_object":
-        out = [_record(tag, [{"class": a, "count": 1}, {"class": b, "count": 1}], None, f"{_a(a)} and {_a(b)}")
+        out = [_record(tag, [{"class": a, "count": 1}, {"class": b, "count": 1}], None, f"{a_or_an(a)} and {a_or_an(b)}")
                for a, b in pairs]
     elif tag == "counting":
         out = [_record(tag, [{"class": s, "count": n}], [{"class": s, "count": n + 1}], f"{w} {SHAPES[s].plural}")
                for s in SHAPE_NAMES for n, w in NUMBER_WORDS.items()]
     elif tag == "colors":
-        out = [_record(tag, [{"class": s, "count": 1, "color": c}], None, _a(f"{c} {s}"))
+        out = [_record(tag, [{"class": s, "count": 1, "color": c}], None, a_or_an(f"{c} {s}"))
                for s in SHAPE_NAMES for c in COLOR_NAMES]
     elif tag == "position":  # "a photo of A rel B": include[0] is B, include[1] is A placed relative to group 0
         out = [_record(tag, [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [r, 0]}], None,
-                       f"{_a(a)} {r} {_a(b)}") for a, b in pairs for r in RELATIONS]
+                       f"{a_or_an(a)} {r} {a_or_an(b)}") for a, b in pairs for r in RELATIONS]
     elif tag == "color_attr":
         out = [_record(tag, [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}], None,
-                       f"{_a(f'{ca} {a}')} and {_a(f'{cb} {b}')}")
+                       f"{a_or_an(f'{ca} {a}')} and {a_or_an(f'{cb} {b}')}")
                for a, b in pairs for ca in COLOR_NAMES for cb in COLOR_NAMES if ca != cb]
     else:
         raise ValueError(f"unknown GenEval tag {tag!r}; expected one of {TAGS}")
@@ -298,7 +298,7 @@ def _relation_layout(rng: np.random.Generator, dims: list[tuple[int, int]], size
     return [((pos_along[i], pos_across[i]) if axis == 0 else (pos_across[i], pos_along[i])) for i in range(2)]
 
 
-def _draw_objects(rng: np.random.Generator, record: dict, size: int
+def draw_objects(rng: np.random.Generator, record: dict, size: int
                   ) -> tuple[list[dict], list[tuple[int, int, int, int]]]:
     """Objects that make `record` true, with no overlaps, and the nominal (x, y, w, h) box each shape fills."""
     specs: list[tuple[str, str]] = []
@@ -351,7 +351,7 @@ def count_question(shape: str) -> str:
 
 
 def existence_question(shape: str) -> str:
-    return f"Is there {_a(shape)} in the image?"
+    return f"Is there {a_or_an(shape)} in the image?"
 
 
 def position_question(shape: str, relation: str, other: str) -> str:
@@ -419,7 +419,7 @@ def sample_metadata(seed: int, index: int, image_size: int = 64) -> tuple[dict, 
     tag = TAGS[rng.integers(len(TAGS))]
     records = task_records(tag)
     meta = json.loads(json.dumps(records[rng.integers(len(records))]))
-    objects, nominal = _draw_objects(rng, meta, image_size)
+    objects, nominal = draw_objects(rng, meta, image_size)
     meta["objects"] = objects
     meta["qa"] = make_qa(rng, objects)
     return meta, nominal

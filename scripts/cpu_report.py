@@ -6,7 +6,9 @@
 - how far stage 2 moved the encoder from its stage-1 teacher: ||E(X) - T(X)||^2 on held-out images, relative to
   the teacher features' variance;
 - GenEval (the shapes world's held-out prompts, 4 images each, the exact detector) of an untrained generator (same
-  architecture, random weights, same tokenizer) and of the trained one.
+  architecture, random weights, same tokenizer) and of the trained one;
+- DPG-Bench (the shapes world's DPG-style set, the exact judge, eval/dpg_bench.py) of the same two generators, of
+  real rendered images (the ceiling) and of blank images.
 
     python scripts/cpu_report.py            # prints a markdown table, writes runs/cpu_report.json
 """
@@ -78,15 +80,21 @@ def tokenizer_rows(stage1: Path, stage2: Path, eval_data: str, world: ShapesWorl
     return rows
 
 
-def geneval_rows(ar_dir: Path, prompts: Path, out: Path, n: int, sampling: SamplingConfig) -> dict[str, dict]:
+def generators(ar_dir: Path, out: Path) -> dict[str, TextToImage]:
+    """The trained generator export and an untrained one (same architecture and tokenizer, random weights)."""
     trained = TextToImage.from_pretrained(ar_dir / "export")
     run = yaml.safe_load((ar_dir / "config.yaml").read_text())  # the generator run's resolved config
     lm = from_dict(LMConfig, run["lm"], prefix="lm.")
     model, tokenizer, vocab = build_lm(lm, trained.vqrae, out / "untrained-lm", seed=run["run"]["seed"],
                                        texts=None if lm.pretrained else world_texts())
-    untrained = TextToImage(model.eval(), tokenizer, vocab, trained.vqrae, lm.sequence_format)
+    return {"untrained": TextToImage(model.eval(), tokenizer, vocab, trained.vqrae, lm.sequence_format),
+            "trained": trained}
+
+
+def geneval_rows(models: dict[str, TextToImage], prompts: Path, out: Path, n: int, sampling: SamplingConfig
+                 ) -> dict[str, dict]:
     rows, detector = {}, ShapesDetector()
-    for name, t2i in (("untrained", untrained), ("trained", trained)):
+    for name, t2i in models.items():
         folder = out / name.replace(" ", "-")
         generate(t2i, read_prompts(prompts), folder, n, sampling, prompts_per_batch=8, model_name=name)
         summary = summarize(evaluate_folder(folder, detector, ScoringConfig(), progress=False))
@@ -94,6 +102,41 @@ def geneval_rows(ar_dir: Path, prompts: Path, out: Path, n: int, sampling: Sampl
     return rows
 
 
+def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampling: SamplingConfig
+             ) -> dict[str, dict]:
+    """DPG-Bench (the shapes world's set, the exact judge) of the generators, of real rendered images (4 renders of
+    each prompt's scene: the ceiling) and of blank images (the floor)."""
+    from PIL import Image
+
+    from data.shapes import BACKGROUND
+    from data.shapes_dpg import render_dpg_scene, write_dpg_bench
+    from eval.dpg_bench import SHAPES_PROMPTS, score_folder, tile
+    from eval.dpg_bench import generate as generate_dpg
+    from eval.dpg_bench import read_prompts as dpg_prompts
+    from eval.dpg_judges import ShapesJudge
+    from eval.dpg_scoring import read_question_csv
+
+    questions = read_question_csv(write_dpg_bench(prompt_set, SHAPES_PROMPTS))
+    prompts = dpg_prompts(prompt_set / "prompts")
+    size = next(iter(models.values())).vqrae.config.encoder.image_size
+    fixed = {"real rendered images": lambda i: render_dpg_scene(0, i, size)[0],
+             "blank images": lambda i: Image.new("RGB", (size, size), BACKGROUND)}
+    rows, judge = {}, ShapesJudge()
+    for name in (*models, *fixed):
+        folder = out / name.replace(" ", "-")
+        if name in models:
+            generate_dpg(models[name], prompts, folder / "images", sampling, 8, name)
+        else:
+            for i, (item, _) in enumerate(prompts):
+                if not (folder / "images" / f"{item}.png").is_file():
+                    with atomic_write(folder / "images" / f"{item}.png", "wb") as f:
+                        tile([fixed[name](i)] * 4).save(f, format="PNG")
+        summary = score_folder(folder / "images", questions, judge, folder)
+        rows[name] = {"overall": summary["overall"], **summary["l1"]}
+    return rows
+
+
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
@@ -107,8 +150,11 @@ def main() -> None:
     tokenizers = tokenizer_rows(runs / "tiny-stage1" / "export", runs / "tiny-stage2" / "export",
                                 str(runs / "world-32" / "eval" / "shards"), world)
     sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=1.0, seed=42)
-    generators = geneval_rows(runs / "tiny-ar", args.prompts, runs / "cpu_report_geneval", args.n, sampling)
-    report = {"tokenizer": tokenizers, "geneval": generators, "sampling": sampling.to_dict(), "images_per_prompt": args.n}
+    models = generators(runs / "tiny-ar", runs / "cpu_report_geneval")
+    geneval = geneval_rows(models, args.prompts, runs / "cpu_report_geneval", args.n, sampling)
+    dpg = dpg_rows(models, runs / "dpg-shapes", runs / "cpu_report_dpg", sampling)
+    report = {"tokenizer": tokenizers, "geneval": geneval, "dpg": dpg, "sampling": sampling.to_dict(),
+              "images_per_prompt": args.n}
     with atomic_write(runs / "cpu_report.json") as f:
         json.dump(report, f, indent=2)
     print("| tokenizer | PSNR | SSIM | utilisation | perplexity | GenEval of reconstructions |")
@@ -118,11 +164,12 @@ def main() -> None:
               f"{r['recon_geneval']:.3f} |")
     d = tokenizers["stage 2"]["distillation"]
     print(f"\nstage 2 ||E(X) - T(X)||^2 = {d['distill_mse']:.2e} ({d['relative']:.2%} of the teacher features' variance)")
-    tasks = [t for t in generators["trained"] if t != "overall"]
-    print("\n| generator | " + " | ".join(tasks) + " | overall |")
-    print("|---" * (len(tasks) + 2) + "|")
-    for name, r in generators.items():
-        print(f"| {name} | " + " | ".join(f"{r[t]:.3f}" for t in tasks) + f" | {r['overall']:.3f} |")
+    for title, rows, digits in (("generator (GenEval)", geneval, 3), ("images (DPG-Bench, x 100)", dpg, 2)):
+        columns = [t for t in rows["trained"] if t != "overall"]
+        print(f"\n| {title} | " + " | ".join(columns) + " | overall |")
+        print("|---" * (len(columns) + 2) + "|")
+        for name, r in rows.items():
+            print(f"| {name} | " + " | ".join(f"{r[t]:.{digits}f}" for t in columns) + f" | {r['overall']:.{digits}f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""DPG-Bench's scoring rules (ELLA's `compute_dpg_bench.py`), with the two upstream bugs the same team fixed in its
+VGT copy fixed here too, as the "fixed" variant every summary names:
+
+- every csv row is read (upstream skipped the first data row: `if i == 0: continue` after pandas had consumed the
+  header);
+- category scores average every crop's question scores after dependency zeroing (upstream used the last crop's
+  scores from before the zeroing).
+
+Per prompt: each of the 4 crops of its 2x2 tile answers every question; a question scores 1 when the judge's answer
+is "yes" (case, surrounding space and final punctuation ignored; upstream's mPLUG answers in lower case), then, in
+proposition order, a question with a parent (dependency ids, 0 = none) that scored 0 is set to 0; the crop's score is
+the mean over questions, the prompt's the mean over crops. Overall = mean over prompts x 100. L2 category = the
+proposition tuple's function name ("attribute - color"), L1 = its part before "-" ("attribute"); a category's score
+is the mean of its question scores over all prompts and crops, x 100.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VARIANT = "fixed"
+REQUIRED_COLUMNS = ("item_id", "proposition_id", "dependency", "tuple", "question_natural_language")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One proposition of a prompt: id, parents (0 = none), DPG tuple, natural-language question."""
+
+    proposition_id: int
+    parents: tuple[int, ...]
+    tuple: str
+    text: str
+
+    @property
+    def category(self) -> str:  # L2: the tuple's function name
+        return self.tuple.split("(")[0].strip()
+
+    @property
+    def broad_category(self) -> str:  # L1
+        return self.category.split("-")[0].strip()
+
+
+def read_question_csv(path: str | Path) -> dict[str, list[Question]]:
+    """item_id -> its questions in file order, from DPG-Bench's question csv (every row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"question csv {path} not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks DPG-Bench columns {missing}")
+        out: dict[str, list[Question]] = defaultdict(list)
+        for line, row in enumerate(reader, start=2):
+            try:
+                parents = tuple(int(d) for d in str(row["dependency"]).split(","))
+                question = Question(int(row["proposition_id"]), parents, row["tuple"],
+                                    row["question_natural_language"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: line {line}: bad proposition_id or dependency ({e})") from None
+            out[row["item_id"]].append(question)
+    for item, questions in out.items():
+        ids = [q.proposition_id for q in questions]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{path}: prompt {item} repeats a proposition_id")
+        unknown = {p for q in questions for p in q.parents if p != 0 and p not in ids}
+        if unknown:
+            raise ValueError(f"{path}: prompt {item} depends on unknown proposition ids {sorted(unknown)}")
+    return dict(out)
+
+
+def is_yes(answer: str) -> bool:
+    """The judge said yes (upstream: answer == "yes"; here case, spaces and final punctuation are ignored)."""
+    return answer.strip().rstrip(".!").strip().lower() == "yes"
+
+
+def crop_scores(questions: Sequence[Question], answers: Mapping[int, str]) -> dict[int, float]:
+    """One crop: proposition id -> score after dependency zeroing (in proposition order, as upstream)."""
+    scores = {q.proposition_id: float(is_yes(answers[q.proposition_id])) for q in questions}
+    for q in questions:
+        if any(p != 0 and scores[p] == 0 for p in q.parents):
+            scores[q.proposition_id] = 0.0
+    return scores
+
+
+def score_prompt(questions: Sequence[Question], answers: Sequence[Mapping[int, str]]) -> dict[str, Any]:
+    """A prompt's score from its crops' answers (one mapping proposition id -> answer per crop)."""
+    if not answers:
+        raise ValueError("a prompt needs the answers of at least one crop")
+    crops = [crop_scores(questions, a) for a in answers]
+    per_crop = [sum(c.values()) / len(c) for c in crops]
+    return {"score": sum(per_crop) / len(per_crop), "crop_scores": per_crop,
+            "question_scores": [[c[q.proposition_id] for c in crops] for q in questions]}
+
+
+def summarize(prompts: Mapping[str, Sequence[Question]], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Overall and L1 / L2 category scores (x 100) over the scored prompts (`results`: item_id -> score_prompt)."""
+    if not results:
+        raise ValueError("no scored prompts")
+    l1: dict[str, list[float]] = defaultdict(list)
+    l2: dict[str, list[float]] = defaultdict(list)
+    for item, result in results.items():
+        for q, scores in zip(prompts[item], result["question_scores"]):
+            l2[q.category].extend(scores)
+            l1[q.broad_category].extend(scores)
+
+    def mean100(values: Sequence[float]) -> float:
+        return 100.0 * sum(values) / len(values)
+
+    return {"variant": VARIANT, "prompts": len(results),
+            "overall": mean100([r["score"] for r in results.values()]),
+            "l1": {k: mean100(v) for k, v in sorted(l1.items())}, "l2": {k: mean100(v) for k, v in sorted(l2.items())}}
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    lines = [f"DPG-Bench ({summary['variant']} scoring), {summary['prompts']} prompts: overall "
+             f"{summary['overall']:.2f}"]
+    lines += [f"  {k:<24}{v:>8.2f}" for k, v in summary["l1"].items()]
+    lines += ["  L2:"] + [f"    {k:<22}{v:>8.2f}" for k, v in summary["l2"].items()]
+    return "\n".join(lines)
