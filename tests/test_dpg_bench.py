@@ -146,3 +146,42 @@ def test_cli_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "eval/dpg_bench.py", "--score-only", str(tmp_path), "--questions",
                            str(tmp_path / "missing.csv")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: question csv")
+
+
+def test_the_command_generates_and_scores_a_handful_of_prompts(tmp_path):
+    import torch
+
+    from data.shapes import shapes_world_tokenizer
+    from eval.dpg_bench import main
+    from llm.generator import SequenceFormat, save_generator
+    from llm.vocab import build_tiny_qwen3, expand_vocabulary
+    from tokenizer import VQRAE, get_preset
+
+    torch.manual_seed(0)
+    VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
+    tokenizer = shapes_world_tokenizer(tmp_path / "text")
+    lm = build_tiny_qwen3(tokenizer)
+    vocab = expand_vocabulary(lm, tokenizer, 512)
+    save_generator(tmp_path / "gen", lm.eval(), tokenizer, vocab, SequenceFormat(), tmp_path / "tok")
+    csv_path = write_dpg_bench(tmp_path / "set", 3)
+    main(["--model", str(tmp_path / "gen"), "--prompts", str(tmp_path / "set" / "prompts"), "--questions",
+          str(csv_path), "--out", str(tmp_path / "out"), "--judge", "shapes", "--device", "cpu"])
+    tiles = sorted((tmp_path / "out" / "images").glob("*.png"))
+    assert [p.stem for p in tiles] == [item for item, _ in read_prompts(tmp_path / "set" / "prompts")]
+    assert all(Image.open(p).size == (64, 64) for p in tiles)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["prompts"] == 3 and 0 <= summary["overall"] <= 100 and summary["judge"] == "shapes-exact"
+    settings = json.loads((tmp_path / "out" / "images" / "generation.json").read_text())
+    assert settings["sampling"]["cfg_scale"] == 3.0 and settings["sampling"]["seed"] == 42
+
+
+def test_a_llava_export_judges_through_its_batched_answers(llava_export):
+    from eval.dpg_judges import LlavaJudge
+    from llm.understanding import answer
+
+    root, _, _, model, processor = llava_export
+    judge = LlavaJudge(root / "export", batch_size=2)
+    images = [render_dpg_scene(0, i, 64)[0] for i in range(3)]
+    got = judge.answer(images, QUESTIONS[:3])
+    assert got == [answer(model, processor, [im], [q.text], 4, short=True)[0] for im, q in zip(images, QUESTIONS)]
+    assert judge.name.startswith("llava:")

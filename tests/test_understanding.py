@@ -22,7 +22,6 @@ from data.transforms import pil_to_tensor
 from llm.understanding import (
     add_image_token,
     answer,
-    build_llava,
     export_vision_tower,
     feature_select_strategy,
     replace_vision_tower,
@@ -84,20 +83,6 @@ def test_naflex_towers_are_refused_for_llava():
     cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, tower=tower))
     with pytest.raises(ConfigError, match="NaFlex"):
         vision_tower(VQRAE(cfg))
-
-
-@pytest.fixture(scope="module")
-def llava_export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava")
-    vqrae = tiny_vqrae()
-    tokenizer = shapes_world_tokenizer(root / "tok")
-    lm = build_tiny_qwen3(tokenizer, seed=3)
-    with torch.no_grad():  # large weights: answers that depend on the image
-        for p in lm.parameters():
-            p.mul_(8.0 if p.dim() == 2 else 1.0)
-    model, processor = build_llava(vqrae, lm, tokenizer)
-    save_llava(model, processor, root / "export")
-    return root, vqrae, lm, model, processor
 
 
 def test_llava_features_and_text_path_are_the_parts(llava_export):
