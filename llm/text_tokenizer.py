@@ -110,6 +110,41 @@ def corpus_tokenizer(texts: Iterable[str], out_dir: str | Path | None = None, vo
     return train_text_tokenizer([*texts, *GENERIC_TEXTS], out_dir, vocab_size=vocab_size)
 
 
+def train_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 400
+                                  ) -> PreTrainedTokenizerBase:
+    """A LLaMA-family tokenizer (sentencepiece BPE with byte fallback, `<unk>` 0, `<s>` 1, `</s>` 2, no pad, BOS added
+    as LLaMA's is) trained offline on `texts`: `tokenizer.model` + `tokenizer_config.json` naming `LlamaTokenizer`,
+    written atomically and reloaded through `AutoTokenizer`. The tokenizer of a Vicuna / LLaMA-2 checkpoint, in
+    miniature (tests and experiments; real runs load the LLM's own).
+
+    Args:
+        texts: training sentences (deterministic order gives a deterministic model).
+        out_dir: the folder to write (replaced if it exists).
+        vocab_size: the sentencepiece vocabulary size, bytes (256) and the three special pieces included.
+    """
+    import sentencepiece as spm
+
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("train_sentencepiece_tokenizer needs non-empty texts")
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        corpus = tmp / "corpus.txt"
+        corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(tmp / "sp"), vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            num_threads=1, minloglevel=2)
+        (tmp / "sp.model").rename(tmp / "tokenizer.model")
+        for name in ("sp.vocab", "corpus.txt"):
+            (tmp / name).unlink()
+        config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                  "pad_token": None, "add_bos_token": True, "add_eos_token": False, "model_max_length": 4096,
+                  "clean_up_tokenization_spaces": False}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return AutoTokenizer.from_pretrained(str(out_dir))
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of the tokenizer's vocabulary (token -> id), to check that two tokenizers agree."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])

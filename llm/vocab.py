@@ -29,7 +29,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from common.files import atomic_write
 
@@ -237,25 +244,39 @@ def codebook_rows(codebook: torch.Tensor, text_rows: torch.Tensor, seed: int = 0
     return (rows * (target / rows.norm(dim=1).mean().clamp_min(1e-12))).to(text_rows.device)
 
 
-def build_tiny_qwen3(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
-    """A tiny random Qwen3ForCausalLM sized to `tokenizer` (tests, CPU default), deterministic for a seed.
+TINY_FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+def build_tiny_lm(tokenizer: PreTrainedTokenizerBase, family: str = "qwen3", seed: int = 0, **overrides
+                  ) -> PreTrainedModel:
+    """A tiny random causal LM of a transformers family ("qwen3", "llama") sized to `tokenizer` (tests, CPU default),
+    deterministic for a seed.
 
     Args:
-        tokenizer: the text tokenizer (before expansion); sets vocab_size, pad and eos ids.
+        tokenizer: the text tokenizer (before expansion); sets vocab_size, pad, bos and eos ids.
+        family: the model family.
         seed: torch seed of the initialisation.
-        overrides: Qwen3Config fields to change (e.g. num_hidden_layers=4, tie_word_embeddings=False).
+        overrides: config fields to change (e.g. num_hidden_layers=4, tie_word_embeddings=False).
     """
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"family must be one of {tuple(TINY_FAMILIES)}, got {family!r}")
+    config_class, model_class = TINY_FAMILIES[family]
     fields = {
         "vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "head_dim": 16, "max_position_embeddings": 512,
         "tie_word_embeddings": True, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": None,
+        "bos_token_id": tokenizer.bos_token_id,
     }
-    config = Qwen3Config(**{**fields, **overrides})
+    config = config_class(**{**fields, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model = model_class(config)
     return model.eval()
+
+
+def build_tiny_qwen3(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """`build_tiny_lm` of the Qwen3 family (the CPU default's LM)."""
+    return build_tiny_lm(tokenizer, "qwen3", seed, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------- sequences
