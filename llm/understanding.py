@@ -69,6 +69,10 @@ def vision_tower(vqrae: VQRAE) -> PreTrainedModel:
     the encoder's tower with only the layers up to the feature layer. The final norm VQRAE never applies is kept as
     an identity-initialised norm so the standard class loads; LLaVA reads the hidden state before it."""
     cfg = vqrae.config.encoder
+    if cfg.model_type == "timm":
+        raise ConfigError(f"a timm tower ({cfg.tower.get('model_name')}) has no transformers vision-model class a "
+                          "LLaVA checkpoint can hold: train the tokenizer on the same weights in a transformers layout "
+                          "(e.g. Dinov2Model, InternVLVisionModel) to export understanding")
     if cfg.model_type == "siglip2_vision_model":
         raise ConfigError("a SigLIP2 NaFlex tower takes patch sequences, LLaVA feeds it images: use the SigLIP "
                           "(FixRes) form of the checkpoint (model_type siglip_vision_model) for understanding")

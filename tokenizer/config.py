@@ -29,8 +29,10 @@ class EncoderConfig:
 
     Args:
         tower: a transformers config as a dict with its `model_type` (e.g. "siglip_vision_model",
-            "siglip2_vision_model", "internvl_vision", or any AutoModel vision tower); built with random weights,
-            or read from a pretrained directory by `tokenizer.encoder.load_pretrained_encoder`.
+            "siglip2_vision_model", "internvl_vision", or any AutoModel vision tower); or a timm model:
+            {"model_type": "timm", "model_name", "image_size", "patch_size", "hidden_size", + timm create_model
+            keywords}. Built with random weights, or read from a pretrained directory (a timm model: a weights
+            file) by `tokenizer.encoder.load_pretrained_encoder`.
         feature_layer: which hidden state is the feature, as transformers' LLaVA `vision_feature_layer` reads it:
             hidden_states[feature_layer], the residual stream after that layer, never the tower's final norm; -1
             the last layer's output, -k (k >= 2) the k-th layer's from the end (LLaVA uses -2). The layers after it
@@ -140,7 +142,8 @@ class VQRAEConfig:
             raise ConfigError(
                 f"encoder image size {self.encoder.image_size} is not divisible by patch size {self.encoder.patch_size}"
             )
-        if self.encoder.feature_layer == 0 or self.encoder.feature_layer < -self.encoder._tower_int("num_hidden_layers"):
+        depth = None if self.encoder.model_type == "timm" else self.encoder._tower_int("num_hidden_layers")
+        if self.encoder.feature_layer >= 0 or (depth is not None and self.encoder.feature_layer < -depth):
             raise ConfigError(f"encoder.feature_layer must be in [-num_layers, -1], got {self.encoder.feature_layer}")
         if self.decoder.hidden_size % self.decoder.num_attention_heads:
             raise ConfigError("decoder.hidden_size must be divisible by decoder.num_attention_heads")
@@ -196,6 +199,19 @@ def _internvit_300m() -> VQRAEConfig:
     )
 
 
+def _timm_vit(name: str, hidden: int, layers: int, heads: int, patch: int, image: int, **tower: Any) -> VQRAEConfig:
+    """A timm ViT as the encoder (weights from a local file: `model.encoder_path=/ckpt/<name>.safetensors`), the
+    decoder mirroring it, the paper's codebook."""
+    return VQRAEConfig(
+        encoder=EncoderConfig(tower={"model_type": "timm", "model_name": name, "hidden_size": hidden,
+                                     "patch_size": patch, "image_size": image, **tower},
+                              image_mean=IMAGENET_MEAN_STD[0], image_std=IMAGENET_MEAN_STD[1]),
+        quantizer=QuantizerConfig(codebook_size=16384, codebook_dim=1536),
+        decoder=DecoderConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                              intermediate_size=4 * hidden, hidden_act="gelu", layer_norm_eps=1e-6),
+    )
+
+
 def _tiny() -> VQRAEConfig:
     return VQRAEConfig(
         encoder=EncoderConfig(tower=_siglip_tower(64, 2, 4, 256, 8, 64)),
@@ -216,6 +232,9 @@ PRESETS: dict[str, Callable[[], VQRAEConfig]] = {
     "siglip2-so400m-p16-256": lambda: _so400m(256),
     "siglip2-so400m-p16-512": lambda: _so400m(512),
     "internvit-300m-p14-448": _internvit_300m,
+    "timm-dinov2-b14-224": lambda: _timm_vit("vit_base_patch14_dinov2", 768, 12, 12, 14, 224),
+    "timm-dinov2-b14-reg4-224": lambda: _timm_vit("vit_base_patch14_reg4_dinov2", 768, 12, 12, 14, 224),
+    "timm-internvit-300m-p14-448": lambda: _timm_vit("vit_intern300m_patch14_448", 1024, 24, 16, 14, 448),
     "tiny": _tiny,
     "tiny-p4-32": _tiny_p4_32,
 }

@@ -1,5 +1,6 @@
-"""The encoder: a transformers vision tower (SigLIP, SigLIP2, InternViT, CLIP, or any AutoModel vision tower) whose
-continuous patch features (B, N, C) are both the understanding features and the input of the quantizer.
+"""The encoder: a transformers vision tower (SigLIP, SigLIP2, InternViT, CLIP, or any AutoModel vision tower) or a
+timm vision transformer (DINOv2, InternViT-300M, EVA, ... through timm's intermediate-feature API) whose continuous
+patch features (B, N, C) are both the understanding features and the input of the quantizer.
 
 Built from `EncoderConfig.tower` with random weights (tests, presets), or from a local pretrained directory with
 `load_pretrained_encoder` (the one place that reads pretrained weights: every tensor of the tower must be found).
@@ -7,6 +8,7 @@ Built from `EncoderConfig.tower` with random weights (tests, presets), or from a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -59,6 +61,38 @@ FAMILIES: dict[str, TowerFamily] = {
 }
 
 
+TIMM = "timm"  # EncoderConfig.tower["model_type"] of a timm model
+_TIMM_KEYS = ("model_type", "model_name", "image_size", "patch_size", "hidden_size")  # the rest: create_model kwargs
+
+
+def timm_tower(cfg: EncoderConfig, weights: str | Path | None = None) -> nn.Module:
+    """The timm model of `cfg.tower` ({"model_type": "timm", "model_name", "image_size", "patch_size", "hidden_size",
+    + any timm `create_model` keyword}), random or with `weights` (a local safetensors / .pth file, read by timm's
+    own loader: strictly, its position embedding resampled to `image_size` as timm does). Never downloads."""
+    import timm
+
+    name = cfg.tower.get("model_name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("encoder.tower of model_type 'timm' needs a 'model_name' (e.g. vit_base_patch14_dinov2)")
+    if not timm.is_model(name):
+        raise ConfigError(f"encoder.tower.model_name: timm has no model {name!r}")
+    kwargs = {k: v for k, v in cfg.tower.items() if k not in _TIMM_KEYS}
+    shape = {"img_size": cfg.image_size, "patch_size": cfg.patch_size, "embed_dim": cfg.hidden_size, "num_classes": 0}
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"timm weights file {path} not found")
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path), "num_classes": 0}}
+    try:
+        model = timm.create_model(name, **shape, **kwargs)
+    except RuntimeError as e:  # strict loading: missing / unexpected keys, or shapes
+        detail = " ".join(str(e).split())
+        raise ValueError(f"timm weights {weights} do not fit {name} ({detail[:400]})") from None
+    if not hasattr(model, "forward_intermediates") or not hasattr(model, "prune_intermediate_layers"):
+        raise ConfigError(f"timm model {name} has no intermediate-feature API (forward_intermediates)")
+    return model
+
+
 FLASH_DTYPES = (torch.float16, torch.bfloat16)  # flash-attn rejects fp32
 
 
@@ -80,11 +114,14 @@ def set_attention(config: PretrainedConfig, requested: str, dtype: torch.dtype) 
 
 
 def set_gradient_checkpointing(module: nn.Module, enable: bool = True) -> None:
-    """Turn activation checkpointing on/off for every transformers layer inside `module` (non-reentrant)."""
+    """Turn activation checkpointing on/off for every transformers layer (non-reentrant) and timm model inside
+    `module`."""
     for sub in module.modules():
         if hasattr(sub, "gradient_checkpointing"):
             sub._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
             sub.gradient_checkpointing = enable
+        elif hasattr(sub, "grad_checkpointing") and hasattr(sub, "set_grad_checkpointing"):  # a timm model
+            sub.set_grad_checkpointing(enable)
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -140,7 +177,17 @@ class VisionEncoder(DtypeAwareAttention):
     def __init__(self, cfg: EncoderConfig, tower: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.tower = tower if tower is not None else AutoModel.from_config(tower_config(cfg))
+        self.timm_index: int | None = None
+        if cfg.model_type == TIMM:
+            self.tower = tower if tower is not None else timm_tower(cfg)
+            depth = len(self.tower.blocks)
+            if not -depth <= cfg.feature_layer <= -1:
+                raise ConfigError(f"encoder.feature_layer must be in [-{depth}, -1] for this {depth}-block timm "
+                                  f"model, got {cfg.feature_layer}")
+            self.timm_index = depth + cfg.feature_layer  # the block whose output hidden_states[feature_layer] is
+            self.tower.prune_intermediate_layers([self.timm_index], prune_norm=True, prune_head=True)
+        else:
+            self.tower = tower if tower is not None else AutoModel.from_config(tower_config(cfg))
         self.family = FAMILIES.get(cfg.model_type)
         self.patch_size = cfg.patch_size
         self.hidden_size = cfg.hidden_size
@@ -169,14 +216,18 @@ class VisionEncoder(DtypeAwareAttention):
             _set(self.tower, family.layers, nn.ModuleList(list(layers)[:keep]))
 
     def update_attention(self) -> None:
-        """Re-pick the attention kernel for the tower's current dtype."""
-        set_attention(self.tower.config, self.cfg.attn_implementation, next(self.tower.parameters()).dtype)
+        """Re-pick the attention kernel for the tower's current dtype (timm models pick their own: SDPA)."""
+        if self.timm_index is None:
+            set_attention(self.tower.config, self.cfg.attn_implementation, next(self.tower.parameters()).dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Args: pixel_values (B, 3, H, W) in [-1, 1]. Returns: features (B, N, C), N = (H / p) * (W / p)."""
         x = pixel_values * self.scale.to(pixel_values.dtype) + self.shift.to(pixel_values.dtype)
         dtype = next(self.tower.parameters()).dtype
         x = x.to(dtype)
+        if self.timm_index is not None:  # the block's output, prefix (class, register) tokens removed, no norm
+            return self.tower.forward_intermediates(x, indices=[self.timm_index], norm=False, output_fmt="NLC",
+                                                    intermediates_only=True)[0]
         if self.family is None:  # any other tower: read the requested hidden state
             hidden = self.tower(pixel_values=x, output_hidden_states=True).hidden_states[self.cfg.feature_layer]
             grid = (x.shape[-2] // self.patch_size) * (x.shape[-1] // self.patch_size)
@@ -213,7 +264,8 @@ def _preprocessor_mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) -> VisionEncoder:
-    """Load a pretrained vision tower from a local directory (never downloads).
+    """Load a pretrained vision tower from a local directory, or for a timm `cfg` from a local weights file (never
+    downloads; see `timm_tower`, normalisation from the timm model's pretrained config).
 
     The directory may hold a vision tower (e.g. SiglipVisionModel) or a model whose config has a `vision_config`
     (a SiglipModel / Siglip2Model / CLIPModel dual encoder, an InternVL or LLaVA checkpoint); only the vision weights
@@ -227,9 +279,15 @@ def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) 
             directory's).
     """
     path = Path(path)
+    cfg = EncoderConfig() if cfg is None else cfg
+    if cfg.model_type == TIMM:
+        tower = timm_tower(cfg, path)
+        mean, std = (tuple(float(v) for v in tower.pretrained_cfg.get(k, d)) for k, d in
+                     (("mean", cfg.image_mean), ("std", cfg.image_std)))
+        log.info("loaded timm %s from %s", cfg.tower["model_name"], path)
+        return VisionEncoder(dataclasses.replace(cfg, image_mean=mean, image_std=std), tower=tower)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"encoder weights directory {path} not found or has no config.json")
-    cfg = EncoderConfig() if cfg is None else cfg
     vision = _vision_config(path)
     mean_std = _preprocessor_mean_std(path) or (cfg.image_mean, cfg.image_std)
     loaded = EncoderConfig(
