@@ -33,7 +33,7 @@ from common.distributed import DistInfo, barrier
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, make_grid_png
 from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
-from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
+from tokenizer.discriminator import DiscriminatorConfig, build_discriminator
 from tokenizer.losses import build_lpips
 from tokenizer.model import VQRAE, is_vqrae_export, read_config_dict
 from tokenizer.objective import LeCAMState, LossConfig, discriminator_loss, generator_loss
@@ -254,9 +254,10 @@ class TokenizerTrainer(TrainLoop):
             # The discriminator runs at ZeRO <= 2: it is small, and replicated parameters let the generator's
             # backward pass run through it outside its own engine (a ZeRO-3 partition would be released by then).
             # Its schedule spans its own steps, from loss.disc_start to the end.
-            d = PatchDiscriminator(cfg.disc)
+            d = build_discriminator(cfg.disc)
             d_json = merge_dicts(ds_json, {"zero_optimization": {"stage": min(cfg.deepspeed.zero_stage, 2)}})
-            self.disc = build_engine(d, [{"params": list(d.parameters()), "weight_decay": 0.0}], cfg.optim,
+            trainable = [p for p in d.parameters() if p.requires_grad]  # a DINO backbone stays frozen
+            self.disc = build_engine(d, [{"params": trainable, "weight_decay": 0.0}], cfg.optim,
                                      max(1, cfg.run.steps - cfg.loss.disc_start), d_json)
             self.engines["disc"] = self.disc
         self.lecam = LeCAMState()
