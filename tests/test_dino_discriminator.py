@@ -25,7 +25,7 @@ TINY = {"depth": 4, "embed_dim": 32, "num_heads": 2}
 
 
 def tiny_cfg(**kw) -> DiscriminatorConfig:
-    fields = {"kind": "dino", "dino_random": True, "dino_image_size": 28, "dino_blocks": [1, 3], "dino_overrides": TINY}
+    fields = {"kind": "dino", "dino_random": True, "dino_image_size": 32, "dino_blocks": [1, 3], "dino_overrides": TINY}
     return DiscriminatorConfig(**{**fields, **kw})
 
 
@@ -80,7 +80,7 @@ def test_uint8_rounding_and_diffaugment():
     images = torch.rand(2, 3, 28, 28) * 2 - 1
     with torch.no_grad():
         assert torch.equal(disc(images), disc(round_to_uint8_grid(images)))
-        assert disc(images).shape == (2, 2 * 4)  # two heads x 2 x 2 tokens (patch 14 at 28 px)
+        assert disc(images).shape == (2, 2 * 16)  # two heads x 4 x 4 tokens (ViT-S/8 at 32 px)
 
 
 def test_refusals():
@@ -98,12 +98,12 @@ def test_refusals():
 
 def test_a_tokenizer_run_with_the_dino_discriminator_under_zero2(world, tmp_path):  # noqa: F811
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, num_classes=0, **TINY)
+    model = timm.create_model(DiscriminatorConfig().dino_model, pretrained=False, img_size=32, num_classes=0, **TINY)
     weights = tmp_path / "dino-tiny.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     out = tmp_path / "run"
     train(*args(world, out, "run.steps=4", "deepspeed.zero_stage=2", "loss.gan_start=2", "loss.disc_start=1",
-                "disc.kind=dino", f"disc.dino_path={weights}", "disc.dino_image_size=28", "disc.dino_blocks=[1, 3]",
+                "disc.kind=dino", f"disc.dino_path={weights}", "disc.dino_image_size=32", "disc.dino_blocks=[1, 3]",
                 "disc.dino_overrides={depth: 4, embed_dim: 32, num_heads: 2}"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and "d_loss" in rows[-1] and "gan_weight" in rows[-1]
