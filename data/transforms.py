@@ -138,7 +138,8 @@ def to_pil(x: torch.Tensor) -> Image.Image | list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
-def make_grid_png(rows: Sequence[torch.Tensor], path: str | Path, padding: int = 2, min_cell: int = 0) -> Path:
+def make_grid_png(rows: Sequence[torch.Tensor], path: str | Path, padding: int = 2, min_cell: int = 0,
+                  captions: Sequence[str] | None = None) -> Path:
     """Write a grid whose i-th row is `rows[i]` (e.g. originals over reconstructions) to a PNG, atomically.
 
     Args:
@@ -147,6 +148,7 @@ def make_grid_png(rows: Sequence[torch.Tensor], path: str | Path, padding: int =
         padding: white pixels between cells.
         min_cell: cells smaller than this are enlarged by an integer factor (nearest neighbour), so 32 px images
             stay visible; pixels are never interpolated.
+        captions: one text per column, written (wrapped) in a band under the grid.
     """
     from torchvision.utils import make_grid
 
@@ -157,10 +159,34 @@ def make_grid_png(rows: Sequence[torch.Tensor], path: str | Path, padding: int =
     if scale > 1:
         cells = cells.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     grid = make_grid(cells, nrow=rows[0].shape[0], padding=padding, pad_value=255)  # (3, H', W')
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if captions is not None:
+        if len(captions) != rows[0].shape[0]:
+            raise ValueError(f"make_grid_png: {len(captions)} captions for {rows[0].shape[0]} columns")
+        image = _caption_band(image, captions, cells.shape[-1] + padding, padding)
     path = Path(path)
     with atomic_write(path, "wb") as f:
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(f, format="PNG")
+        image.save(f, format="PNG")
     return path
+
+
+def _caption_band(grid: Image.Image, captions: Sequence[str], column: int, padding: int) -> Image.Image:
+    """`grid` with each column's caption wrapped in a white band below it."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    width = max(4, (column - padding) // 6)  # characters per line at the default font's ~6 px
+    lines = [textwrap.wrap(c, width) or [""] for c in captions]
+    band = 12 * max(len(ls) for ls in lines) + 2 * padding
+    out = Image.new("RGB", (grid.width, grid.height + band), "white")
+    out.paste(grid, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for k, text in enumerate(lines):
+        for j, line in enumerate(text):
+            draw.text((padding + k * column, grid.height + j * 12), line, fill="black", font=font)
+    return out
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

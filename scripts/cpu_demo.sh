@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the CPU default (the procedural shapes world), on 2 cores, phase by phase:
 # tokenizer stage 1 -> stage 2 -> generator (codes extracted first) -> reconstruction eval, GenEval and DPG-Bench
-# against untrained baselines (runs/cpu_report.json) -> understanding stage 1 -> stage 2 -> held-out exact match
+# against untrained baselines (runs/cpu_report.json) -> a captioned grid of originals, reconstructions and samples
+# (runs/cpu_grid.png) -> understanding stage 1 -> stage 2 -> held-out exact match
 # against the majority answer and a blank image (runs/understanding_report.json) -> a scripted chat (one image, two
 # questions, one drawing, one reconstruction: runs/chat_transcript.txt) -> one summary table (runs/cpu_summary.json).
 # A phase whose output exists is skipped (delete the output to redo it); a killed training phase resumes.
@@ -37,6 +38,7 @@ phase "tokenizer stage 2" runs/tiny-stage2/export/model.safetensors \
     deepspeed train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml
 phase "generator" runs/tiny-ar/export/model.safetensors deepspeed train/ar_gen.py
 phase "reconstruction, GenEval, DPG-Bench" runs/cpu_report.json python scripts/cpu_report.py
+phase "sample grid" runs/cpu_grid.png python scripts/cpu_grid.py
 phase "understanding stage 1" runs/tiny-und-stage1/export/model.safetensors deepspeed train/understanding.py
 phase "understanding stage 2" runs/tiny-und-stage2/export/model.safetensors \
     deepspeed train/understanding.py --config train/configs/understanding/tiny-stage2.yaml

@@ -123,6 +123,15 @@ def test_make_grid_png(tmp_path):
     big = np.array(Image.open(make_grid_png([top], tmp_path / "big.png", padding=0, min_cell=16)))
     assert big.shape == (16, 3 * 12, 3)  # cells enlarged 2x by repetition: every pixel a 2 x 2 block
     np.testing.assert_array_equal(big[::2, ::2], np.array(Image.open(make_grid_png([top], tmp_path / "s.png", 0))))
+    plain = np.array(Image.open(make_grid_png([top, bottom], tmp_path / "p.png", padding=2, min_cell=48)))
+    captioned = np.array(Image.open(make_grid_png([top, bottom], tmp_path / "c.png", padding=2, min_cell=48,
+                                                  captions=["a red circle", "two squares", "a long caption " * 4])))
+    assert captioned.shape[1] == plain.shape[1] and captioned.shape[0] > plain.shape[0]
+    np.testing.assert_array_equal(captioned[: plain.shape[0]], plain)  # the cells unchanged, the text below
+    band = captioned[plain.shape[0] :]
+    assert (band < 128).any() and (band[:, : plain.shape[1] // 3] < 128).any()  # text under the first column
+    with pytest.raises(ValueError, match="2 captions for 3 columns"):
+        make_grid_png([top], tmp_path / "x.png", captions=["a", "b"])
 
 
 @pytest.mark.parametrize("mode", ["center", "random", "resize"])
