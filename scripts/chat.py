@@ -110,6 +110,8 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return to_rgb(image.copy())
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} is too large an image ({e})") from e
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e.__class__.__name__})") from e
 

@@ -121,7 +121,7 @@ def test_the_drawing_rule(message, prompt):
     assert draw_prompt(message) == prompt
 
 
-def test_bad_input_is_one_line_and_the_chat_goes_on(exports, tmp_path):
+def test_bad_input_is_one_line_and_the_chat_goes_on(exports, tmp_path, monkeypatch):
     understanding_only = Models(exports / "und", None, None, "cpu", torch.float32)
     chat, _ = session(understanding_only, tmp_path)
     for line, cause in [("/image nowhere.png", "no image file"), (f"/image {exports / 'notes.txt'}", "not a readable"),
@@ -130,6 +130,10 @@ def test_bad_input_is_one_line_and_the_chat_goes_on(exports, tmp_path):
                         ("/settings answer.colour=1", "unknown config key"), ("/image", "needs an argument")]:
         record = chat.handle(line)
         assert record["kind"] == "error" and cause in record["text"] and "\n" not in record["text"], (line, record)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 32 is then a decompression bomb
+    record = chat.handle(f"/image {exports / 'scene.png'}")
+    assert record["kind"] == "error" and "too large an image" in record["text"] and "\n" not in record["text"]
+    monkeypatch.undo()
     assert chat.handle("Is there a circle in the image?")["kind"] == "answer"  # text-only: no image attached
     assert chat.handle("/quit") is None and chat.handle("") is None
 
