@@ -157,6 +157,24 @@ class Models:
         if tok is not None:
             self.vqrae = VQRAE.from_pretrained(tok, device=device).eval()
 
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> Models:
+        """The exports `add_model_arguments` named (the CPU default's where not given), in the dtype it chose."""
+        paths = {k: getattr(args, k) if getattr(args, k) is not None else default_export(k) for k in KIND_NAMES}
+        dtype = dtype_of(args.dtype or ("bf16" if args.device == "cuda" else "fp32"))
+        return cls(paths["und"], paths["gen"], paths["tok"], args.device, dtype)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--und, --gen, --tok, --device, --dtype (bf16 on cuda, fp32 on cpu by default); read with
+    `Models.from_arguments`."""
+    parser.add_argument("--und", type=Path, default=None, help=f"understanding export (default {DEFAULTS['und']})")
+    parser.add_argument("--gen", type=Path, default=None, help=f"generator export (default {DEFAULTS['gen']})")
+    parser.add_argument("--tok", type=Path, default=None, help="VQRAE export that reconstructs (default: the "
+                        "generator's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+
 
 class Session:
     """One conversation: the attached image, the history, the settings; `handle(line)` runs one turn and returns its
@@ -321,25 +339,18 @@ def input_lines(prompt: str):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--und", type=Path, default=None, help=f"understanding export (default {DEFAULTS['und']})")
-    parser.add_argument("--gen", type=Path, default=None, help=f"generator export (default {DEFAULTS['gen']})")
-    parser.add_argument("--tok", type=Path, default=None, help="VQRAE export that reconstructs (default: the "
-                        "generator's)")
+    add_model_arguments(parser)
     parser.add_argument("--image", type=Path, default=None, help="attach this image first")
     parser.add_argument("--prompt", default=None, help="one message, then quit (after --image, if given)")
     parser.add_argument("--json", action="store_true", help="one JSON object per turn")
     parser.add_argument("--out", type=Path, default=Path("outputs/chat"), help="where drawings and reconstructions go")
     parser.add_argument("--seed", type=int, default=0, help="seed of sampled answers (drawings: draw.seed)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("settings", nargs="*", help="initial settings, key=value (see /settings)")
     args = parser.parse_args(argv)
     with reported_errors():
         settings = apply_overrides(ChatSettings(), args.settings)
-        paths = {k: getattr(args, k) if getattr(args, k) is not None else default_export(k) for k in KIND_NAMES}
-        dtype = dtype_of(args.dtype or ("bf16" if args.device == "cuda" else "fp32"))
-        models = Models(paths["und"], paths["gen"], paths["tok"], args.device, dtype)
-    missing = [f"--{k} ({MAKES[k]})" for k in ("und", "gen") if paths[k] is None]
+        models = Models.from_arguments(args)
+    missing = [f"--{k} ({MAKES[k]})" for k, model in (("und", models.und), ("gen", models.gen)) if model is None]
     if missing and not args.json:
         print("not loaded: " + "; ".join(missing), file=sys.stderr)
     torch.manual_seed(args.seed)

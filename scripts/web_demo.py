@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 import torch
 
-from common.cli import DTYPES, default_device, dtype_of, reported_errors
-from scripts.chat import KIND_NAMES, ChatSettings, Models, Session, default_export
+from common.cli import reported_errors
+from scripts.chat import ChatSettings, Models, Session, add_model_arguments
 
 LOCAL = "127.0.0.1"
 MAX_PIXELS = 64_000_000  # decoded size past which an upload is refused (a decompression bomb guard)
@@ -154,26 +154,19 @@ def build(demo: Demo):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--und", type=Path, default=None, help="understanding export (default: the CPU default's)")
-    parser.add_argument("--gen", type=Path, default=None, help="generator export (default: the CPU default's)")
-    parser.add_argument("--tok", type=Path, default=None, help="VQRAE export that reconstructs (default: the "
-                        "generator's)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default=LOCAL, help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=None, help="where drawings and reconstructions go (default: a "
                         "temporary folder)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     args = parser.parse_args(argv)
     with reported_errors(FileNotFoundError, ValueError, ImportError):
         try:
             import gradio  # noqa: F401  (checked before the models load)
         except ImportError as e:
             raise ImportError('the web demo needs gradio: pip install -c constraints.txt -e ".[demo]"') from e
-        paths = {k: getattr(args, k) if getattr(args, k) is not None else default_export(k) for k in KIND_NAMES}
-        models = Models(paths["und"], paths["gen"], paths["tok"], args.device,
-                        dtype_of(args.dtype or ("bf16" if args.device == "cuda" else "fp32")))
+        models = Models.from_arguments(args)
     if args.host != LOCAL:
         print(f"warning: listening on {args.host}: anyone who can reach it can use these models", file=sys.stderr)
     from PIL import Image
