@@ -107,7 +107,7 @@ def test_refusals_are_one_line(weights, tmp_path):
         load_pretrained_encoder(tmp_path / "missing.safetensors", cfg)
     state = timm_reference().state_dict()
     save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("blocks.2.")}, str(tmp_path / "cut.safetensors"))
-    with pytest.raises(ValueError, match="do not fit .*blocks.2") as e:
+    with pytest.raises(ValueError, match="does not fit .*blocks.2") as e:
         load_pretrained_encoder(tmp_path / "cut.safetensors", cfg)
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="timm has no model"):

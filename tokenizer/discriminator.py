@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -156,20 +155,11 @@ class DinoDiscriminator(nn.Module):
 
     def __init__(self, cfg: DiscriminatorConfig):
         super().__init__()
-        import timm
+        from tokenizer.encoder import create_timm_model
 
-        if not timm.is_model(cfg.dino_model):
-            raise ConfigError(f"disc.dino_model: timm has no model {cfg.dino_model!r}")
-        kwargs = {"img_size": cfg.dino_image_size, "num_classes": 0, **cfg.dino_overrides}
-        if cfg.dino_path:
-            if not Path(cfg.dino_path).is_file():
-                raise FileNotFoundError(f"disc.dino_path={cfg.dino_path} not found")
-            kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": cfg.dino_path, "num_classes": 0}}
-        try:
-            self.backbone = timm.create_model(cfg.dino_model, **kwargs).eval().requires_grad_(False)
-        except RuntimeError as e:
-            raise ValueError(f"disc.dino_path={cfg.dino_path} does not fit {cfg.dino_model} "
-                             f"({' '.join(str(e).split())[:400]})") from None
+        self.backbone = create_timm_model(
+            cfg.dino_model, cfg.dino_path or None, f"disc.dino_path={cfg.dino_path}", "disc.dino_model",
+            img_size=cfg.dino_image_size, num_classes=0, **cfg.dino_overrides).eval().requires_grad_(False)
         depth = len(self.backbone.blocks)
         if not cfg.dino_blocks or any(not 0 <= i < depth for i in cfg.dino_blocks):
             raise ConfigError(f"disc.dino_blocks must be block indices in [0, {depth}), got {cfg.dino_blocks}")

@@ -65,29 +65,34 @@ TIMM = "timm"  # EncoderConfig.tower["model_type"] of a timm model
 _TIMM_KEYS = ("model_type", "model_name", "image_size", "patch_size", "hidden_size")  # the rest: create_model kwargs
 
 
-def timm_tower(cfg: EncoderConfig, weights: str | Path | None = None) -> nn.Module:
-    """The timm model of `cfg.tower` ({"model_type": "timm", "model_name", "image_size", "patch_size", "hidden_size",
-    + any timm `create_model` keyword}), random or with `weights` (a local safetensors / .pth file, read by timm's
-    own loader: strictly, its position embedding resampled to `image_size` as timm does). Never downloads."""
+def create_timm_model(name: str, weights: str | Path | None, source: str, key: str, **kwargs: Any) -> nn.Module:
+    """timm's `create_model(name, **kwargs)`, random or with `weights` (a local safetensors / .pth file read by timm's
+    own loader: strictly, position embeddings resampled as timm does); never downloads. `key` names the model's config
+    key and `source` the weights in the one-line errors."""
     import timm
 
+    if not timm.is_model(name):
+        raise ConfigError(f"{key}: timm has no model {name!r}")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{source} not found")
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(weights), "num_classes": 0}}
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as e:  # strict loading: missing / unexpected keys, or shapes
+        raise ValueError(f"{source} does not fit {name} ({' '.join(str(e).split())[:400]})") from None
+
+
+def timm_tower(cfg: EncoderConfig, weights: str | Path | None = None) -> nn.Module:
+    """The timm model of `cfg.tower` ({"model_type": "timm", "model_name", "image_size", "patch_size", "hidden_size",
+    + any timm `create_model` keyword}), random or with `weights` (see `create_timm_model`)."""
     name = cfg.tower.get("model_name")
     if not isinstance(name, str) or not name:
         raise ConfigError("encoder.tower of model_type 'timm' needs a 'model_name' (e.g. vit_base_patch14_dinov2)")
-    if not timm.is_model(name):
-        raise ConfigError(f"encoder.tower.model_name: timm has no model {name!r}")
     kwargs = {k: v for k, v in cfg.tower.items() if k not in _TIMM_KEYS}
-    shape = {"img_size": cfg.image_size, "patch_size": cfg.patch_size, "embed_dim": cfg.hidden_size, "num_classes": 0}
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"timm weights file {path} not found")
-        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path), "num_classes": 0}}
-    try:
-        model = timm.create_model(name, **shape, **kwargs)
-    except RuntimeError as e:  # strict loading: missing / unexpected keys, or shapes
-        detail = " ".join(str(e).split())
-        raise ValueError(f"timm weights {weights} do not fit {name} ({detail[:400]})") from None
+    model = create_timm_model(name, weights, f"timm weights file {weights}", "encoder.tower.model_name",
+                              img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.hidden_size,
+                              num_classes=0, **kwargs)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "prune_intermediate_layers"):
         raise ConfigError(f"timm model {name} has no intermediate-feature API (forward_intermediates)")
     return model
