@@ -96,3 +96,19 @@ def ensure_settings(path: str | Path, settings: Mapping[str, Any], *, ignore: Co
         with atomic_write(path) as f:
             json.dump(settings, f, indent=2)
             f.write("\n")
+
+
+def resume_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The complete rows of a jsonl file that a run appends to, the file rewritten (atomically) to hold just them: a
+    line cut by an interruption, and anything after it, is dropped, so appending can go on. [] when it is missing."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        with atomic_write(path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
-from common.files import atomic_write, ensure_settings
+from common.files import atomic_write, ensure_settings, resume_jsonl
 from data.transforms import to_pil
 from eval.dpg_scoring import Question, format_summary, read_question_csv, score_prompt, summarize
 from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
@@ -113,16 +113,8 @@ def score_folder(images: Path, questions: dict[str, list[Question]], judge, out:
     out.mkdir(parents=True, exist_ok=True)
     ensure_settings(out / "settings.json", {"images": str(images.resolve()), "judge": judge.name})
     path = out / "answers.jsonl"
-    done: dict[str, list[dict[int, str]]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by an interruption
-            done[row["item_id"]] = [{int(k): v for k, v in crop.items()} for crop in row["answers"]]
-    with atomic_write(path) as f:
-        f.writelines(json.dumps({"item_id": k, "answers": v}) + "\n" for k, v in done.items())
+    done = {row["item_id"]: [{int(k): v for k, v in crop.items()} for crop in row["answers"]]
+            for row in resume_jsonl(path)}
     todo = [p for p in tiles if p.stem not in done]
     with open(path, "a") as f:
         for start in tqdm(range(0, len(todo), prompts_per_batch), desc="judge", unit="batch"):

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
-from common.files import atomic_write, ensure_settings
+from common.files import atomic_write, ensure_settings, resume_jsonl
 from eval.understanding_scoring import VARIANTS, score_exact_match, score_mme, score_pope
 
 BENCHMARKS = ("shapes", "mme", "pope")
@@ -50,20 +50,6 @@ def read_questions(path: Path, benchmark: str) -> list[dict[str, Any]]:
     return rows
 
 
-def answered(path: Path) -> dict[Any, dict]:
-    """The complete answer lines of an answers.jsonl (a line cut by an interruption is dropped)."""
-    if not path.is_file():
-        return {}
-    done = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        done[row["question_id"]] = row
-    return done
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from llm.understanding import answer, load_llava, mean_color
 
@@ -78,9 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = processor.image_processor.size["height"]
     blank = Image.new("RGB", (size, size), mean_color(processor))
     path = args.out / "answers.jsonl"
-    done = answered(path)
-    with atomic_write(path) as f:  # rewrite the complete lines, then grow the file batch by batch
-        f.writelines(json.dumps(r) + "\n" for r in done.values())
+    done = {r["question_id"]: r for r in resume_jsonl(path)}  # then the file grows batch by batch
     todo = [q for q in questions if q["question_id"] not in done]
     with open(path, "a") as out:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="answer", unit="batch"):
