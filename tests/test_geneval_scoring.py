@@ -89,6 +89,22 @@ def test_relative_position_threshold_arithmetic():
     assert relative_position((0, 0, 10, 10), (9, 3, 19, 13), threshold=0.5) == set()
 
 
+def test_position_threshold_is_geneval_s_0_1_on_both_sides():
+    """10 x 10 boxes side by side: "left of" needs (d - 20 t) / d > 0.5, i.e. a centre distance d > 40 t: 4 px at
+    GenEval's t = 0.1 (8 px at 0.2). Through relative_position's default and through the scorer's."""
+    a = (0, 0, 10, 10)
+    assert relative_position(a, (4.1, 0, 14.1, 10)) == {"left of"}
+    assert relative_position(a, (3.9, 0, 13.9, 10)) == set()
+    assert relative_position(a, (6, 0, 16, 10)) == {"left of"}
+    assert relative_position(a, (6, 0, 16, 10), threshold=0.2) == set()
+    meta = {"tag": "position", "include": [{"class": "cat", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]}]}
+    for offset, expected in ((4.1, True), (6, True), (3.9, False)):
+        dets = {"cat": [det(offset, 0, offset + 10, 10)], "dog": [det(*a)]}
+        assert score_image(meta, dets, no_colors)[0] is expected, offset
+        assert score_image(meta, dets, no_colors, ScoringConfig())[0] is expected, offset
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # filter_detections
 

@@ -106,6 +106,45 @@ def test_straight_through_and_loss_formula():
     assert q.codebook.grad is None and not q.codebook.requires_grad
 
 
+def random_w_quantizer(seed: int = 0, in_dim: int = 32) -> SimVQ:
+    """A SimVQ whose W is far from its identity initialisation, where C W and C differ."""
+    torch.manual_seed(seed)
+    q = SimVQ(get_preset("tiny").quantizer, in_dim=in_dim)
+    with torch.no_grad():
+        q.codebook_proj.weight.copy_(torch.randn(128, 128) * 128**-0.5)
+    return q
+
+
+def test_codes_are_rows_of_c_w_never_of_the_frozen_c():
+    q = random_w_quantizer()
+    cw = q.codebook @ q.codebook_proj.weight.T  # (K, D): the effective codebook, computed independently
+    assert not torch.allclose(cw, q.codebook, atol=1e-2)
+    feats = torch.randn(3, 20, 32)
+    out = q(feats)
+    z = q.in_proj(feats).detach().flatten(0, 1)
+    assert torch.equal(out.indices.flatten(), torch.cdist(z.double(), cw.double()).argmin(1))  # searched in C W
+    torch.testing.assert_close(out.quantized, cw[out.indices])  # the forward's vectors
+    torch.testing.assert_close(q.decode_codes(out.indices), cw[out.indices])  # decoding
+
+
+def test_vq_loss_terms_reach_their_parameters_with_their_weights():
+    """beta * ||sg(z_q) - z||^2 trains the encoder side (in_proj) at weight beta; ||z_q - sg(z)||^2 trains W at
+    weight 1: the forward value alone cannot tell the two terms apart."""
+    q = random_w_quantizer(seed=1)
+    beta = q.cfg.beta
+    assert beta != 1.0
+    feats = torch.randn(2, 30, 32)
+    out = q(feats)
+    got_in, got_w = torch.autograd.grad(out.loss, [q.in_proj.weight, q.codebook_proj.weight])
+    z = q.in_proj(feats)
+    z_q = F.embedding(out.indices, q.codebook @ q.codebook_proj.weight.T)
+    want_in = torch.autograd.grad(beta * ((z - z_q.detach()) ** 2).mean(), q.in_proj.weight)[0]
+    want_w = torch.autograd.grad(((z_q - z.detach()) ** 2).mean(), q.codebook_proj.weight)[0]
+    torch.testing.assert_close(got_in, want_in)
+    torch.testing.assert_close(got_w, want_w)
+    assert want_in.abs().sum() > 0 and want_w.abs().sum() > 0
+
+
 def test_usage_metrics_match_direct_computation():
     q = SimVQ(get_preset("tiny").quantizer, in_dim=64)
     out1, out2 = q(torch.randn(4, 64, 64)), q(torch.randn(4, 64, 64))
@@ -202,6 +241,30 @@ def test_features_are_the_hidden_states_llava_reads(layer):
         out = tower(pixel_values=x * model.encoder.scale + model.encoder.shift, output_hidden_states=True)
         torch.testing.assert_close(model.encode_features(x), out.hidden_states[layer])
         assert not torch.allclose(out.hidden_states[-1], out.last_hidden_state)  # the norm would have mattered
+
+
+@pytest.mark.parametrize("model_type", ["dinov2", "dinov2_with_registers"])
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_generic_tower_features_are_its_hidden_states(model_type, layer):
+    """A tower with no family entry (here HF DINOv2, with and without registers) is read through
+    output_hidden_states: features = hidden_states[feature_layer] with the prefix tokens (CLS, registers) removed."""
+    from transformers import AutoConfig, AutoModel
+
+    tower = {"model_type": model_type, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+             "intermediate_size": 64, "patch_size": 8, "image_size": 32}
+    cfg = dataclasses.replace(get_preset("tiny").encoder, tower=tower, feature_layer=layer)
+    torch.manual_seed(3)
+    encoder = VisionEncoder(cfg).eval()
+    reference = AutoModel.from_config(AutoConfig.for_model(**tower)).eval()
+    reference.load_state_dict(encoder.tower.state_dict())
+    x = images(size=32)
+    with torch.no_grad():
+        hidden = reference(pixel_values=x * encoder.scale + encoder.shift, output_hidden_states=True).hidden_states
+        feats = encoder(x)
+    prefix = 1 + (4 if model_type == "dinov2_with_registers" else 0)  # CLS (+ 4 registers by default)
+    assert hidden[layer].shape[1] == prefix + 16
+    torch.testing.assert_close(feats, hidden[layer][:, prefix:])
+    assert not torch.allclose(hidden[-1], hidden[-2])  # the layer chosen matters
 
 
 def test_old_format_exports_are_refused(tmp_path):

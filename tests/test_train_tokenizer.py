@@ -80,8 +80,15 @@ def test_resume_after_sigkill_reproduces_loss_curve(world, tmp_path):
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
-    exported = VQRAE.from_pretrained(out / "export")
-    assert exported.config.encoder.image_size == 32
+    # the EMA continues from its checkpointed state: the exported (EMA) weights equal the uninterrupted run's
+    exported = VQRAE.from_pretrained(out / "export").state_dict()
+    uninterrupted = VQRAE.from_pretrained(tmp_path / "a" / "export").state_dict()
+    assert exported.keys() == uninterrupted.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, uninterrupted[key], rtol=0, atol=1e-6, msg=key)
+    raw = torch.load(out / "checkpoints" / "step_00000010" / "model" / "mp_rank_00_model_states.pt",
+                     weights_only=True)["module"]
+    assert (exported["decoder.head.weight"] - raw["decoder.head.weight"].float()).abs().max() > 1e-4  # an EMA
 
 
 def test_export_matches_trained_weights(world, tmp_path):
@@ -244,3 +251,42 @@ def test_ema_reads_the_fp32_master_weights_under_bf16_zero2(world, tmp_path):
     copies = torch.load(checkpoint / "model" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert ema and all(torch.equal(ema[k], masters[k]) for k in ema)
     assert any(not torch.equal(ema[k], copies[k].float()) for k in ema)  # the bf16 copies are not the masters
+
+
+def _teacher_check(world: str, stage1: str, out: str) -> None:
+    """Run in a fresh process: a short stage 2 in-process, then its teacher, student and distillation loss."""
+    import deepspeed
+
+    from common.distributed import init_distributed
+    from train.config import read_config
+    from train.tokenizer import CONFIG_DIR, TokenizerTrainConfig, TokenizerTrainer
+
+    info = init_distributed(always=True)
+    cfg = read_config(TokenizerTrainConfig, CONFIG_DIR / "tiny-stage1.yaml",
+                      args(Path(world), Path(out), "stage=2", f"model.init_from={stage1}", "run.steps=4",
+                           "loss.gan_weight=0", "optim.warmup_steps=1"))
+    trainer = TokenizerTrainer(cfg, info)
+    trainer.fit(cfg.run.steps, cfg)
+    stage1_encoder = VQRAE.from_pretrained(Path(stage1) / "export").encoder.state_dict()
+    teacher, student = trainer.teacher.state_dict(), trainer.engine.module.encoder.state_dict()
+    assert teacher.keys() == stage1_encoder.keys() == student.keys()
+    assert all(torch.equal(teacher[k], stage1_encoder[k]) for k in teacher), "the teacher moved"
+    assert not all(torch.equal(student[k], stage1_encoder[k]) for k in student), "the student did not move"
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    distill = [r["distill"] for r in rows_of(Path(out))]
+    assert distill[0] == pytest.approx(0.0, abs=1e-12) and all(d > 0 for d in distill[1:]), distill
+    print("teacher ok")
+    deepspeed.comm.destroy_process_group()
+
+
+def test_stage2_teacher_is_the_frozen_stage1_encoder(world, tmp_path):
+    stage1 = tmp_path / "s1"
+    train(*args(world, stage1, "run.steps=2", "loss.gan_weight=0"))
+    environment = env()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        environment.pop(key, None)
+    code = ("from tests.test_train_tokenizer import _teacher_check; "
+            f"_teacher_check({str(world)!r}, {str(stage1)!r}, {str(tmp_path / 's2')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "teacher ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

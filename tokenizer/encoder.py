@@ -253,7 +253,8 @@ class VisionEncoder(DtypeAwareAttention):
         return {"pixel_values": patches, "spatial_shapes": shapes, "pixel_attention_mask": mask}
 
 
-def _vision_config(path: Path) -> PretrainedConfig:
+def vision_config(path: str | Path) -> PretrainedConfig:
+    """The vision tower's config in a local transformers directory (a dual encoder's or a VLM's `vision_config`)."""
     config = AutoConfig.from_pretrained(path)
     return getattr(config, "vision_config", None) or config
 
@@ -293,7 +294,7 @@ def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) 
         return VisionEncoder(dataclasses.replace(cfg, image_mean=mean, image_std=std), tower=tower)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"encoder weights directory {path} not found or has no config.json")
-    vision = _vision_config(path)
+    vision = vision_config(path)
     mean_std = _preprocessor_mean_std(path) or (cfg.image_mean, cfg.image_std)
     loaded = EncoderConfig(
         tower=tower_dict(vision), feature_layer=cfg.feature_layer, image_mean=tuple(mean_std[0]),
