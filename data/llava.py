@@ -8,14 +8,16 @@ is moved to the start of the first one, as LLaVA does.
 Templates:
 - "plain" (stage 1): exactly one human turn (the image) and one gpt turn (the caption); input = the image tokens +
   caption + "\\n"; only the caption and its "\\n" are supervised.
-- "chat" (stage 2): ChatML turns, the understanding model's chat template (llm/understanding.py's CHAT_TEMPLATE),
-  multi-turn; only the assistant answers and their end-of-turn token are supervised.
+- "chat" (stage 2): multi-turn, rendered and tokenised whole by the processor's chat template (a format of
+  llm/understanding.py's CHAT_FORMATS: ChatML, or LLaVA's vicuna_v1); only the assistant answers and their end-of-turn
+  token are supervised, as the template's `{% generation %}` blocks mark them.
 
 The image becomes `num_image_tokens` copies of the `<image>` token id (what LlavaForConditionalGeneration fills with
 the projected features); pixels are padded to a square with the processor's mean colour (LLaVA's
 `image_aspect_ratio pad`) and then preprocessed by the processor's own image processor, so training sees exactly what
-evaluation does. A sample whose truncation would cut image tokens, whose image is missing or unreadable, or whose
-tokens differ from what the chat template renders is skipped (None) and counted by reason in `collate_llava`.
+evaluation does. A sample whose truncation would cut image tokens, whose image is missing or unreadable, or that
+does not fit the plain template (one human turn, then one gpt turn) is skipped and counted by reason in
+`collate_llava`.
 """
 
 from __future__ import annotations
@@ -113,18 +115,11 @@ class ConversationDataset(torch.utils.data.Dataset):
                 return "template_mismatch"
             prompt, answer = self.encode(turns[0][1]), self.encode(turns[1][1] + "\n")
             return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-        ids: list[int] = []
-        labels: list[int] = []
-        for role, text in turns:
-            head, body, tail = self.encode(f"<|im_start|>{role}\n"), self.encode(f"{text}<|im_end|>"), self.encode("\n")
-            ids += head + body + tail
-            labels += [IGNORE_INDEX] * len(head) + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
-            labels += [IGNORE_INDEX] * len(tail)
-        rendered = self.processor.apply_chat_template(
-            [{"role": role, "content": text} for role, text in turns], tokenize=False)
-        if self.encode(rendered) != ids:  # the trained tokens must be exactly what the template renders
-            return "template_mismatch"
-        return ids, labels
+        encoded = self.tokenizer.apply_chat_template(
+            [{"role": role, "content": text} for role, text in turns], chat_template=self.processor.chat_template,
+            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(encoded["input_ids"]), encoded["assistant_masks"]
+        return ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
 
     def image(self, relative: str) -> torch.Tensor | str:
         path = self.root / relative

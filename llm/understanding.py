@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,14 +43,67 @@ from tokenizer.encoder import FAMILIES
 
 IMAGE_TOKEN = "<image>"
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's evaluation prompt suffix
-# ChatML (Qwen's turn format) whose user turns may hold {"type": "image"} items, rendered as LLaVA's "<image>\n".
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
+# A message's content: a string, or items of which {"type": "image"} renders as LLaVA's "<image>\n".
+_CONTENT = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+            "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}")
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions.")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """An understanding model's conversation format.
+
+    Args:
+        name: its config name (`model.chat_format`).
+        template: the jinja chat template the processor carries; what training supervises (each assistant answer and
+            the token ending it) is inside `{% generation %}` blocks, read back through transformers'
+            `return_assistant_tokens_mask`.
+        end_of_turn: the token that ends an assistant turn (generation stops there); "eos": the tokenizer's own.
+        markers: tokens the tokenizer must hold.
+    """
+
+    name: str
+    template: str
+    end_of_turn: str
+    markers: tuple[str, ...] = ()
+
+
+CHAT_FORMATS = {f.name: f for f in (
+    # ChatML, Qwen's turn format.
+    ChatFormat("chatml",
+               "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+               "{% if message['role'] == 'assistant' %}{% generation %}" + _CONTENT + "<|im_end|>{% endgeneration %}"
+               "{% else %}" + _CONTENT + "<|im_end|>{% endif %}\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+               "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
+    # LLaVA-1.5's conv_vicuna_v1 (Vicuna / LLaMA-family LLMs): "<s>SYSTEM USER: q ASSISTANT: a</s>USER: ...".
+    ChatFormat("vicuna_v1",
+               "{{ bos_token }}" + VICUNA_SYSTEM + " {% for message in messages %}"
+               "{% if message['role'] == 'assistant' %}ASSISTANT: {% generation %}" + _CONTENT +
+               "{{ eos_token }}{% endgeneration %}{% else %}USER: " + _CONTENT + " {% endif %}{% endfor %}"
+               "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+               "eos"),
+)}
+
+
+def chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto") -> ChatFormat:
+    """The conversation format for an LLM's tokenizer: `name`, or for "auto" ChatML when the tokenizer has its markers
+    (Qwen), else LLaVA's vicuna_v1 when it has BOS and EOS tokens (LLaMA / Vicuna); anything else is refused."""
+    vocab = tokenizer.get_vocab()
+    has_chatml = all(m in vocab for m in CHAT_FORMATS["chatml"].markers)
+    if name == "auto":
+        name = "chatml" if has_chatml else "vicuna_v1"
+    if name not in CHAT_FORMATS:
+        raise ConfigError(f"unknown chat format {name!r} (known: auto, {', '.join(CHAT_FORMATS)})")
+    if name == "chatml" and not has_chatml:
+        raise ConfigError(f"the chatml format needs the tokens {list(CHAT_FORMATS['chatml'].markers)}, which this "
+                          "tokenizer lacks")
+    if name == "vicuna_v1" and (tokenizer.bos_token is None or tokenizer.eos_token is None):
+        raise ConfigError("the vicuna_v1 format needs a tokenizer with BOS and EOS tokens (a LLaMA-family one); this "
+                          "one has neither ChatML markers nor both of those")
+    return CHAT_FORMATS[name]
 
 
 # ----------------------------------------------------------------------------------------------- the vision tower
@@ -142,29 +196,34 @@ def llava_config(vqrae: VQRAE, text_config: PretrainedConfig, image_token_id: in
                        image_seq_length=vqrae.config.num_tokens, multimodal_projector_bias=True)
 
 
-def build_processor(vqrae: VQRAE, tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
-    """A LlavaProcessor carrying the encoder's size and mean / std, `<image>` expanded to one token per feature."""
-    missing = [m for m in CHAT_MARKERS if m not in tokenizer.get_vocab()]
-    if missing:
-        raise ConfigError(f"the understanding chat template is ChatML; this tokenizer lacks {missing}")
+def build_processor(vqrae: VQRAE, tokenizer: PreTrainedTokenizerBase, chat: str = "auto") -> LlavaProcessor:
+    """A LlavaProcessor carrying the encoder's size and mean / std, `<image>` expanded to one token per feature, and
+    the chat template of `chat_format(tokenizer, chat)`. A tokenizer without a pad token pads with its unk token, as
+    LLaVA does for Vicuna (or a new `<pad>` token when it has none)."""
+    template = chat_format(tokenizer, chat).template
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
     add_image_token(tokenizer)
     prefix = vqrae.encoder.family.prefix_tokens
     return LlavaProcessor(image_processor=image_processor(vqrae), tokenizer=tokenizer,
                           patch_size=vqrae.config.encoder.patch_size,
-                          vision_feature_select_strategy=feature_select_strategy(vqrae), chat_template=CHAT_TEMPLATE,
+                          vision_feature_select_strategy=feature_select_strategy(vqrae), chat_template=template,
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=prefix)
 
 
-def build_llava(vqrae: VQRAE, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+def build_llava(vqrae: VQRAE, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, chat: str = "auto"
                 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A LlavaForConditionalGeneration from a VQRAE encoder and a causal LM (its weights copied; the tokenizer
-    gains `<image>` and the embeddings a row for it), with a freshly initialised projector; and its processor."""
-    processor = build_processor(vqrae, tokenizer)
-    image_id = processor.image_token_id
-    if lm.get_input_embeddings().weight.shape[0] <= image_id:
+    gains `<image>` and the embeddings a row for it), with a freshly initialised projector; and its processor (chat
+    format `chat`, see `chat_format`)."""
+    processor = build_processor(vqrae, tokenizer, chat)
+    if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     tower = vision_tower(vqrae)
-    config = llava_config(vqrae, lm.config, image_id, tower.config)
+    config = llava_config(vqrae, lm.config, processor.image_token_id, tower.config)
     model = LlavaForConditionalGeneration(config)
     body = lm.get_decoder()
     load_exactly(model.model.vision_tower, tower.state_dict(), "the VQRAE tower")
@@ -255,7 +314,8 @@ def _model_inputs(model: LlavaForConditionalGeneration, processor: LlavaProcesso
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True)
+        inputs = processor(images=images or None, text=texts, return_tensors="pt", padding=True,
+                           add_special_tokens=not renders_bos(tokenizer, texts))
     finally:
         tokenizer.padding_side = side
     param = next(model.parameters())
@@ -265,8 +325,27 @@ def _model_inputs(model: LlavaForConditionalGeneration, processor: LlavaProcesso
     return inputs
 
 
-def _end_of_turn(processor: LlavaProcessor) -> int:
-    return processor.tokenizer.convert_tokens_to_ids(CHAT_MARKERS[1])
+def renders_bos(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> bool:
+    """Whether rendered chat texts already begin with the BOS token (vicuna_v1's template writes it): then the
+    tokenizer must not add another; a template without it (e.g. a llava-hf checkpoint's) relies on the tokenizer's."""
+    bos = tokenizer.bos_token
+    starts = {bool(bos) and t.startswith(bos) for t in texts}
+    if len(starts) > 1:
+        raise ValueError("some prompts of one batch begin with the BOS token and some do not")
+    return starts == {True}
+
+
+def end_of_turn_id(processor: LlavaProcessor) -> int:
+    """The token ending an assistant turn: that of the chat format whose markers the processor's template writes
+    (ChatML's `<|im_end|>`, whoever wrote the template), else the tokenizer's EOS (vicuna_v1, llava-hf's templates)."""
+    tokenizer = processor.tokenizer
+    for fmt in CHAT_FORMATS.values():
+        if fmt.markers and all(m in (processor.chat_template or "") for m in fmt.markers):
+            return tokenizer.convert_tokens_to_ids(fmt.end_of_turn)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the processor's chat template is not one this code knows and its tokenizer has no EOS "
+                          "token: nothing says where an answer ends")
+    return tokenizer.eos_token_id
 
 
 @torch.no_grad()
@@ -281,7 +360,7 @@ def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, imag
              for image, question in zip(images, questions)]
     inputs = _model_inputs(model, processor, texts, [im for im in images if im is not None])
     tokenizer = processor.tokenizer
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=_end_of_turn(processor),
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_of_turn_id(processor),
                          pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row, skip_special_tokens=True).strip()
             for row in out[:, inputs["input_ids"].shape[1] :]]
@@ -304,6 +383,6 @@ def reply(model: LlavaForConditionalGeneration, processor: LlavaProcessor, messa
     inputs = _model_inputs(model, processor, [text], [image] if image is not None else [])
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False}
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=_end_of_turn(processor),
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_id(processor),
                          pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, **sampling)
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -102,3 +102,126 @@ def test_the_fused_sampler_runs_llama_as_transformers_does(expanded):
     hf = Engine(model, vocab).generate(prompts, 16, SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=20, seed=1,
                                                                     backend="hf"), uncond_ids=uncond)
     assert torch.equal(fused, hf) and len({tuple(c.tolist()) for c in ours}) == len(prompts)
+
+
+# ----- understanding with a sentencepiece LLM: LLaVA-1.5's vicuna_v1 format ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vicuna(tmp_path_factory):
+    """A tiny LLaMA with a sentencepiece tokenizer of the world's texts and the Vicuna prompt words, saved as a local
+    LLM directory, and the shapes world's LLaVA data."""
+    from data.shapes_export import export_llava
+    from llm.understanding import VICUNA_SYSTEM
+    from train.understanding import shapes_texts
+
+    root = tmp_path_factory.mktemp("vicuna")
+    tok = train_sentencepiece_tokenizer([*shapes_texts(), VICUNA_SYSTEM, "USER: ASSISTANT:"], root / "llm")
+    build_tiny_lm(tok, "llama", seed=0).save_pretrained(root / "llm")
+    export_llava(root / "world", 24, image_size=32, seed=0, progress=False)
+    return root
+
+
+def vicuna_v1(turns: list[tuple[str, str]], generation_prompt: bool) -> str:
+    """LLaVA's conv_vicuna_v1 rendering (SeparatorStyle.TWO, sep " ", sep2 "</s>"), written from its rules."""
+    from llm.understanding import VICUNA_SYSTEM
+
+    seps = (" ", "</s>")
+    text = "<s>" + VICUNA_SYSTEM + seps[0]
+    for i, (role, message) in enumerate(turns):
+        text += ("USER" if role == "user" else "ASSISTANT") + ": " + message + seps[i % 2]
+    return text + ("ASSISTANT:" if generation_prompt else "")
+
+
+def test_understanding_with_a_sentencepiece_llm_uses_vicuna_v1(vicuna):
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from data.llava import IGNORE_INDEX, ConversationDataset, normalize_turns, read_conversations
+    from llm.understanding import answer, build_llava, end_of_turn_id, renders_bos, save_llava, user_turn
+    from tokenizer import VQRAE, get_preset
+
+    tok = AutoTokenizer.from_pretrained(vicuna / "llm")
+    torch.manual_seed(0)
+    model, processor = build_llava(VQRAE(get_preset("tiny-p4-32")), LlamaForCausalLM.from_pretrained(vicuna / "llm"),
+                                   tok)
+    assert tok.pad_token == tok.unk_token  # LLaVA's choice for Vicuna
+    assert end_of_turn_id(processor) == tok.eos_token_id
+    samples = read_conversations(vicuna / "world" / "conversations.json")
+    turns = normalize_turns(samples[0])
+    assert len(turns) >= 4
+    assert processor.apply_chat_template([{"role": r, "content": t} for r, t in turns],
+                                         tokenize=False) == vicuna_v1(turns, False)
+    # training supervises each answer and its </s>, nothing else
+    item = ConversationDataset(samples, vicuna / "world", processor, num_image_tokens=64, template="chat")[0]
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    answers = [t for r, t in turns if r == "assistant"]
+    assert [tok.decode(r).strip() for r in runs] == [a + "</s>" for a in answers]
+    # the evaluation prompt is the training prefix, one BOS
+    question = turns[0][1].removeprefix("<image>\n")
+    text = processor.apply_chat_template([user_turn(question, True)], add_generation_prompt=True, tokenize=False)
+    assert text == vicuna_v1([turns[0]], True) and renders_bos(tok, [text])
+    from PIL import Image
+
+    image = Image.open(vicuna / "world" / samples[0]["image"]).convert("RGB")
+    prompt = processor(images=[image], text=[text], add_special_tokens=False)["input_ids"][0]
+    assert prompt[0] == tok.bos_token_id and prompt[1] != tok.bos_token_id
+    assert ids[: len(prompt)] == list(prompt)
+    # the export loads in transformers alone, with the format, and answers the same
+    save_llava(model, processor, vicuna / "export")
+    loaded = LlavaForConditionalGeneration.from_pretrained(vicuna / "export").eval()
+    again = AutoProcessor.from_pretrained(vicuna / "export")
+    assert again.chat_template == processor.chat_template
+    assert answer(loaded, again, [image], [question]) == answer(model, processor, [image], [question])
+
+
+def test_the_understanding_trainer_runs_a_sentencepiece_llm(vicuna, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    from tokenizer import VQRAE, get_preset
+
+    repo = Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(repo / "train" / "understanding.py"), f"model.tokenizer={tmp_path / 'tok'}",
+         f"model.lm_pretrained={vicuna / 'llm'}", f"run.output_dir={tmp_path / 'run'}",
+         f"data.image_root={vicuna / 'world'}", f"data.conversations={vicuna / 'world' / 'conversations.json'}",
+         "data.template=chat", "data.world.samples=0", "run.steps=2", "deepspeed.micro_batch_size=4",
+         "run.log_every=1", "run.tensorboard=false"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["examples"] == 4 and r["answer_tokens"] > 0 for r in rows)
+    processor = AutoProcessor.from_pretrained(tmp_path / "run" / "export")
+    assert processor.chat_template.startswith("{{ bos_token }}A chat between")
+
+
+def test_a_tokenizer_with_no_chat_format_is_refused_in_one_line(spm_dir):
+    from transformers import AutoTokenizer
+
+    from common.config import ConfigError
+    from llm.understanding import chat_format
+
+    tok = AutoTokenizer.from_pretrained(spm_dir)
+    assert chat_format(tok).name == "vicuna_v1"
+    with pytest.raises(ConfigError, match="chatml format needs the tokens"):
+        chat_format(tok, "chatml")
+    tok.bos_token = None
+    with pytest.raises(ConfigError, match="vicuna_v1 format needs a tokenizer with BOS and EOS"):
+        chat_format(tok)

@@ -8,9 +8,10 @@
 
 Stage 1: the projector alone learns (VQRAE tower and LLM frozen, ZeRO-2, "plain" template: image -> caption); the
 run saves the projector by itself (projector.safetensors, as LLaVA does) and a full export. Stage 2: projector +
-LLM (fully, or LoRA adapters through peft with the projector trained fully at its own lr), ChatML conversations,
-ZeRO-3 and gradient checkpointing; it starts from a stage-1 export (model.init_from) or from a stage-1 projector file
-loaded into a fresh model before DeepSpeed partitions it (model.projector). The tower stays frozen unless
+LLM (fully, or LoRA adapters through peft with the projector trained fully at its own lr), multi-turn conversations
+(ChatML, or LLaVA's vicuna_v1 for a LLaMA-family LLM: model.chat_format), ZeRO-3 and gradient checkpointing; it
+starts from a stage-1 export (model.init_from) or from a stage-1 projector file loaded into a fresh model before
+DeepSpeed partitions it (model.projector). The tower stays frozen unless
 model.train_tower (at lr * tower_lr_scale). Every run ends with an export that transformers' LLaVA classes load
 (LoRA merged, or kept beside it with lora.merge_on_export=false).
 """
@@ -61,6 +62,9 @@ class UnderstandingModelConfig:
         the shapes world's captions (CPU default). lm_tiny: overrides of that tiny Qwen3.
     init_from: stage 2: a stage-1 run folder or its export. projector: stage 2 instead: a stage-1
         projector.safetensors, loaded into a model built from tokenizer + lm_pretrained.
+    chat_format: "auto" (ChatML for a tokenizer with its markers, e.g. Qwen's; else LLaVA's vicuna_v1, e.g. Vicuna's
+        sentencepiece tokenizer), "chatml" or "vicuna_v1" (llm.understanding.CHAT_FORMATS); a stage-2 run from a
+        stage-1 export keeps the export's.
     train_tower: train the vision tower too (stage 2) at lr * tower_lr_scale.
     gradient_checkpointing: recompute the LM's and tower's layers in the backward pass.
     """
@@ -71,6 +75,7 @@ class UnderstandingModelConfig:
     attn_implementation: str = "auto"
     init_from: str = ""
     projector: str = ""
+    chat_format: str = "auto"
     train_tower: bool = False
     tower_lr_scale: float = 0.1
     gradient_checkpointing: bool = False
@@ -160,7 +165,7 @@ def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
     lm, tokenizer = causal_lm(cfg.model.lm_pretrained, cfg.model.lm_tiny, work_dir, cfg.run.seed, cfg.deepspeed.dtype,
                               cfg.model.attn_implementation, None if cfg.model.lm_pretrained else shapes_texts(),
                               key="model.lm_pretrained")
-    model, processor = build_llava(vqrae, lm, tokenizer)
+    model, processor = build_llava(vqrae, lm, tokenizer, cfg.model.chat_format)
     if cfg.model.projector:  # before DeepSpeed partitions anything (the ZeRO-3 projector-loading failure)
         path = Path(cfg.model.projector)
         if not path.is_file():
