@@ -12,6 +12,7 @@ from PIL import Image
 from eval.detection import GENEVAL_COLORS, Detection
 from eval.geneval_scoring import (
     ScoringConfig,
+    box_iou,
     evaluate_folder,
     filter_detections,
     format_summary,
@@ -19,6 +20,7 @@ from eval.geneval_scoring import (
     relative_position,
     score_image,
     summarize,
+    validate_metadata,
     write_summary,
 )
 
@@ -144,6 +146,73 @@ def test_optional_nms():
     assert len(filter_detections(dets, "single_object")["cat"]) == 3  # nms_threshold 1.0: no NMS
     kept = filter_detections(dets, "single_object", ScoringConfig(nms_threshold=0.5))["cat"]
     assert [d.score for d in kept] == [0.9, 0.7]
+
+
+def test_box_iou_with_inclusive_pixels_equals_counting_pixels():
+    """GenEval's IoU counts pixels: a box (x1, y1, x2, y2) covers columns x1..x2 and rows y1..y2 inclusive."""
+    rng = np.random.default_rng(0)
+    boxes = [(0, 0, 9, 9), (0, 0, 9, 19), (5, 3, 14, 7), (20, 20, 29, 29), (9, 9, 12, 10), (3, 2, 3, 8)]
+    for _ in range(30):
+        (x1, x2), (y1, y2) = np.sort(rng.integers(0, 30, 2)), np.sort(rng.integers(0, 30, 2))
+        boxes.append((int(x1), int(y1), int(x2), int(y2)))
+
+    def mask(box):
+        m = np.zeros((32, 32), bool)
+        m[box[1] : box[3] + 1, box[0] : box[2] + 1] = True
+        return m
+
+    for a in boxes:
+        for b in boxes:
+            ma, mb = mask(a), mask(b)
+            want = (ma & mb).sum() / (ma | mb).sum()
+            assert box_iou(a, b) == pytest.approx(want), (a, b)
+    assert box_iou((5, 5, 4, 4), (5, 5, 4, 4)) == 0.0  # empty boxes: no union, IoU 0
+
+
+def test_nms_drops_an_overlap_equal_to_the_threshold():
+    # IoU exactly 0.5: 100 shared pixels of a 200-pixel union; a kept box needs IoU strictly below the threshold
+    dets = {"cat": [det(0, 0, 9, 9, 0.9), det(0, 0, 9, 19, 0.8)]}
+    assert box_iou(dets["cat"][0].box, dets["cat"][1].box) == 0.5
+    assert len(filter_detections(dets, "single_object", ScoringConfig(nms_threshold=0.5))["cat"]) == 1
+    assert len(filter_detections(dets, "single_object", ScoringConfig(nms_threshold=0.51))["cat"]) == 2
+
+
+@pytest.mark.parametrize("position", [["left of"], ["left of", 0, 1], "left of", ["near", 0], ["left of", -1],
+                                      ["left of", 1], ["left of", 2], ["left of", "0"]])
+def test_malformed_positions_are_refused(position):
+    meta = {"tag": "position", "include": [{"class": "cat", "count": 1},
+                                           {"class": "dog", "count": 1, "position": position}]}
+    with pytest.raises(ValueError, match="position"):
+        validate_metadata(meta)
+
+
+def test_a_well_formed_position_is_accepted():
+    validate_metadata({"tag": "position", "include": [{"class": "cat", "count": 1}, {"class": "cup", "count": 1},
+                                                      {"class": "dog", "count": 1, "position": ["below", 1]}]})
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_a_colour_function_returning_another_number_of_colours_is_an_error(extra):
+    meta = {"tag": "colors", "include": [{"class": "cat", "count": 2, "color": "red"}]}
+    cats = [det(0, 0, 5, 5), det(10, 0, 15, 5)]
+    with pytest.raises(ValueError, match="colours for 2 detections"):
+        score_image(meta, {"cat": cats}, lambda name, found: ["red"] * (len(found) + extra))
+
+
+def test_exclude_counts_every_kept_detection():
+    meta = {"tag": "counting", "include": [{"class": "cat", "count": 1}], "exclude": [{"class": "cat", "count": 2}]}
+    for n, expected in ((1, True), (2, False), (3, False)):
+        cats = {"cat": [det(i * 10, 0, i * 10 + 5, 5) for i in range(n)]}
+        assert score_image(meta, cats, no_colors)[0] is expected, n
+
+
+def test_summary_table_lists_every_task():
+    summary = {"detectors": ["exact"], "images": 8, "prompts": 2, "correct_images": 0.5, "correct_prompts": 0.5,
+               "overall": 0.5, "tasks": {"counting": {"score": 0.25, "correct": 1, "images": 4},
+                                         "colors": {"score": 0.75, "correct": 3, "images": 4}}}
+    lines = format_summary(summary).splitlines()
+    assert any(line.split() == ["counting", "0.2500", "1", "4"] for line in lines)
+    assert any(line.split() == ["colors", "0.7500", "3", "4"] for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Mutation testing of the core modules with cosmic-ray: every mutant of MODULE (an operator swapped, a constant or
+# comparison changed, a condition negated, a break/continue swapped, ...) is applied to a copy of the tree and
+# MODULE's fast tests run against it; a mutant the tests pass on "survived" and shows a property nothing checks.
+#
+#   pip install -c constraints.txt cosmic-ray
+#   bash scripts/mutation_check.sh tokenizer/quantizer.py eval/geneval_scoring.py    # some modules
+#   bash scripts/mutation_check.sh all                                               # every core module
+#   bash scripts/mutation_check.sh --list                                            # the modules and their tests
+#
+# Results are kept in runs/mutation/<module>-<hash>.sqlite, the hash taken over the module: a rerun continues where
+# the last one stopped, a changed module starts a fresh session, and changed tests rerun the surviving mutants. Each module ends
+# with "MODULE: K killed, S survived of N (P% killed)" and the survivors (cosmic-ray's report: operator, line) in
+# runs/mutation/<module>.survivors.txt. Not in CI (too slow); run it before committing a change to a core module.
+#
+# Operators left out (the same for every module): the binary-operator swaps to bitwise, shift, modulo,
+# floor-division and power operators, and the unary inversions, which on this code's float and tensor arithmetic
+# raise at once; every other cosmic-ray core operator runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+declare -A TESTS=(
+    [tokenizer/quantizer.py]="tests/test_tokenizer.py::quantizer or search or codes or vq_loss or usage or straight or decode"
+    [tokenizer/losses.py]="tests/test_losses.py tests/test_dino_discriminator.py"
+    [tokenizer/objective.py]="tests/test_losses.py tests/test_dino_discriminator.py"
+    [tokenizer/encoder.py]="tests/test_tokenizer.py tests/test_encoder_loading.py tests/test_timm_encoder.py"
+    [tokenizer/model.py]="tests/test_tokenizer.py"
+    [llm/sampler.py]="tests/test_sampler.py"
+    [llm/vocab.py]="tests/test_vocab.py tests/test_sentencepiece.py"
+    [data/sequences.py]="tests/test_ar_gen.py tests/test_vocab.py"
+    [eval/geneval_scoring.py]="tests/test_geneval_scoring.py"
+    [eval/dpg_scoring.py]="tests/test_dpg_bench.py"
+    [eval/understanding_scoring.py]="tests/test_understanding_scoring.py"
+    [eval/metrics.py]="tests/test_metrics.py"
+    [train/ema.py]="tests/test_train_parts.py"
+    [train/guard.py]="tests/test_train_parts.py"
+    [train/checkpoint.py]="tests/test_train_parts.py"
+    [train/data_order.py]="tests/test_train_parts.py"
+)
+EXCLUDED='core/ReplaceBinaryOperator_.*_(BitOr|BitAnd|BitXor|LShift|RShift|Mod|FloorDiv|Pow)$|core/ReplaceUnaryOperator_.*Invert'
+OUT=runs/mutation
+
+if [ "${1:-}" = "--list" ] || [ $# -eq 0 ]; then
+    for module in $(printf '%s\n' "${!TESTS[@]}" | sort); do printf '%-32s %s\n' "$module" "${TESTS[$module]}"; done
+    [ $# -eq 0 ] && echo "usage: bash scripts/mutation_check.sh MODULE... | all | --list" >&2 && exit 2
+    exit 0
+fi
+command -v cosmic-ray > /dev/null || { echo "error: cosmic-ray is not installed (pip install -c constraints.txt cosmic-ray)" >&2; exit 2; }
+modules=("$@")
+[ "$1" = "all" ] && mapfile -t modules < <(printf '%s\n' "${!TESTS[@]}" | sort)
+for module in "${modules[@]}"; do
+    [ -n "${TESTS[$module]+x}" ] || { echo "error: $module is not a core module with mapped tests (see --list)" >&2; exit 2; }
+done
+
+python=$(command -v python)  # the active environment's (a venv's python is a link: never resolve it)
+"$python" -c "import pytest, torch" 2> /dev/null || { echo "error: $python lacks pytest or torch: activate the project's environment" >&2; exit 2; }
+mkdir -p "$OUT"
+tree=$(realpath "$OUT")/tree
+rm -rf "$tree" && mkdir -p "$tree"  # the working tree as it is now (tracked and untracked files); mutants go there
+git ls-files -co --exclude-standard -z | xargs -0 tar -cf - | tar -xf - -C "$tree"
+
+for module in "${modules[@]}"; do
+    spec=${TESTS[$module]}  # "test files[::pytest -k expression]"
+    paths=${spec%%::*}
+    selection=""
+    [[ $spec == *::* ]] && selection=" -k '${spec#*::}'"
+    read -r -a files <<< "$module $paths"
+    hash=$(sha1sum < "$module" | cut -c1-12)
+    tests_hash=$(cat "${files[@]:1}" | sha1sum | cut -c1-12)
+    name=${module//\//.}
+    session=$(realpath "$OUT")/$name-$hash.sqlite
+    config=$(realpath "$OUT")/$name.toml
+    cat > "$config" << EOF
+[cosmic-ray]
+module-path = "$module"
+timeout = 600.0
+excluded-modules = []
+test-command = "$python -m pytest -x -q -p no:cacheprovider -m 'not slow' $paths$selection"
+
+[cosmic-ray.distributor]
+name = "local"
+
+[cosmic-ray.filters.operators-filter]
+exclude-operators = ['$EXCLUDED']
+EOF
+    echo "== $module: $paths$selection"
+    (
+        cd "$tree"
+        # the unmutated tree must pass, or every mutant would count as killed
+        eval "DS_ACCELERATOR=cpu $python -m pytest -x -q -p no:cacheprovider -m 'not slow' $paths$selection" > /dev/null ||
+            { echo "error: the tests of $module fail on the unmutated tree" >&2; exit 2; }
+        if [ ! -f "$session" ]; then
+            cosmic-ray init "$config" "$session"
+            cr-filter-operators "$session" "$config"
+        elif [ "$(cat "$session.tests" 2> /dev/null)" != "$tests_hash" ]; then  # new tests: rerun the survivors
+            "$python" -c "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); db.execute(\"delete from work_results where upper(test_outcome) = 'SURVIVED'\"); db.commit()" "$session"
+        fi
+        echo "$tests_hash" > "$session.tests"
+        DS_ACCELERATOR=cpu cosmic-ray exec "$config" "$session"
+    )
+    cr-report "$session" --show-pending > "$OUT/$name.report.txt"
+    python - "$session" "$module" "$OUT/$name.survivors.txt" << 'EOF'
+import sqlite3, sys
+session, module, survivors = sys.argv[1:]
+db = sqlite3.connect(session)
+rows = db.execute("select r.test_outcome, r.worker_outcome, m.operator_name, m.start_pos_row from work_results r "
+                  "join mutation_specs m on m.job_id = r.job_id").fetchall()
+ran = [r for r in rows if str(r[1]).upper() != "SKIPPED"]
+outcome = [(str(r[0]).upper(), r) for r in ran]
+killed = sum(o in ("KILLED", "INCOMPETENT") for o, _ in outcome)  # incompetent: the mutant cannot even run
+alive = sorted((r[3], r[2]) for o, r in outcome if o == "SURVIVED")
+pending = db.execute("select count(*) from mutation_specs").fetchone()[0] - len(rows)
+with open(survivors, "w") as f:
+    f.writelines(f"{module}:{line} {op}\n" for line, op in alive)
+share = 100 * killed / len(ran) if ran else 0.0
+print(f"{module}: {killed} killed, {len(alive)} survived of {len(ran)} ({share:.1f}% killed)"
+      + (f", {pending} not run yet" if pending else "") + f"; survivors in {survivors}")
+EOF
+done
