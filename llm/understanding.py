@@ -360,7 +360,8 @@ def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, imag
              for image, question in zip(images, questions)]
     inputs = _model_inputs(model, processor, texts, [im for im in images if im is not None])
     tokenizer = processor.tokenizer
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_of_turn_id(processor),
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=end_of_turn_id(processor),
                          pad_token_id=tokenizer.pad_token_id)
     return [tokenizer.decode(row, skip_special_tokens=True).strip()
             for row in out[:, inputs["input_ids"].shape[1] :]]

@@ -188,8 +188,8 @@ def evaluate_point(args: argparse.Namespace, run_dir: Path, dataset, inception, 
 
 def format_table(result: dict[str, Any]) -> str:
     width = result["settings"]["encoder_width"]
-    lines = [f"Codebook ablation: {result['settings']['steps']} stage-1 steps per point, encoder width {width}; held-out "
-             f"mean-image PSNR {result['mean_image_psnr']:.2f} dB (converged: finite losses and PSNR at least "
+    lines = [f"Codebook ablation: {result['settings']['steps']} stage-1 steps per point, encoder width {width}; "
+             f"held-out mean-image PSNR {result['mean_image_psnr']:.2f} dB (converged: finite losses and PSNR at least "
              f"{CONVERGED_MARGIN_DB:.2f} dB above it)", "",
              "| dimension | dim / width | size | utilisation | perplexity | PSNR (dB) | final L2 | converged |",
              "|---:|---:|---:|---:|---:|---:|---:|:---:|"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the CPU default (the procedural shapes world), on 2 cores, phase by phase:
-# tokenizer stage 1 -> stage 2 -> generator (codes extracted first) -> reconstruction eval, GenEval and DPG-Bench
+# tokenizer stage 1 -> stage 2 -> code extraction -> generator -> reconstruction eval, GenEval and DPG-Bench
 # against untrained baselines (runs/cpu_report.json) -> a captioned grid of originals, reconstructions and samples
 # (runs/cpu_grid.png) -> understanding stage 1 -> stage 2 -> held-out exact match
 # against the majority answer and a blank image (runs/understanding_report.json) -> a scripted chat (one image, two
@@ -36,6 +36,8 @@ chat() {  # the scripted chat, its transcript written whole or not at all
 phase "tokenizer stage 1" runs/tiny-stage1/export/model.safetensors deepspeed train/tokenizer.py
 phase "tokenizer stage 2" runs/tiny-stage2/export/model.safetensors \
     deepspeed train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml
+phase "code extraction" runs/codes-tiny/summary.json python scripts/extract_codes.py \
+    --tokenizer runs/tiny-stage2/export --data runs/world-32/train/shards --out runs/codes-tiny
 phase "generator" runs/tiny-ar/export/model.safetensors deepspeed train/ar_gen.py
 phase "reconstruction, GenEval, DPG-Bench" runs/cpu_report.json python scripts/cpu_report.py
 phase "sample grid" runs/cpu_grid.png python scripts/cpu_grid.py

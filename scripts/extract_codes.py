@@ -7,12 +7,14 @@
 
 Chunks of --chunk-size dataset indices are shared round-robin across ranks; each is written atomically, and
 chunks already on disk are skipped, so an interrupted run resumes where it stopped. Unreadable images are
-skipped and counted. Images go through the ADM centre crop at the tokenizer's resolution.
+skipped and counted. Images go through the ADM centre crop at the tokenizer's resolution. OUT/summary.json, written
+last, records a finished pass (counts of this run, complete chunks in OUT).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import torch
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
 from common.distributed import all_reduce, barrier, default_num_workers, init_distributed, shutdown
-from data.codes import CHUNK_SIZE, ensure_manifest, extract_codes
+from common.files import write_atomic
+from data.codes import CHUNK_SIZE, complete_chunks, ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.transforms import ImageTransform
 from tokenizer import VQRAE
@@ -54,6 +57,10 @@ def main() -> None:
     shutdown()
     if info.is_main:
         chunks, images, skipped = totals.tolist()
+        summary = {"tokenizer": str(args.tokenizer), "data": args.data, "chunks_written": chunks,
+                   "images_written": images, "skipped_unreadable": skipped,
+                   "complete_chunks": len(complete_chunks(args.out))}
+        write_atomic(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")  # written last: a finished pass
         print(f"wrote {chunks} chunks, {images} images, skipped {skipped} unreadable -> {args.out}")
 
 

@@ -69,6 +69,8 @@ def test_cli_writes_manifest_and_refuses_mismatch(setup, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     assert "22 images, skipped 1 unreadable" in done.stdout
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())  # the finished pass, recorded last
+    assert (summary["images_written"], summary["skipped_unreadable"], summary["complete_chunks"]) == (22, 1, 3)
     dataset = CodeDataset(tmp_path / "c")
     assert dataset.num_tokens == 64 and dataset.codebook_size == 512 and len(dataset) == 22
     bad = subprocess.run([*cmd[:-4], "--chunk-size", "5", "--num-workers", "0"], capture_output=True, text=True,
