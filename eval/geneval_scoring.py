@@ -75,7 +75,7 @@ def box_iou(box_a: Box, box_b: Box) -> float:
     return inter / union if union else 0.0
 
 
-def relative_offset(box_a: Box, box_b: Box, threshold: float = 0.1) -> tuple[float, float]:
+def relative_offset(box_a: Box, box_b: Box, threshold: float) -> tuple[float, float]:
     """GenEval's normalised offset (dx, dy) of box A from box B; (0, 0) when no relation can hold.
 
     Per axis the centre offset is shrunk by `threshold` times the sum of the two boxes' extents on that axis, then
@@ -91,14 +91,14 @@ def relative_offset(box_a: Box, box_b: Box, threshold: float = 0.1) -> tuple[flo
     bx1, by1, bx2, by2 = (float(v) for v in box_b[:4])
     offset = ((ax1 + ax2) / 2 - (bx1 + bx2) / 2, (ay1 + ay2) / 2 - (by1 + by2) / 2)
     extent = (abs(ax2 - ax1) + abs(bx2 - bx1), abs(ay2 - ay1) + abs(by2 - by1))
-    revised = [max(abs(off) - threshold * ext, 0.0) * math.copysign(1.0, off) for off, ext in zip(offset, extent)]
+    revised = [math.copysign(max(abs(off) - threshold * ext, 0.0), off) for off, ext in zip(offset, extent)]
     if all(abs(r) < 1e-3 for r in revised):
         return 0.0, 0.0
     norm = math.hypot(*offset)
     return revised[0] / norm, revised[1] / norm
 
 
-def relative_position(box_a: Box, box_b: Box, threshold: float = 0.1) -> set[str]:
+def relative_position(box_a: Box, box_b: Box, threshold: float = ScoringConfig.position_threshold) -> set[str]:
     """The relations of box A to box B ("left of", "right of", "above", "below"), by `relative_offset`: several
     can hold at once; boxes whose shrunk offset vanishes have none.
 

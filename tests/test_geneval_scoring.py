@@ -17,6 +17,7 @@ from eval.geneval_scoring import (
     filter_detections,
     format_summary,
     load_results,
+    relative_offset,
     relative_position,
     score_image,
     summarize,
@@ -213,6 +214,56 @@ def test_summary_table_lists_every_task():
     lines = format_summary(summary).splitlines()
     assert any(line.split() == ["counting", "0.2500", "1", "4"] for line in lines)
     assert any(line.split() == ["colors", "0.7500", "3", "4"] for line in lines)
+
+
+def test_relations_need_more_than_half_the_offset():
+    """At a normalised offset of exactly 0.5 no relation holds, in all four directions (d = 40 t = 4 px)."""
+    a = (10, 10, 20, 20)
+    for b, relation in (((14, 10, 24, 20), "left of"), ((6, 10, 16, 20), "right of"),
+                        ((10, 14, 20, 24), "above"), ((10, 6, 20, 16), "below")):
+        assert relative_position(a, b) == set(), relation
+        shifted = tuple(v + 0.1 * (v2 - v1) for v, v1, v2 in zip(b, a, b))  # a little farther
+        assert relative_position(a, shifted) == {relation}, relation
+
+
+def test_offsets_vanish_only_below_a_thousandth_of_a_pixel():
+    assert relative_offset((0, 0, 0.002, 0), (0, 0, 0, 0), 0.0) == (1.0, 0.0)  # revised offset exactly 1e-3
+    assert relative_offset((0, 0, 0.0018, 0), (0, 0, 0, 0), 0.0) == (0.0, 0.0)
+    # a small but clear offset keeps its relation: centres 1.4 px apart, 0.5 px shrunk, -0.9 / 1.4 < -0.5
+    assert relative_position((0, 0, 2, 2), (0.9, 0, 3.9, 2)) == {"left of"}
+
+
+def test_boxes_may_carry_a_trailing_score():
+    assert relative_position((0, 0, 10, 10, 0.9), (20, 0, 30, 10, 0.8)) == {"left of"}
+
+
+def test_a_zero_count_is_refused():
+    with pytest.raises(ValueError, match="count"):
+        validate_metadata({"tag": "counting", "include": [{"class": "cat", "count": 0}]})
+
+
+def test_a_clause_whose_target_failed_is_no_target_either():
+    """dog left of cat fails for want of a cat; bird left of dog then has no target, whatever the boxes say."""
+    meta = {"tag": "position", "include": [{"class": "cat", "count": 1},
+                                           {"class": "dog", "count": 1, "position": ["left of", 0]},
+                                           {"class": "bird", "count": 1, "position": ["left of", 1]}]}
+    dets = {"dog": [det(40, 0, 50, 10)], "bird": [det(0, 0, 10, 10)]}
+    correct, reason = score_image(meta, dets, no_colors)
+    assert not correct and reason.splitlines() == ["expected cat>=1, found 0", "no target for dog to be left of",
+                                                   "no target for bird to be left of"]
+
+
+def test_prompts_are_told_apart_by_their_metadata_as_json_or_dict():
+    results = [{"tag": "single_object", "correct": False, "metadata": {"prompt": "a cat"}},
+               {"tag": "single_object", "correct": True, "metadata": {"prompt": "a cat"}},
+               {"tag": "single_object", "correct": False, "metadata": json.dumps({"prompt": "a dog"})}]
+    summary = summarize(results)
+    assert summary["prompts"] == 2 and summary["correct_prompts"] == 0.5
+
+
+def test_scoring_constants_are_frozen():
+    with pytest.raises(AttributeError):
+        ScoringConfig().position_threshold = 0.2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,6 +474,10 @@ def test_evaluate_folder_layout_results_and_summary(tmp_path: Path, capsys: pyte
     (tmp_path / "notes").mkdir()  # not digit-only: ignored
 
     results = evaluate_folder(tmp_path, BrightnessDetector(), progress=False)
+    assert capsys.readouterr().err == ""  # no progress bar when asked for none
+    evaluate_folder(tmp_path, BrightnessDetector())
+    bar = capsys.readouterr().err.split("\r")[-1]  # the progress bar's final state: every image counted once
+    assert "GenEval" in bar and "6/6" in bar
     assert len(results) == 6
     assert [r["correct"] for r in results] == [True, False, True] * 2
     on_disk = load_results(tmp_path / "results.jsonl")
