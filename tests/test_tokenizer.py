@@ -72,6 +72,23 @@ def test_chunked_search_equals_full_search(budget_mb):
     assert torch.equal(chunked, torch.cdist(z.double(), codebook.double()).argmin(1))
 
 
+@pytest.mark.parametrize("budget_mb, rows", [(0, 1), (1, 131), (2, 262), (64, 1000)])
+def test_search_blocks_fill_the_memory_budget(monkeypatch, budget_mb, rows):
+    """Each (rows, K) fp32 score block is the largest that fits `budget_mb` (at least one row, at most all)."""
+    import tokenizer.quantizer as quantizer
+
+    blocks = []
+    real = quantizer.code_scores
+    monkeypatch.setattr(quantizer, "code_scores", lambda z, *a: blocks.append(z.shape[0]) or real(z, *a))
+    gen = torch.Generator().manual_seed(0)
+    codebook, z = torch.randn(2000, 8, generator=gen), torch.randn(1000, 8, generator=gen)
+    expected = nearest_code_full(z, codebook)
+    blocks.clear()
+    assert torch.equal(quantizer.nearest_code(z, codebook, budget_mb=budget_mb), expected)
+    assert rows == min(1000, max(1, (budget_mb << 20) // (4 * 2000)))  # the budget's arithmetic, by hand
+    assert blocks[:-1] == [rows] * (len(blocks) - 1) and 0 < blocks[-1] <= rows and sum(blocks) == 1000
+
+
 def test_search_finds_exact_codes():
     codebook = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
     idx = torch.randint(0, 300, (500,), generator=torch.Generator().manual_seed(4))
