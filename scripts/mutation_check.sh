@@ -32,10 +32,10 @@ declare -A TESTS=(
     [eval/dpg_scoring.py]="tests/test_dpg_bench.py"
     [eval/understanding_scoring.py]="tests/test_understanding_scoring.py"
     [eval/metrics.py]="tests/test_metrics.py"
-    [train/ema.py]="tests/test_train_parts.py"
-    [train/guard.py]="tests/test_train_parts.py"
-    [train/checkpoint.py]="tests/test_train_parts.py"
-    [train/data_order.py]="tests/test_train_parts.py"
+    [train/ema.py]="tests/test_train_parts.py::ema"
+    [train/guard.py]="tests/test_train_parts.py::nonfinite"
+    [train/checkpoint.py]="tests/test_train_parts.py::rng or checkpoint"
+    [train/data_order.py]="tests/test_train_parts.py::sampler"
 )
 EXCLUDED='core/ReplaceBinaryOperator_.*_(BitOr|BitAnd|BitXor|LShift|RShift|Mod|FloorDiv|Pow)$|core/ReplaceUnaryOperator_.*Invert'
 OUT=runs/mutation
