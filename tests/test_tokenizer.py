@@ -162,6 +162,25 @@ def test_vq_loss_terms_reach_their_parameters_with_their_weights():
     assert want_in.abs().sum() > 0 and want_w.abs().sum() > 0
 
 
+def test_quantizer_codebook_is_drawn_at_scale_d_to_the_minus_half():
+    """C ~ N(0, 1/D): its rows have squared norm about 1 whatever D is."""
+    for d in (16, 256):
+        torch.manual_seed(0)
+        q = SimVQ(dataclasses.replace(get_preset("tiny").quantizer, codebook_size=4096, codebook_dim=d), in_dim=8)
+        assert q.codebook.std().item() == pytest.approx(d**-0.5, rel=0.02)
+        assert q.codebook.pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_decode_codes_accepts_exactly_the_codebook_range():
+    q = SimVQ(get_preset("tiny").quantizer, in_dim=8)
+    k = q.codebook_size
+    assert q.decode_codes(torch.tensor([0, k - 1])).shape == (2, 128)
+    assert q.decode_codes(torch.tensor([], dtype=torch.long)).shape == (0, 128)
+    for bad in (-1, k, k + 1):
+        with pytest.raises(ValueError, match="out of range"):
+            q.decode_codes(torch.tensor([0, bad]))
+
+
 def test_usage_metrics_match_direct_computation():
     q = SimVQ(get_preset("tiny").quantizer, in_dim=64)
     out1, out2 = q(torch.randn(4, 64, 64)), q(torch.randn(4, 64, 64))
