@@ -50,7 +50,7 @@ from eval.reconstruction import evaluate
 from tokenizer import VQRAE
 from tokenizer.encoder import vision_config
 from train.config import read_config
-from train.tokenizer import CONFIG_DIR, TokenizerTrainConfig
+from train.tokenizer_config import CONFIG_DIR, TokenizerTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "tokenizer.py"

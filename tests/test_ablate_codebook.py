@@ -62,7 +62,7 @@ def test_sweep_points_resume_and_refusals(tmp_path):
         mse = ((to_uint8(out_.reconstruction).double() / 255 - originals) ** 2).flatten(1).mean(1)
         assert point["psnr"] == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), abs=1e-6)
         assert point["loss_curve"]["step"] == [1, 2, 3] and point["trainer_config"]["run"]["steps"] == 3
-    mean = np.round(originals.numpy().mean(0) * 255) / 255
+    mean = np.round(to_uint8(batch).numpy().astype(np.float64).mean(0)) / 255  # the mean image, in uint8 levels
     mse = ((originals.numpy() - mean) ** 2).reshape(len(batch), -1).mean(1)
     assert result["mean_image_psnr"] == pytest.approx(float((10 * np.log10(1 / mse)).mean()), abs=1e-6)
     assert "| 16 | 0.25 | 32 |" in (out / "ablation.md").read_text()
