@@ -194,6 +194,7 @@ def test_usage_metrics_match_direct_computation():
     q.reset_usage()
     assert q.usage() == {"utilisation": 0.0, "perplexity": 1.0}
     assert perplexity(torch.tensor([5, 5, 5, 5])).item() == pytest.approx(4.0)
+    assert perplexity(torch.tensor([0, 1, 0])).item() == 1.0 and perplexity(torch.zeros(3)).item() == 1.0
 
 
 # ----- model --------------------------------------------------------------------------------------------------
