@@ -171,8 +171,8 @@ def mean_image_psnr(dataset, num_images: int | None) -> float:
 
 
 def evaluate_point(args: argparse.Namespace, run_dir: Path, dataset, inception, baseline_psnr: float) -> dict:
-    model = VQRAE.from_pretrained(run_dir / "export", device=args.device_obj, dtype=DTYPES[args.dtype])
-    summary, _ = evaluate(model, dataset, batch_size=args.batch_size, device=args.device_obj, inception=inception,
+    model = VQRAE.from_pretrained(run_dir / "export", device=args.device, dtype=DTYPES[args.dtype])
+    summary, _ = evaluate(model, dataset, batch_size=args.batch_size, device=args.device, inception=inception,
                           num_images=args.eval_images, progress=False)
     curve = loss_curve(run_dir)
     keep = ("utilisation", "perplexity", "psnr", "ssim", "rfid", "codes_per_image", "num_images")
@@ -268,10 +268,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "eval_data": eval_data, "eval_images": args.eval_images, "seed": cfg.run.seed,
                 "encoder_width": width, "inception": str(args.inception) if args.inception else None}
     ensure_settings(args.out / "settings.json", settings)
-    args.device_obj = torch.device(args.device)
     inception = None
     if args.inception is not None:
-        inception = InceptionFeatureExtractor.from_file(args.inception, args.device_obj)
+        inception = InceptionFeatureExtractor.from_file(args.inception, args.device)
     dataset = None
     results = []
     for i, point in enumerate(sweep, 1):
