@@ -3,6 +3,7 @@
 - image folder: every .png/.jpg/.jpeg/.webp/.bmp file under a root (recursive, sorted), caption "".
 - jsonl list: one JSON object a line, {"image": path relative to the jsonl folder (or absolute),
   "caption" or "text": str, ...other keys kept as metadata}.
+- indexed shards (data/shards.py): webdataset tar shards, local or remote, named by an index written once.
 - webdataset tar shards: members grouped by key (the member path up to the first dot of its file name): one image
   member (png/jpg/jpeg/webp), optional "txt" caption, optional "json" metadata. Shard headers are scanned once
   (no decoding) and samples are read by offset, so the dataset is map-style and works with DataLoader workers.
@@ -77,6 +78,11 @@ class StringArray:
         return sorted(hits)
 
 
+class SkipSample(Exception):
+    """Raised by `ImageDataset._read` for a sample that cannot be read and was already reported (e.g. every sample
+    of an unreachable shard): `__getitem__` returns None for it without another warning."""
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Common base: subclasses implement `__len__` and `_read(i) -> (image bytes or path, caption, meta, name)`.
 
@@ -119,6 +125,8 @@ class ImageDataset(torch.utils.data.Dataset):
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 image.load()
                 image = to_rgb(image)
+        except SkipSample:
+            return None
         except DECODE_ERRORS as err:
             reason = (str(err).splitlines() or [""])[0]
             logger.warning("skipping unreadable image %s: %s: %s", name, type(err).__name__, reason)
@@ -418,9 +426,13 @@ DATASET_KINDS: dict[str, type[ImageDataset]] = {
     "jsonl": JsonlImageDataset,
     "tar": TarShardDataset,
 }
+SHARD_INDEX = "shardindex.json"  # the shard index (wids' format and default name), looked for next to the shards
 
 
 def _infer_kind(path: str) -> str:
+    if re.match(r"[a-z][a-z0-9+.-]*://", path) or re.search(r"\{[^}]*(\.\.|,)[^}]*\}", path) or \
+            path.endswith(".json") or os.path.isfile(os.path.join(path, SHARD_INDEX)):
+        return "shards"  # a URL, a brace pattern, an index file or a folder with one
     if glob.has_magic(path):
         return "tar"
     if not os.path.exists(path):
@@ -437,16 +449,20 @@ def build_image_dataset(
     path_or_spec: str | Path | Sequence[str] | dict[str, Any],
     transform: Transform | None = None,
     seed: int = 0,
+    shards: Any = None,
 ) -> ImageDataset:
     """Open a dataset, inferring its kind from the path or taking it from "kind:path" / {"kind", "path"}.
 
-    A folder holding *.tar files, a glob or a list are tar shards; a .jsonl file is a jsonl list; another folder is
-    an image folder.
+    A URL (https://, s3://, ...), a brace pattern ("{000000..000999}"), a .json shard index or a folder holding
+    shardindex.json are indexed shards (`data.shards.ShardDataset`: O(shards) start-up, remote stores); another
+    folder holding *.tar files, a glob or a list are local tar shards scanned at start-up; a .jsonl file is a jsonl
+    list; another folder is an image folder.
 
     Args:
         path_or_spec: the path, "kind:path", a list of shards, or {"kind": ..., "path": ...}.
         transform: see `ImageDataset`.
         seed: see `ImageDataset`.
+        shards: `data.shards.ShardOptions` for indexed shards (None: the defaults).
     """
     if isinstance(path_or_spec, dict):
         unknown = set(path_or_spec) - {"kind", "path"}
@@ -462,9 +478,15 @@ def build_image_dataset(
             kind, path = match.group(1), match.group(2)
     if kind is None:
         kind = _infer_kind(path)
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r} in {path_or_spec!r} (expected one of {sorted(DATASET_KINDS)})")
-    dataset = DATASET_KINDS[kind](path, transform=transform, seed=seed)
+    if kind == "shards":
+        from data.shards import ShardDataset  # it builds on this module
+
+        dataset: ImageDataset = ShardDataset(path, transform=transform, seed=seed, options=shards)
+    elif kind in DATASET_KINDS:
+        dataset = DATASET_KINDS[kind](path, transform=transform, seed=seed)
+    else:
+        raise ValueError(f"unknown dataset kind {kind!r} in {path_or_spec!r} (expected one of "
+                         f"{sorted([*DATASET_KINDS, 'shards'])})")
     if len(dataset) == 0:
         raise ValueError(f"no images found in {kind} dataset {path}")
     return dataset

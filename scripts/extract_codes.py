@@ -27,6 +27,7 @@ from common.distributed import all_reduce, barrier, default_num_workers, init_di
 from common.files import write_atomic
 from data.codes import CHUNK_SIZE, complete_chunks, ensure_manifest, extract_codes
 from data.images import build_image_dataset
+from data.shards import ShardOptions
 from data.transforms import ImageTransform
 from tokenizer import VQRAE
 
@@ -34,7 +35,10 @@ from tokenizer import VQRAE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, required=True, help="a VQRAE export (config.json + safetensors)")
-    parser.add_argument("--data", required=True, help="image folder, jsonl or tar shards (captions from them)")
+    parser.add_argument("--data", required=True,
+                        help="image folder, jsonl, tar shards, or indexed shards (URL, brace pattern, shardindex.json)")
+    parser.add_argument("--shard-cache", default="", help="where remote shards are cached (default: "
+                        "$VQRAE_SHARD_CACHE, else ~/.cache/vqrae/shards)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -45,7 +49,8 @@ def main() -> None:
     with reported_errors():
         info = init_distributed(args.device)
         model = VQRAE.from_pretrained(args.tokenizer, device=info.device, dtype=dtype_of(args.dtype)).eval()
-        dataset = build_image_dataset(args.data, ImageTransform(model.config.encoder.image_size, "center"))
+        dataset = build_image_dataset(args.data, ImageTransform(model.config.encoder.image_size, "center"),
+                                      shards=ShardOptions(cache_dir=args.shard_cache))
         args.out.mkdir(parents=True, exist_ok=True)
         ensure_manifest(args.out, args.tokenizer, model.config, args.data, len(dataset), args.chunk_size,
                         write=info.is_main)

@@ -65,8 +65,8 @@ for module in "${modules[@]}"; do
     selection=""
     [[ $spec == *::* ]] && selection=" -k '${spec#*::}'"
     read -r -a files <<< "$module $paths"
-    hash=$(sha1sum < "$module" | cut -c1-12)
-    tests_hash=$(cat "${files[@]:1}" | sha1sum | cut -c1-12)
+    hash=$(sha1sum < "$tree/$module" | cut -c1-12)  # the copy the mutants are applied to
+    tests_hash=$(cd "$tree" && cat "${files[@]:1}" | sha1sum | cut -c1-12)
     name=${module//\//.}
     session=$(realpath "$OUT")/$name-$hash.sqlite
     config=$(realpath "$OUT")/$name.toml

@@ -32,6 +32,7 @@ from data.codes import CHUNK_SIZE, CodeDataset, ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.sequences import CaptionCodeSequences, collate_sequences
 from data.shapes import world_texts
+from data.shards import ShardOptions
 from data.transforms import ImageTransform, make_grid_png
 from llm.generator import LMConfig, build_lm, save_text_side
 from llm.sampler import Engine, SamplingConfig
@@ -51,7 +52,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "ar_gen"
 class GenDataConfig:
     """Args: codes: a directory of extracted codes; tokenizer: the VQRAE export they came from; images: when `codes`
     does not exist yet, extract it from these images first (chunks of chunk_size images, batches of
-    extract_batch_size); caption_dropout: probability of the unconditional prompt."""
+    extract_batch_size; indexed shards read with `shards`); caption_dropout: probability of the unconditional prompt."""
 
     codes: str = ""
     tokenizer: str = ""
@@ -59,6 +60,7 @@ class GenDataConfig:
     caption_dropout: float = 0.1
     chunk_size: int = CHUNK_SIZE
     extract_batch_size: int = 64
+    shards: ShardOptions = field(default_factory=ShardOptions)
 
 
 @dataclass
@@ -90,7 +92,8 @@ def ensure_codes(cfg: ARGenTrainConfig, vqrae: VQRAE, info: DistInfo) -> Path:
     codes = Path(cfg.data.codes)
     if not cfg.data.images:
         return codes
-    dataset = build_image_dataset(cfg.data.images, ImageTransform(vqrae.config.encoder.image_size, "center"))
+    dataset = build_image_dataset(cfg.data.images, ImageTransform(vqrae.config.encoder.image_size, "center"),
+                                  shards=cfg.data.shards)
     if info.is_main:
         codes.mkdir(parents=True, exist_ok=True)
         ensure_manifest(codes, cfg.data.tokenizer, vqrae.config, cfg.data.images, len(dataset), cfg.data.chunk_size)

@@ -1,11 +1,13 @@
 """The resumable data order every trainer reads: an endless stream of micro-batches fixed by (seed, epoch), cut
-into ranks, that a resumed run continues exactly where the interrupted one stopped."""
+into ranks, that a resumed run continues exactly where the interrupted one stopped. Datasets of indexed shards
+(`data.shards.ShardDataset`) are read shard-locally: each rank takes whole shards, a window at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.config import ConfigError
@@ -46,6 +48,66 @@ class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield [(epoch, i) for i in indices]
 
 
+class ShardLocalBatchSampler(ResumableBatchSampler):
+    """Micro-batches of one rank that read whole shards, `window` shards at a time, in an order fixed by (seed, epoch).
+
+    Epoch e permutes the shards (seeded by (seed, e)) and deals them to the ranks in turn (rank r takes shards
+    r, r + world, ...), so no sample is read by two ranks; each rank then reads its shards `window` at a time, the
+    samples of a window in a random order (seeded by (seed, e, r)). Every rank stops the epoch after the same number
+    of micro-batches (the smallest rank share; the rest of each share is dropped that epoch), so the ranks stay in
+    step. `start` skips that many micro-batches, as in `ResumableBatchSampler`.
+
+    `read_ahead(shards)`, when given, is called with the shards of each of the `ahead` windows after the current one
+    as soon as a window's first micro-batch is handed out (a DataLoader's sampler runs ahead of its workers), so
+    remote shards arrive before they are read; it changes nothing in the order.
+    """
+
+    def __init__(self, lengths: list[int], window: int, micro_batch: int, rank: int, world_size: int, seed: int,
+                 start: int = 0, read_ahead: Callable[[list[int]], None] | None = None, ahead: int = 2):
+        if len(lengths) < world_size:
+            raise ConfigError(f"{len(lengths)} shards cannot be dealt to {world_size} ranks: each rank reads whole "
+                              "shards (write smaller shards)")
+        self.lengths, self.window = np.asarray(lengths, dtype=np.int64), window
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.micro_batch, self.rank, self.world, self.seed, self.start = micro_batch, rank, world_size, seed, start
+        self.read_ahead, self.ahead = read_ahead, ahead
+        if min(self._shares(0)) < micro_batch:
+            raise ConfigError(f"a rank's share of the shards holds fewer samples than one micro-batch ({micro_batch})")
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+
+    def _shares(self, epoch: int) -> list[int]:
+        order = self._order(epoch)
+        return [int(self.lengths[order[r::self.world]].sum()) for r in range(self.world)]
+
+    def epoch_batches(self, epoch: int) -> int:
+        """Micro-batches per rank in `epoch`."""
+        return min(self._shares(epoch)) // self.micro_batch
+
+    def batches(self) -> Iterator[tuple[int, list[int]]]:
+        epoch, offset = 0, self.start
+        while offset >= self.epoch_batches(epoch):
+            offset -= self.epoch_batches(epoch)
+            epoch += 1
+        while True:
+            mine = self._order(epoch)[self.rank::self.world]
+            rng = np.random.default_rng([self.seed, epoch, self.rank])
+            windows = [np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in mine[w:w + self.window]])
+                       for w in range(0, len(mine), self.window)]
+            samples = np.concatenate([rng.permutation(w) for w in windows]).tolist()
+            ends = np.cumsum([len(w) for w in windows])  # a window's end in `samples`
+            announced = 0  # windows passed to read_ahead so far
+            for b in range(offset, self.epoch_batches(epoch)):
+                if self.read_ahead is not None:  # this batch's window and the `ahead` after it
+                    current = int(np.searchsorted(ends, (b + 1) * self.micro_batch - 1, side="right"))
+                    for w in range(max(announced, current), min(current + 1 + self.ahead, len(windows))):
+                        self.read_ahead(mine[w * self.window:(w + 1) * self.window].tolist())
+                    announced = max(announced, current + 1 + self.ahead)
+                yield epoch, samples[b * self.micro_batch:(b + 1) * self.micro_batch]
+            epoch, offset = epoch + 1, 0
+
+
 def resumable_loader(dataset: Any, collate_fn: Callable, micro_batch_size: int, info: DistInfo, seed: int,
                      start: int = 0, num_workers: int = -1) -> torch.utils.data.DataLoader:
     """This rank's endless stream of micro-batches of `dataset`, skipping the first `start` (a resumed run's count).
@@ -53,7 +115,12 @@ def resumable_loader(dataset: Any, collate_fn: Callable, micro_batch_size: int, 
     Args:
         num_workers: DataLoader workers; -1: `common.distributed.default_num_workers` for this world size.
     """
-    sampler = ResumableBatchSampler(len(dataset), micro_batch_size, info.rank, info.world_size, seed, start=start)
+    if hasattr(dataset, "shard_lengths"):  # indexed shards: read shard-locally
+        sampler: ResumableBatchSampler = ShardLocalBatchSampler(
+            dataset.shard_lengths, dataset.window, micro_batch_size, info.rank, info.world_size, seed, start=start,
+            read_ahead=getattr(dataset, "read_ahead", None), ahead=dataset.options.read_ahead)
+    else:
+        sampler = ResumableBatchSampler(len(dataset), micro_batch_size, info.rank, info.world_size, seed, start=start)
     workers = default_num_workers() if num_workers < 0 else num_workers
     # its own generator: starting the iterator must not draw from the global RNG, which a resume restores
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,

@@ -84,7 +84,8 @@ def ensure_world(path: str, samples: int, image_size: int, seed: int, info: Dist
 
 def sample_batch(cfg: TokenizerTrainConfig, image_size: int) -> torch.Tensor:
     """The fixed images of the periodic reconstruction grid (eval set if given, else train set)."""
-    dataset = build_image_dataset(cfg.data.eval or cfg.data.train, ImageTransform(image_size, "center"))
+    dataset = build_image_dataset(cfg.data.eval or cfg.data.train, ImageTransform(image_size, "center"),
+                                  shards=cfg.data.shards)
     samples = [dataset[i] for i in range(min(cfg.data.samples, len(dataset)))]
     return collate_images(samples)["pixel_values"]
 
@@ -139,7 +140,7 @@ class TokenizerTrainer(TrainLoop):
         self.lecam = LeCAMState()
         self.resume()
         dataset = build_image_dataset(cfg.data.train, ImageTransform(self.image_size, cfg.data.crop, cfg.data.hflip),
-                                      seed=cfg.run.seed)
+                                      seed=cfg.run.seed, shards=cfg.data.shards)
         self.loader = self.make_loader(dataset, collate_images, cfg.deepspeed.micro_batch_size)
         self.grid_images = sample_batch(cfg, self.image_size).to(info.device, self.dtype)
         log.info("stage %d: %s encoder, %d images/step, step %d of %d", cfg.stage, model.config.encoder.model_type,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, from_dict, merge_dicts, to_dict
+from data.shards import ShardOptions
 from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
 from tokenizer.discriminator import DiscriminatorConfig
 from tokenizer.model import is_vqrae_export, read_config_dict
@@ -58,14 +59,16 @@ class WorldConfig:
 
 @dataclass
 class DataConfig:
-    """Args: train / eval: dataset paths (image folder, jsonl, tar shards); crop: "random" | "center" | "resize";
-    hflip: random flips; samples: images shown in the periodic reconstruction grid."""
+    """Args: train / eval: dataset paths (image folder, jsonl, local tar shards, or indexed shards: a URL, brace
+    pattern or shardindex.json); crop: "random" | "center" | "resize"; hflip: random flips; samples: images shown in
+    the periodic reconstruction grid; shards: fetching, caching and ordering of indexed shards."""
 
     train: str = ""
     eval: str = ""
     crop: str = "random"
     hflip: bool = False
     samples: int = 8
+    shards: ShardOptions = field(default_factory=ShardOptions)
     world: WorldConfig = field(default_factory=WorldConfig)
 
 

@@ -1,0 +1,430 @@
+"""Webdataset tar shards anywhere fsspec reaches (local paths, https://, s3://, gs://, ...), indexed once.
+
+Start-up reads one file, the shard index (wids' format, `{"wids_version": 1, "shardlist": [{"url", "nsamples",
+"filesize"}, ...]}`, as `widsindex create` or `scripts/index_shards.py` writes it), so it costs O(shards), not
+O(samples). Samples are then addressed by a global index like any map-style dataset, which keeps the trainers'
+exact, resumable data order (`train.data_order.ShardLocalBatchSampler` reads shards in windows, so a rank reads
+mostly sequentially). A remote shard is copied whole into a local cache when the data order reaches the window
+before its own (read-ahead), or when one of its samples is read (one download per machine: the processes of a node
+share the cache under a file lock); its tar headers are scanned there once per process, its members read by byte
+offset and grouped into samples by wids' rule, and cached shards are evicted least-recently-used past a size budget.
+
+A shard that cannot be fetched is retried with exponential backoff, then skipped (its samples return None and are
+counted by `collate_images` as skipped) after `ShardOptions.retries` tries; a corrupt shard, or one whose sample
+count disagrees with the index, is skipped the same way. A warning names each.
+
+    dataset = ShardDataset("s3://bucket/shards/shardindex.json", ImageTransform(256, "random"), seed=0)
+    dataset = ShardDataset("https://host/shards/{000000..009999}.tar")   # the index next to them: shardindex.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+import fsspec
+import numpy as np
+from wids import wids as wids_core  # group_by_key, splitname: the grouping of members into samples
+from wids.wids_specs import urldir, urlmerge
+
+from data.images import SHARD_INDEX, TAR_IMAGE_EXTS, ImageDataset, SkipSample, Transform, scan_tar
+
+logger = logging.getLogger(__name__)
+
+INDEX_KIND = "wids-shard-index-v1"
+
+
+@dataclass
+class ShardOptions:
+    """How shards are fetched, cached and ordered.
+
+    Args:
+        window: shards read together; samples are shuffled within a window (larger: better mixing, more cache).
+        cache_dir: where remote shards are copied ("": $VQRAE_SHARD_CACHE, else ~/.cache/vqrae/shards).
+        cache_gb: cache budget; least recently used shards are deleted past it (a shard in use stays readable).
+        retries: tries per shard before it is skipped.
+        backoff_s: the wait after the first failed try; it doubles after each further one (at most 60 s).
+        timeout_s: one try's limit for an HTTP(S) fetch.
+        max_open: open shard readers kept per process.
+        read_ahead: windows fetched ahead of the one being read (by the process running the data order).
+        fetch_threads: shards fetched at once, ahead and for one micro-batch (each per process).
+    """
+
+    window: int = 8
+    cache_dir: str = ""
+    cache_gb: float = 50.0
+    retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 300.0
+    max_open: int = 16
+    read_ahead: int = 2
+    fetch_threads: int = 16
+
+    def __post_init__(self):
+        if min(self.window, self.retries, self.max_open, self.fetch_threads) < 1 or self.read_ahead < 0:
+            raise ValueError(f"window, retries, max_open and fetch_threads must be >= 1 and read_ahead >= 0, got "
+                             f"{self.window}, {self.retries}, {self.max_open}, {self.fetch_threads}, {self.read_ahead}")
+        if self.cache_gb <= 0 or self.backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError("cache_gb and timeout_s must be > 0 and backoff_s >= 0")
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or os.environ.get("VQRAE_SHARD_CACHE", "") or
+                    Path.home() / ".cache" / "vqrae" / "shards")
+
+
+class ShardUnavailable(OSError):
+    """A shard that could not be fetched after every try."""
+
+
+def is_remote(url: str) -> bool:
+    """True for a URL with a scheme other than file:// (fetched into the cache rather than read in place)."""
+    return urlparse(url).scheme not in ("", "file") and not os.path.exists(url)
+
+
+def local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file://") else url
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Shard URLs named by a brace pattern ("s3://b/{000000..000099}.tar"), a comma-free single URL or path."""
+    return list(braceexpand.braceexpand(spec))
+
+
+def _open(url: str, options: ShardOptions, size: int = -1) -> Any:
+    """A binary read stream of `url` through fsspec; HTTP(S): one streamed GET with a whole-request timeout (and no
+    HEAD request first when the size is known)."""
+    storage: dict[str, Any] = {}
+    opening: dict[str, Any] = {}
+    if urlparse(url).scheme in ("http", "https"):
+        import aiohttp  # fsspec's HTTP file system runs on it
+
+        storage["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=options.timeout_s)}
+        opening = {"block_size": 0} | ({"size": size} if size > 0 else {})
+    fs, path = fsspec.core.url_to_fs(url, **storage)
+    return fs.open(path, "rb", **opening)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The index
+
+
+def count_samples(url: str, options: ShardOptions | None = None) -> tuple[int, int]:
+    """(samples, bytes) of one shard, read once as a stream; samples are wids' groups of consecutive members that
+    share a key, the grouping the reader uses."""
+    options = options or ShardOptions()
+    stream = open(local_path(url), "rb") if not is_remote(url) else _open(url, options)
+    with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        names = [m.name for m in tar if m.isfile()]
+        size = stream.tell()
+    return len(wids_core.group_by_key(names)), size
+
+
+def write_index(urls: list[str], path: str | Path, threads: int = 16, relative: bool = True) -> dict[str, Any]:
+    """Count the samples of every shard (threads in parallel) and write the index to `path` atomically.
+
+    Args:
+        urls: the shards, in their order.
+        path: the index file; URLs inside the index's folder are written relative to it when `relative`.
+        threads: shards read at once.
+        relative: write URLs relative to the index's folder where possible (the folder can then move).
+    """
+    from tqdm import tqdm
+
+    from common.files import write_atomic
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        counts = list(tqdm(pool.map(count_samples, urls), total=len(urls), desc="indexing shards", unit="shard"))
+    base = str(Path(path).resolve().parent)
+    listed = []
+    for url, (nsamples, size) in zip(urls, counts):
+        name = url
+        if relative and not is_remote(url) and str(Path(local_path(url)).resolve().parent) == base:
+            name = Path(url).name
+        listed.append({"url": name, "nsamples": nsamples, "filesize": size})
+    index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": listed}
+    write_atomic(path, json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def read_index(spec: str) -> tuple[list[str], list[int], list[int]]:
+    """(urls, samples per shard, bytes per shard or -1) of the dataset named by `spec`: an index file (.json, local
+    or remote), a local folder holding `shardindex.json`, or a shard URL / brace pattern whose folder holds it (then
+    only the shards the pattern names, in its order)."""
+    if spec.endswith(".json"):
+        index_url, wanted = spec, None
+    elif not is_remote(spec) and os.path.isdir(spec):
+        index_url, wanted = os.path.join(spec, SHARD_INDEX), None
+    else:
+        wanted = expand_urls(spec)
+        index_url = urlmerge(urldir(wanted[0]), SHARD_INDEX) if is_remote(wanted[0]) else \
+            os.path.join(os.path.dirname(wanted[0]) or ".", SHARD_INDEX)
+    try:
+        stream = _open(index_url, ShardOptions()) if is_remote(index_url) else open(local_path(index_url), "rb")
+        with stream:
+            index = json.loads(stream.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard index at {index_url}: write one once with "
+                                f"`python scripts/index_shards.py '{spec}'`") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"shard index {index_url} is not valid JSON ({err.msg})") from None
+    shards = index.get("shardlist") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and {"url", "nsamples"} <= set(s) for s in shards):
+        raise ValueError(f"shard index {index_url} lacks a 'shardlist' of {{'url', 'nsamples'}} entries")
+    base = urldir(index_url) if is_remote(index_url) else os.path.dirname(os.path.abspath(index_url))
+    resolve = (lambda u: urlmerge(base, u)) if is_remote(index_url) else \
+        (lambda u: u if is_remote(u) or os.path.isabs(u) else os.path.join(base, u))
+    entries = {resolve(s["url"]): s for s in shards}
+    if wanted is not None:
+        wanted = [resolve(u) if not is_remote(u) else u for u in wanted]
+        missing = [u for u in wanted if u not in entries]
+        if missing:
+            raise ValueError(f"{len(missing)} shards of {spec} are not in the index {index_url} (first: {missing[0]})")
+    urls = wanted if wanted is not None else list(entries)
+    return urls, [int(entries[u]["nsamples"]) for u in urls], [int(entries[u].get("filesize", -1)) for u in urls]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shard cache
+
+
+class ShardCache:
+    """Local copies of remote shards: fetched once per machine (a file lock serialises the processes), retried with
+    backoff, evicted least-recently-used past the budget. Local shards are used in place."""
+
+    def __init__(self, options: ShardOptions):
+        self.options = options
+        self.root = options.cache_path()
+
+    def path(self, url: str) -> Path:
+        digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+        return self.root / f"{digest}-{os.path.basename(urlparse(url).path) or 'shard.tar'}"
+
+    def get(self, url: str, size: int = -1) -> str:
+        """A readable local file holding shard `url` (checked against the index's byte size when known).
+
+        Raises:
+            ShardUnavailable: after `options.retries` failed tries.
+        """
+        if not is_remote(url):
+            return self._retry(url, lambda: self._check_local(local_path(url), size))
+        dest = self.path(url)
+        if dest.exists():
+            os.utime(dest)  # its place in the eviction order
+            return str(dest)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(dest.with_name(f".{dest.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one download per machine; the others wait, then find it
+            try:
+                if not dest.exists():
+                    self._retry(url, lambda: self._download(url, dest, size))
+                    self._evict(keep=dest)
+            finally:  # explicitly: a process forked meanwhile holds a copy of this descriptor, and closing
+                fcntl.flock(lock, fcntl.LOCK_UN)  # ours alone would leave the lock held by that copy
+        return str(dest)
+
+    def _retry(self, url: str, attempt: Any) -> Any:
+        tries, wait = self.options.retries, self.options.backoff_s
+        for n in range(1, tries + 1):
+            try:
+                return attempt()
+            except Exception as err:  # each store's client raises its own kinds: all are a failed try
+                last = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                if n < tries:
+                    logger.info("shard %s: try %d of %d failed (%s); retrying in %.1f s", url, n, tries, last, wait)
+                    time.sleep(wait)
+                    wait = min(2 * wait, 60.0)
+        raise ShardUnavailable(f"{url}: {tries} tries failed, last: {last}")
+
+    @staticmethod
+    def _check_local(path: str, size: int) -> str:
+        actual = os.path.getsize(path)  # FileNotFoundError for a missing shard
+        if size >= 0 and actual != size:
+            raise ValueError(f"{actual} bytes, the index says {size}")
+        return path
+
+    def _download(self, url: str, dest: Path, size: int) -> None:
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            with _open(url, self.options, size) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            self._check_local(str(tmp), size)  # a short read is a failed try
+            os.replace(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def _evict(self, keep: Path) -> None:
+        files = []
+        for entry in os.scandir(self.root):
+            if entry.is_file() and not entry.name.startswith("."):  # not the locks and partial downloads
+                with contextlib.suppress(FileNotFoundError):  # another process may evict it meanwhile
+                    stat = entry.stat()
+                    files.append((stat.st_mtime, stat.st_size, entry.path))
+        total, budget = sum(size for _, size, _ in files), self.options.cache_gb * 2**30
+        for _, size, path in sorted(files):
+            if total <= budget:
+                break
+            if path != str(keep):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # processes that have it open keep reading it
+                total -= size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+@dataclass
+class _OpenShard:
+    """A local shard file open for reading: its descriptor, its members (name, data offset, size) and the members of
+    each sample (wids' grouping)."""
+
+    fd: int
+    members: list[tuple[str, int, int]]
+    groups: list[list[int]]
+
+
+class ShardDataset(ImageDataset):
+    """Samples of indexed webdataset tar shards, local or remote, by global index (shard order, then member order).
+
+    A sample is wids' group of consecutive members sharing a key: one image member (png/jpg/jpeg/webp, in that
+    priority), optional "txt" caption and "json" metadata; meta gets `__key__` and `__shard__`.
+
+    Args:
+        spec: the index file, a folder holding shardindex.json, or a shard URL / brace pattern (see `read_index`).
+        transform: see `ImageDataset`.
+        seed: see `ImageDataset`.
+        options: fetching, caching and ordering (`ShardOptions`).
+    """
+
+    def __init__(self, spec: str | Path, transform: Transform | None = None, seed: int = 0,
+                 options: ShardOptions | None = None):
+        super().__init__(transform, seed)
+        self.options = options or ShardOptions()
+        self.urls, self.shard_lengths, self.shard_sizes = read_index(str(spec))
+        self.offsets = np.concatenate([[0], np.cumsum(self.shard_lengths)]).astype(np.int64)
+        self.window = self.options.window
+        self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # shard -> its local file, least recent first
+        self._failed: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None  # this process's fetches of one micro-batch's shards
+        self._ahead: ThreadPoolExecutor | None = None  # read-ahead of the next window (where the order runs)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()  # descriptors and threads mean nothing in another process
+        state["_pool"] = state["_ahead"] = None
+        return state
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, sample within the shard) of global sample i."""
+        shard = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return shard, i - int(self.offsets[shard])
+
+    def _local(self, shard: int) -> str:
+        """The local file of `shard` (fetched if remote); a shard that failed is reported once and skipped."""
+        if shard in self._failed:
+            raise SkipSample
+        try:
+            return ShardCache(self.options).get(self.urls[shard], self.shard_sizes[shard])
+        except OSError as err:
+            self._skip(shard, err)
+
+    def _skip(self, shard: int, err: Exception) -> None:
+        self._failed.add(shard)
+        logger.warning("skipping shard %s (%d samples): %s", self.urls[shard], self.shard_lengths[shard], err)
+        raise SkipSample from None
+
+    def _shard(self, shard: int) -> _OpenShard:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        path = self._local(shard)
+        try:
+            members = scan_tar(path)
+            groups = wids_core.group_by_key([name for name, _, _ in members])
+            if len(groups) != self.shard_lengths[shard]:
+                raise ValueError(f"{len(groups)} samples, the index says {self.shard_lengths[shard]}")
+            opened = _OpenShard(os.open(path, os.O_RDONLY), members, groups)
+        except (OSError, ValueError) as err:
+            self._skip(shard, err)
+        self._open[shard] = opened
+        while len(self._open) > self.options.max_open:
+            os.close(self._open.popitem(last=False)[1].fd)
+        return opened
+
+    def read_ahead(self, shards: list[int]) -> None:
+        """Start fetching these remote shards into the cache in the background (one try each: a failure is retried,
+        with backoff, by the reader that needs the shard). Called by the data order in the process that runs it."""
+        remote = [s for s in shards if is_remote(self.urls[s]) and s not in self._failed]
+        if not remote:
+            return
+        if self._ahead is None:
+            self._ahead = ThreadPoolExecutor(max_workers=self.options.fetch_threads, thread_name_prefix="read-ahead")
+        cache = ShardCache(dataclasses.replace(self.options, retries=1))
+        for s in remote:
+            future = self._ahead.submit(cache.get, self.urls[s], self.shard_sizes[s])
+            future.add_done_callback(lambda f: f.exception())  # consumed: the reader reports failures
+
+    def __getitems__(self, keys: list[Any]) -> list[dict[str, Any] | None]:
+        """A micro-batch (what DataLoader's batched fetch calls): the shards it needs are fetched in parallel first,
+        so a batch spread over a window of remote shards waits for about one round trip, not one per shard."""
+        needed = {self.locate(k[1] if isinstance(k, tuple) else k)[0] for k in keys}
+        missing = sorted(s for s in needed if s not in self._open and s not in self._failed)
+        if len(missing) > 1 and any(is_remote(self.urls[s]) for s in missing):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.options.fetch_threads)
+            for future in [self._pool.submit(self._local, s) for s in missing]:
+                with contextlib.suppress(SkipSample):
+                    future.result()
+        return [self[k] for k in keys]
+
+    def _read(self, i: int) -> tuple[bytes, str, dict[str, Any], str]:
+        shard, j = self.locate(i)
+        opened = self._shard(shard)
+        parts: dict[str, bytes] = {}
+        key = ""
+        for member in opened.groups[j]:
+            name, offset, size = opened.members[member]
+            key, ext = wids_core.splitname(name)
+            data = os.pread(opened.fd, size, offset)  # pread: no shared file offset between threads
+            if len(data) != size:
+                raise OSError(f"short read of {name} ({len(data)} of {size} bytes)")
+            parts.setdefault(ext[1:].lower(), data)
+        name = f"{self.urls[shard]}:{key}"
+        image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
+        if image_ext is None:
+            raise ValueError("no png/jpg/jpeg/webp member")
+        meta: dict[str, Any] = {}
+        if "json" in parts:
+            try:
+                meta = json.loads(parts["json"])
+            except json.JSONDecodeError as err:
+                raise ValueError(f"bad json member ({err.msg})") from None
+            meta = meta if isinstance(meta, dict) else {"json": meta}
+        meta.update(__key__=key, __shard__=self.urls[shard])
+        return parts[image_ext], parts.get("txt", b"").decode("utf-8").strip(), meta, name
+
+    def __del__(self) -> None:
+        for opened in getattr(self, "_open", {}).values():
+            os.close(opened.fd)
+        for pool in (getattr(self, "_pool", None), getattr(self, "_ahead", None)):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

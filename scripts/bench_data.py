@@ -1,0 +1,127 @@
+"""Benchmark the training data path: indexed shards (data/shards.py) against today's local tar reader, on local disk
+and served over loopback HTTP with an added per-request latency and a bandwidth cap, with 1 and 2 ranks.
+
+    python scripts/bench_data.py                                  # 10,000 shards of 10 images (32 px)
+    python scripts/bench_data.py --shards 1000 --latency-ms 50    # smaller, slower store
+
+Each case runs its ranks as concurrent processes, each reading its own shard of the trainers' data order
+(`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a fresh
+cache. Measured per case: time to the first batch (dataset construction included: today's reader scans every
+tar header first) and images/s over the next --batches micro-batches of every rank together. Baselines in the same
+run: today's reader on local disk ("scan"), and the indexed reader on local disk for the HTTP cases' share.
+The data is written once under --out (the shapes world, resumable) and kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import multiprocessing as mp
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
+
+import torch
+
+from common.distributed import DistInfo
+from data.images import SHARD_INDEX, build_image_dataset, collate_images
+from data.serve import ShardServer
+from data.shapes_export import export_world
+from data.shards import ShardOptions, write_index
+from data.transforms import ImageTransform
+from train.data_order import resumable_loader
+
+
+def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace, cache: str, out: mp.Queue) -> None:
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    dataset = build_image_dataset(f"{kind}:{spec}", ImageTransform(32, "center"),
+                                  shards=ShardOptions(cache_dir=cache, window=args.window))
+    loader = resumable_loader(dataset, collate_images, args.batch, DistInfo(rank, world, rank, torch.device("cpu")),
+                              seed=0, num_workers=args.workers)
+    batches = iter(loader)
+    next(batches)
+    first = time.perf_counter() - start
+    begin, images = time.perf_counter(), 0
+    for _, batch in zip(range(args.batches), batches):
+        images += batch["pixel_values"].shape[0]
+    out.put((first, images, time.perf_counter() - begin))
+
+
+def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict[str, float]:
+    """(seconds to the first batch, slowest rank; images/s of all ranks together)."""
+    ctx = mp.get_context("spawn")
+    queue, cache = ctx.Queue(), tempfile.mkdtemp(prefix="bench-cache-")
+    try:
+        procs = [ctx.Process(target=_rank, args=(spec, kind, r, world, args, cache, queue)) for r in range(world)]
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=1800) for _ in procs]
+        for p in procs:
+            p.join()
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    first = max(r[0] for r in results)
+    rate = sum(r[1] for r in results) / max(r[2] for r in results)
+    return {"first_batch_s": first, "images_per_s": rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_data"))
+    parser.add_argument("--shards", type=int, default=10_000)
+    parser.add_argument("--per-shard", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=100, help="micro-batches timed per rank")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    parser.add_argument("--http-workers", type=int, default=4, help="DataLoader workers per rank over HTTP")
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
+    args = parser.parse_args()
+
+    world_dir = args.out / f"world-{args.shards}x{args.per_shard}"
+    folder = world_dir / "shards"
+    export_world(world_dir, args.shards * args.per_shard, image_size=32, fmt="shards", shard_size=args.per_shard)
+    if not (folder / SHARD_INDEX).exists():
+        write_index(sorted(glob.glob(str(folder / "*.tar"))), folder / SHARD_INDEX)
+    size_mb = sum(p.stat().st_size for p in folder.glob("*.tar")) / 1e6
+    print(f"{args.shards} shards x {args.per_shard} images ({size_mb:.0f} MB), micro-batch {args.batch}, "
+          f"{args.batches} micro-batches timed per rank, window {args.window}")
+
+    rows = []
+    with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
+        http = f"{server.url}/{SHARD_INDEX}"
+        cases = [("scan (today's reader), local", str(folder), "tar", args.workers),
+                 ("indexed, local", str(folder), "shards", args.workers),
+                 (f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s", http, "shards", args.workers),
+                 (f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s", http, "shards", args.http_workers)]
+        for world in (1, 2):
+            for name, spec, kind, workers in cases:
+                case_args = argparse.Namespace(**{**vars(args), "workers": workers})
+                result = run_case(spec, kind, world, case_args)
+                rows.append({"reader": name, "ranks": world, "workers": workers, **result})
+                print(f"  {name:<40} ranks {world}  workers {workers}: first batch {result['first_batch_s']:7.2f} s, "
+                      f"{result['images_per_s']:7.0f} images/s", flush=True)
+
+    print("\n| reader | ranks | workers/rank | first batch (s) | images/s | vs scan, local | vs indexed, local |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = {r["reader"].split(",")[0] + r["reader"].split(",")[1].split()[0]: r for r in rows
+                if r["ranks"] == row["ranks"] and r["reader"].endswith("local")}
+        scan, local = base["scan (today's reader)local"], base["indexedlocal"]
+        print(f"| {row['reader']} | {row['ranks']} | {row['workers']} | {row['first_batch_s']:.2f} | "
+              f"{row['images_per_s']:.0f} | first batch {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster, "
+              f"{row['images_per_s'] / scan['images_per_s']:.2f}x images/s | "
+              f"{row['images_per_s'] / local['images_per_s']:.0%} of images/s |")
+    (args.out / "bench_data.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                          "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

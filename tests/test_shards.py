@@ -1,0 +1,273 @@
+"""Indexed shards, local and served over loopback HTTP: the index, start-up that reads no shard, samples equal to
+the local tar reader's, one download per shard per machine, the shard-local order (ranks and workers disjoint,
+windows, the same order for the same seed), a killed reader resumed without a sample seen twice or skipped,
+corrupt members and shards, an unreachable shard retried then skipped, and the cache budget."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ConfigError
+from common.distributed import DistInfo
+from data.images import TarShardDataset, build_image_dataset, collate_images
+from data.serve import ShardServer
+from data.shapes_export import export_world
+from data.shards import ShardCache, ShardDataset, ShardOptions, ShardUnavailable, read_index, write_index
+from data.transforms import ImageTransform
+from train.data_order import ShardLocalBatchSampler, resumable_loader
+
+SHARDS, PER_SHARD = 8, 6
+CPU = DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The shapes world as 8 tar shards of 6 samples, with its index."""
+    root = tmp_path_factory.mktemp("world")
+    export_world(root, SHARDS * PER_SHARD, image_size=32, fmt="shards", shard_size=PER_SHARD, progress=False)
+    folder = root / "shards"
+    write_index(sorted(str(p) for p in folder.glob("*.tar")), folder / "shardindex.json", threads=2)
+    return folder
+
+
+def _copy(folder, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(folder, out)
+    return out
+
+
+def _keys(dataset, indices):
+    return [dataset[i]["meta"]["__key__"] for i in indices]
+
+
+def test_index_lists_every_shard_relative_with_its_samples_and_bytes(shards):
+    index = json.loads((shards / "shardindex.json").read_text())
+    assert index["wids_version"] == 1
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    assert [s["url"] for s in index["shardlist"]] == names  # relative: the folder can move
+    for entry in index["shardlist"]:
+        with tarfile.open(shards / entry["url"]) as tar:
+            keys = {m.name.split(".")[0] for m in tar if m.isfile()}
+        assert entry["nsamples"] == len(keys) == PER_SHARD
+        assert entry["filesize"] == os.path.getsize(shards / entry["url"])
+
+
+def test_samples_equal_the_local_tar_readers(shards):
+    transform = ImageTransform(32, "center")
+    indexed, scanned = ShardDataset(shards, transform), TarShardDataset(shards, transform)
+    assert len(indexed) == len(scanned) == SHARDS * PER_SHARD
+    for i in range(len(indexed)):
+        a, b = indexed[i], scanned[i]
+        assert a["meta"]["__key__"] == b["meta"]["__key__"]
+        assert a["caption"] == b["caption"] and a["caption"].startswith("a photo")
+        torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
+        assert {k: v for k, v in a["meta"].items() if k != "__shard__"} == \
+            {k: v for k, v in b["meta"].items() if k != "__shard__"}
+
+
+def test_start_up_reads_the_index_only(shards, tmp_path):
+    folder = _copy(shards, tmp_path)
+    for tar in folder.glob("*.tar"):
+        tar.unlink()  # no shard left: building the dataset must not need one
+    dataset = ShardDataset(folder, options=ShardOptions(retries=1))
+    assert len(dataset) == SHARDS * PER_SHARD
+    assert dataset.shard_lengths == [PER_SHARD] * SHARDS
+    assert dataset[0] is None  # its shard is missing: skipped
+
+
+def test_kinds_are_inferred_and_a_missing_index_is_named(shards, tmp_path):
+    assert isinstance(build_image_dataset(shards), ShardDataset)  # a folder holding shardindex.json
+    assert isinstance(build_image_dataset(str(shards / "shardindex.json")), ShardDataset)
+    some = build_image_dataset(str(shards / "{000002..000004}.tar"))
+    assert isinstance(some, ShardDataset) and len(some) == 3 * PER_SHARD
+    assert some[0]["meta"]["__key__"] == f"{2 * PER_SHARD:08d}"
+    bare = _copy(shards, tmp_path)
+    (bare / "shardindex.json").unlink()
+    assert isinstance(build_image_dataset(bare), TarShardDataset)  # no index: today's scan
+    with pytest.raises(FileNotFoundError, match=r"no shard index at .*index_shards\.py"):
+        build_image_dataset(str(bare / "{000000..000001}.tar"))
+    with pytest.raises(ValueError, match="not in the index"):
+        build_image_dataset(str(shards / "{000007..000008}.tar"))
+
+
+def test_http_shards_are_the_local_samples_and_each_is_fetched_once(shards, tmp_path):
+    local = ShardDataset(shards, ImageTransform(32, "center"))
+    options = ShardOptions(cache_dir=str(tmp_path / "cache"))
+    with ShardServer(shards, latency_s=0.005) as server:
+        remote = ShardDataset(f"{server.url}/shardindex.json", ImageTransform(32, "center"), options=options)
+        assert remote.urls[0] == f"{server.url}/000000.tar"
+        loader = torch.utils.data.DataLoader(remote, batch_size=5, num_workers=2, collate_fn=collate_images)
+        batches = list(loader)
+        again = ShardDataset(f"{server.url}/shardindex.json", options=options)[7]  # a new reader: the cache
+    pixels = torch.cat([b["pixel_values"] for b in batches])
+    torch.testing.assert_close(pixels, torch.stack([local[i]["pixel_values"] for i in range(len(local))]))
+    assert [k for b in batches for k in (m["__key__"] for m in b["meta"])] == _keys(local, range(len(local)))
+    assert again["meta"]["__key__"] == local[7]["meta"]["__key__"]
+    gets = {p: n for p, n in server.requests.items() if p.startswith("GET") and p.endswith(".tar")}
+    assert gets == {f"GET /{i:06d}.tar": 1 for i in range(SHARDS)}  # two workers, two readers: one download each
+
+
+def test_shard_order_is_disjoint_windowed_and_seeded():
+    lengths = [5, 7, 6, 9, 4, 8, 6, 5, 7]
+    offsets = np.cumsum([0] + lengths)
+    shard_of = {i: int(np.searchsorted(offsets, i, side="right")) - 1 for i in range(offsets[-1])}
+
+    def epoch0(rank, world, seed=1, window=2):
+        sampler = ShardLocalBatchSampler(lengths, window, 3, rank, world, seed)
+        n = sampler.epoch_batches(0)
+        out = []
+        for _, (epoch, indices) in zip(range(n), sampler.batches()):
+            assert epoch == 0
+            out.append(indices)
+        return out
+
+    for world in (1, 2, 3):
+        per_rank = [[i for b in epoch0(r, world) for i in b] for r in range(world)]
+        assert len({len(p) for p in per_rank}) == 1  # the ranks stay in step
+        for r in range(world):
+            assert len(set(per_rank[r])) == len(per_rank[r])
+            for q in range(r):
+                assert not {shard_of[i] for i in per_rank[r]} & {shard_of[i] for i in per_rank[q]}  # whole shards
+        # a rank's samples come window by window: each window's shards are read before the next window's
+        order = [shard_of[i] for i in per_rank[0]]
+        first_seen = list(dict.fromkeys(order))
+        for w in range(0, len(first_seen), 2):
+            window = set(first_seen[w:w + 2])
+            at = [k for k, s in enumerate(order) if s in window]
+            assert all(s in window for s in order[at[0]:at[-1] + 1])
+    assert epoch0(0, 2) == epoch0(0, 2) and epoch0(0, 2) != epoch0(0, 2, seed=2)
+    single = [i for b in epoch0(0, 1, window=len(lengths)) for i in b]
+    assert sorted(single) == sorted(set(single)) and len(single) == sum(lengths) // 3 * 3
+    with pytest.raises(ConfigError, match="cannot be dealt"):
+        ShardLocalBatchSampler(lengths[:2], 2, 1, 0, 3, 0)
+
+
+def test_resume_at_any_micro_batch_continues_the_stream():
+    lengths = [5, 7, 6, 9, 4, 8, 6, 5, 7]
+    full = ShardLocalBatchSampler(lengths, 3, 4, 1, 2, seed=5)
+    stream = [b for _, b in zip(range(30), full.batches())]  # crosses epochs (6 micro-batches an epoch)
+    assert full.epoch_batches(0) < 30
+    for start in (1, 6, 13):
+        resumed = ShardLocalBatchSampler(lengths, 3, 4, 1, 2, seed=5, start=start)
+        assert [b for _, b in zip(range(30 - start), resumed.batches())] == stream[start:]
+
+
+def test_workers_split_batches_without_overlap(shards):
+    dataset = ShardDataset(shards, ImageTransform(32, "center"), options=ShardOptions(window=3))
+    keys = {}
+    for workers in (0, 2):
+        loader = resumable_loader(dataset, collate_images, 4, CPU, seed=0, num_workers=workers)
+        keys[workers] = [m["__key__"] for _, b in zip(range(12), loader) for m in b["meta"]]
+    assert keys[2] == keys[0] and len(set(keys[0])) == len(keys[0]) == SHARDS * PER_SHARD
+
+
+READER = """
+import sys, torch
+from common.distributed import DistInfo
+from data.images import collate_images
+from data.shards import ShardDataset, ShardOptions
+from data.transforms import ImageTransform
+from train.data_order import resumable_loader
+url, cache, start, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+dataset = ShardDataset(url, ImageTransform(32, "center"), options=ShardOptions(cache_dir=cache, window=2))
+loader = resumable_loader(dataset, collate_images, 4, DistInfo(0, 1, 0, torch.device("cpu")), 7, start=start,
+                          num_workers=2)
+with open(out, "a") as f:
+    for n, batch in zip(range(start, 12), loader):  # one epoch: 48 samples, 12 micro-batches
+        f.write(" ".join(m["__key__"] for m in batch["meta"]) + "\\n")
+        f.flush()
+        if n == 4:
+            print("ready", flush=True)
+            torch.multiprocessing.Event().wait(60)  # killed here in the interrupted run
+"""
+
+
+def test_killed_reader_resumes_without_repeats_or_gaps(shards, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    with ShardServer(shards, latency_s=0.01) as server:
+        url = f"{server.url}/shardindex.json"
+        once, cut = tmp_path / "once.txt", tmp_path / "cut.txt"
+        script = READER.replace("if n == 4", "if n == -1")
+        subprocess.run([sys.executable, "-c", script, url, str(tmp_path / "c1"), "0", once], env=env, check=True,
+                       timeout=120)
+        child = subprocess.Popen([sys.executable, "-c", READER, url, str(tmp_path / "c2"), "0", cut], env=env,
+                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert child.stdout.readline().strip() == "ready"
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        done = len(cut.read_text().splitlines())  # the micro-batches a checkpoint would have counted
+        assert done == 5
+        subprocess.run([sys.executable, "-c", script, url, str(tmp_path / "c2"), str(done), cut], env=env,
+                       check=True, timeout=120)
+    seen = cut.read_text().split()
+    assert sorted(seen) == sorted(once.read_text().split()) == [f"{i:08d}" for i in range(SHARDS * PER_SHARD)]
+    assert len(seen) == len(set(seen))
+    assert cut.read_text() == once.read_text()  # the same order too
+
+
+def _rewrite_member(tar_path, member, data):
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, payload in members:
+            payload = data if info.name == member else payload
+            info.size = len(payload)
+            import io
+
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def test_corrupt_members_and_shards_are_skipped_and_counted(shards, tmp_path, caplog):
+    folder = _copy(shards, tmp_path)
+    _rewrite_member(folder / "000001.tar", f"{PER_SHARD + 2:08d}.png", b"not a png")  # one bad image
+    (folder / "000003.tar").write_bytes(b"\0" * 100)  # a broken shard (not its indexed size, not a tar)
+    dataset = ShardDataset(folder, ImageTransform(32, "center"), options=ShardOptions(retries=1))
+    with caplog.at_level("WARNING"):
+        batch = collate_images([dataset[i] for i in range(len(dataset))])
+    assert batch["skipped"] == 1 + PER_SHARD
+    assert batch["pixel_values"].shape[0] == SHARDS * PER_SHARD - 1 - PER_SHARD
+    assert sum("skipping shard" in r.message and "000003.tar" in r.message for r in caplog.records) == 1
+
+
+def test_unreachable_shard_is_retried_with_backoff_then_skipped(shards, tmp_path):
+    options = ShardOptions(cache_dir=str(tmp_path / "cache"), retries=3, backoff_s=0.05)
+    with ShardServer(shards, fail=("/000002.tar",)) as server:
+        dataset = ShardDataset(f"{server.url}/shardindex.json", options=options)
+        start = time.monotonic()
+        samples = [dataset[i] for i in range(len(dataset))]
+        elapsed = time.monotonic() - start
+        assert server.requests["GET /000002.tar"] == 3  # three tries, then never again in this process
+        with pytest.raises(ShardUnavailable, match="000002.tar: 3 tries failed"):
+            ShardCache(options).get(f"{server.url}/000002.tar")
+    assert [s is None for s in samples] == [2 * PER_SHARD <= i < 3 * PER_SHARD for i in range(len(samples))]
+    assert elapsed >= 0.05 + 0.1  # the waits double
+
+
+def test_cache_keeps_to_its_budget(shards, tmp_path):
+    size = os.path.getsize(shards / "000000.tar")
+    options = ShardOptions(cache_dir=str(tmp_path / "cache"), cache_gb=2.5 * size / 2**30)
+    with ShardServer(shards) as server:
+        dataset = ShardDataset(f"{server.url}/shardindex.json", options=options)
+        for shard in range(4):
+            assert dataset[shard * PER_SHARD] is not None
+            time.sleep(0.01)  # distinct modification times
+    cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
+    assert cached == ["000002.tar", "000003.tar"]  # the two most recent fit in 2.5 shards
+
+
+def test_read_index_rejects_a_malformed_index(tmp_path):
+    (tmp_path / "shardindex.json").write_text(json.dumps({"shardlist": [{"url": "a.tar"}]}))
+    with pytest.raises(ValueError, match="lacks a 'shardlist'"):
+        read_index(str(tmp_path))
+    (tmp_path / "shardindex.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_index(str(tmp_path))
