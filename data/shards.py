@@ -1,4 +1,4 @@
-"""Webdataset tar shards anywhere fsspec reaches (local paths, https://, s3://, gs://, ...), indexed once.
+"""Webdataset tar shards on local disk, over HTTP(S), or anywhere fsspec reaches (s3://, gs://, ...), indexed once.
 
 Start-up reads one file, the shard index (wids' format, `{"wids_version": 1, "shardlist": [{"url", "nsamples",
 "filesize"}, ...]}`, as `widsindex create` or `scripts/index_shards.py` writes it), so it costs O(shards), not
@@ -20,7 +20,6 @@ count disagrees with the index, is skipped the same way. A warning names each.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -28,7 +27,9 @@ import logging
 import os
 import shutil
 import tarfile
+import threading
 import time
+import urllib.request
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ class ShardOptions:
         cache_gb: cache budget; least recently used shards are deleted past it (a shard in use stays readable).
         retries: tries per shard before it is skipped.
         backoff_s: the wait after the first failed try; it doubles after each further one (at most 60 s).
-        timeout_s: one try's limit for an HTTP(S) fetch.
+        timeout_s: an HTTP(S) try fails when the connection or a read waits longer than this.
         max_open: open shard readers kept per process.
         read_ahead: windows fetched ahead of the one being read (by the process running the data order).
         fetch_threads: shards fetched at once, ahead and for one micro-batch (each per process).
@@ -105,18 +106,14 @@ def expand_urls(spec: str) -> list[str]:
     return list(braceexpand.braceexpand(spec))
 
 
-def _open(url: str, options: ShardOptions, size: int = -1) -> Any:
-    """A binary read stream of `url` through fsspec; HTTP(S): one streamed GET with a whole-request timeout (and no
-    HEAD request first when the size is known)."""
-    storage: dict[str, Any] = {}
-    opening: dict[str, Any] = {}
+def _open(url: str, options: ShardOptions) -> Any:
+    """A binary read stream of `url`: HTTP(S) through the standard library (one GET; a third of fsspec's HTTP
+    cost per request, measured by scripts/bench_data.py), every other scheme through fsspec (s3:// needs s3fs,
+    gs:// gcsfs, ...)."""
     if urlparse(url).scheme in ("http", "https"):
-        import aiohttp  # fsspec's HTTP file system runs on it
-
-        storage["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=options.timeout_s)}
-        opening = {"block_size": 0} | ({"size": size} if size > 0 else {})
-    fs, path = fsspec.core.url_to_fs(url, **storage)
-    return fs.open(path, "rb", **opening)
+        request = urllib.request.Request(url, headers={"User-Agent": "vqrae-shards"})
+        return urllib.request.urlopen(request, timeout=options.timeout_s)
+    return fsspec.open(url, "rb").open()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,24 +201,43 @@ def read_index(spec: str) -> tuple[list[str], list[int], list[int]]:
 
 class ShardCache:
     """Local copies of remote shards: fetched once per machine (a file lock serialises the processes), retried with
-    backoff, evicted least-recently-used past the budget. Local shards are used in place."""
+    backoff, evicted least-recently-used past the budget. Local shards are used in place.
+
+    The budget is kept by a scan of the cache folder, which each process repeats after it has added 1/64 of the
+    budget since its last scan (a scan per download would cost O(cached shards) each), so the folder may pass the
+    budget by that much per downloading process between scans.
+    """
+
+    SCAN_SHARE = 64
 
     def __init__(self, options: ShardOptions):
         self.options = options
         self.root = options.cache_path()
+        self._unscanned: int | None = None  # bytes this process added since its last scan (None: no scan yet)
+        self._pid, self._guard = os.getpid(), threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_guard"} | {"_pid": -1}  # a new lock over there
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _guard=threading.Lock())
 
     def path(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return self.root / f"{digest}-{os.path.basename(urlparse(url).path) or 'shard.tar'}"
 
-    def get(self, url: str, size: int = -1) -> str:
+    def get(self, url: str, size: int = -1, retries: int | None = None) -> str:
         """A readable local file holding shard `url` (checked against the index's byte size when known).
 
+        Args:
+            retries: tries before giving up (default: options.retries).
+
         Raises:
-            ShardUnavailable: after `options.retries` failed tries.
+            ShardUnavailable: after the last failed try.
         """
+        tries = retries or self.options.retries
         if not is_remote(url):
-            return self._retry(url, lambda: self._check_local(local_path(url), size))
+            return self._retry(url, lambda: self._check_local(local_path(url), size), tries)
         dest = self.path(url)
         if dest.exists():
             os.utime(dest)  # its place in the eviction order
@@ -231,14 +247,23 @@ class ShardCache:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download per machine; the others wait, then find it
             try:
                 if not dest.exists():
-                    self._retry(url, lambda: self._download(url, dest, size))
-                    self._evict(keep=dest)
+                    self._retry(url, lambda: self._download(url, dest, size), tries)
+                    self._added(dest)
             finally:  # explicitly: a process forked meanwhile holds a copy of this descriptor, and closing
                 fcntl.flock(lock, fcntl.LOCK_UN)  # ours alone would leave the lock held by that copy
         return str(dest)
 
-    def _retry(self, url: str, attempt: Any) -> Any:
-        tries, wait = self.options.retries, self.options.backoff_s
+    def _added(self, dest: Path) -> None:
+        if self._pid != os.getpid():  # a forked copy: a lock held by another thread at the fork stays held
+            self._pid, self._guard, self._unscanned = os.getpid(), threading.Lock(), None
+        with self._guard:
+            self._unscanned = None if self._unscanned is None else self._unscanned + dest.stat().st_size
+            if self._unscanned is None or self._unscanned > self.options.cache_gb * 2**30 / self.SCAN_SHARE:
+                self._evict(keep=dest)
+                self._unscanned = 0
+
+    def _retry(self, url: str, attempt: Any, tries: int) -> Any:
+        wait = self.options.backoff_s
         for n in range(1, tries + 1):
             try:
                 return attempt()
@@ -260,7 +285,7 @@ class ShardCache:
     def _download(self, url: str, dest: Path, size: int) -> None:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         try:
-            with _open(url, self.options, size) as src, open(tmp, "wb") as dst:
+            with _open(url, self.options) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             self._check_local(str(tmp), size)  # a short read is a failed try
             os.replace(tmp, dest)
@@ -319,6 +344,7 @@ class ShardDataset(ImageDataset):
         self.urls, self.shard_lengths, self.shard_sizes = read_index(str(spec))
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_lengths)]).astype(np.int64)
         self.window = self.options.window
+        self._cache = ShardCache(self.options)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # shard -> its local file, least recent first
         self._failed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None  # this process's fetches of one micro-batch's shards
@@ -343,7 +369,7 @@ class ShardDataset(ImageDataset):
         if shard in self._failed:
             raise SkipSample
         try:
-            return ShardCache(self.options).get(self.urls[shard], self.shard_sizes[shard])
+            return self._cache.get(self.urls[shard], self.shard_sizes[shard])
         except OSError as err:
             self._skip(shard, err)
 
@@ -378,9 +404,8 @@ class ShardDataset(ImageDataset):
             return
         if self._ahead is None:
             self._ahead = ThreadPoolExecutor(max_workers=self.options.fetch_threads, thread_name_prefix="read-ahead")
-        cache = ShardCache(dataclasses.replace(self.options, retries=1))
         for s in remote:
-            future = self._ahead.submit(cache.get, self.urls[s], self.shard_sizes[s])
+            future = self._ahead.submit(self._cache.get, self.urls[s], self.shard_sizes[s], 1)
             future.add_done_callback(lambda f: f.exception())  # consumed: the reader reports failures
 
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any] | None]:

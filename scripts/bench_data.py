@@ -1,15 +1,16 @@
 """Benchmark the training data path: indexed shards (data/shards.py) against today's local tar reader, on local disk
 and served over loopback HTTP with an added per-request latency and a bandwidth cap, with 1 and 2 ranks.
 
-    python scripts/bench_data.py                                  # 10,000 shards of 10 images (32 px)
-    python scripts/bench_data.py --shards 1000 --latency-ms 50    # smaller, slower store
+    python scripts/bench_data.py                                       # 10,000 x 10 and 1,000 x 100 images (32 px)
+    python scripts/bench_data.py --layouts 1000x10 --latency-ms 50     # smaller, slower store
 
 Each case runs its ranks as concurrent processes, each reading its own shard of the trainers' data order
 (`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a fresh
 cache. Measured per case: time to the first batch (dataset construction included: today's reader scans every
 tar header first) and images/s over the next --batches micro-batches of every rank together. Baselines in the same
 run: today's reader on local disk ("scan"), and the indexed reader on local disk for the HTTP cases' share.
-The data is written once under --out (the shapes world, resumable) and kept.
+The data is written once under --out (the shapes world, resumable) and kept. The server shares this machine's cores
+with the readers (a real object store does not).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from train.data_order import resumable_loader
 
 def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace, cache: str, out: mp.Queue) -> None:
     torch.set_num_threads(1)
+    mp.set_start_method("fork", force=True)  # DataLoader workers as under a launcher (a spawned rank would spawn them)
     start = time.perf_counter()
     dataset = build_image_dataset(f"{kind}:{spec}", ImageTransform(32, "center"),
                                   shards=ShardOptions(cache_dir=cache, window=args.window))
@@ -74,8 +76,8 @@ def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_data"))
-    parser.add_argument("--shards", type=int, default=10_000)
-    parser.add_argument("--per-shard", type=int, default=10)
+    parser.add_argument("--layouts", default="10000x10,1000x100",
+                        help="datasets as SHARDSxIMAGES_PER_SHARD, comma-separated (the same images, cut differently)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=100, help="micro-batches timed per rank")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
@@ -85,40 +87,40 @@ def main() -> None:
     parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
     args = parser.parse_args()
 
-    world_dir = args.out / f"world-{args.shards}x{args.per_shard}"
-    folder = world_dir / "shards"
-    export_world(world_dir, args.shards * args.per_shard, image_size=32, fmt="shards", shard_size=args.per_shard)
-    if not (folder / SHARD_INDEX).exists():
-        write_index(sorted(glob.glob(str(folder / "*.tar"))), folder / SHARD_INDEX)
-    size_mb = sum(p.stat().st_size for p in folder.glob("*.tar")) / 1e6
-    print(f"{args.shards} shards x {args.per_shard} images ({size_mb:.0f} MB), micro-batch {args.batch}, "
-          f"{args.batches} micro-batches timed per rank, window {args.window}")
-
     rows = []
-    with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
-        http = f"{server.url}/{SHARD_INDEX}"
-        cases = [("scan (today's reader), local", str(folder), "tar", args.workers),
-                 ("indexed, local", str(folder), "shards", args.workers),
-                 (f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s", http, "shards", args.workers),
-                 (f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s", http, "shards", args.http_workers)]
-        for world in (1, 2):
-            for name, spec, kind, workers in cases:
-                case_args = argparse.Namespace(**{**vars(args), "workers": workers})
-                result = run_case(spec, kind, world, case_args)
-                rows.append({"reader": name, "ranks": world, "workers": workers, **result})
-                print(f"  {name:<40} ranks {world}  workers {workers}: first batch {result['first_batch_s']:7.2f} s, "
-                      f"{result['images_per_s']:7.0f} images/s", flush=True)
+    for layout in args.layouts.split(","):
+        shards, per_shard = (int(x) for x in layout.split("x"))
+        world_dir = args.out / f"world-{shards}x{per_shard}"
+        folder = world_dir / "shards"
+        export_world(world_dir, shards * per_shard, image_size=32, fmt="shards", shard_size=per_shard)
+        if not (folder / SHARD_INDEX).exists():
+            write_index(sorted(glob.glob(str(folder / "*.tar"))), folder / SHARD_INDEX)
+        size_mb = sum(p.stat().st_size for p in folder.glob("*.tar")) / 1e6
+        print(f"{shards} shards x {per_shard} images ({size_mb:.0f} MB), micro-batch {args.batch}, "
+              f"{args.batches} micro-batches timed per rank, window {args.window}", flush=True)
+        http_name = f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s"
+        with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
+            cases = [("scan (today's reader), local", str(folder), "tar", args.workers),
+                     ("indexed, local", str(folder), "shards", args.workers),
+                     (http_name, f"{server.url}/{SHARD_INDEX}", "shards", args.workers),
+                     (http_name, f"{server.url}/{SHARD_INDEX}", "shards", args.http_workers)]
+            for world in (1, 2):
+                for name, spec, kind, workers in cases:
+                    result = run_case(spec, kind, world, argparse.Namespace(**{**vars(args), "workers": workers}))
+                    rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers, **result})
+                    print(f"  {name:<40} ranks {world}  workers {workers}: first batch "
+                          f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s", flush=True)
 
-    print("\n| reader | ranks | workers/rank | first batch (s) | images/s | vs scan, local | vs indexed, local |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | first batch vs scan "
+          "| images/s vs indexed, local |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        base = {r["reader"].split(",")[0] + r["reader"].split(",")[1].split()[0]: r for r in rows
-                if r["ranks"] == row["ranks"] and r["reader"].endswith("local")}
-        scan, local = base["scan (today's reader)local"], base["indexedlocal"]
-        print(f"| {row['reader']} | {row['ranks']} | {row['workers']} | {row['first_batch_s']:.2f} | "
-              f"{row['images_per_s']:.0f} | first batch {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster, "
-              f"{row['images_per_s'] / scan['images_per_s']:.2f}x images/s | "
-              f"{row['images_per_s'] / local['images_per_s']:.0%} of images/s |")
+        same = [r for r in rows if r["layout"] == row["layout"] and r["ranks"] == row["ranks"]]
+        scan = next(r for r in same if r["reader"].startswith("scan"))
+        local = next(r for r in same if r["reader"] == "indexed, local")
+        print(f"| {row['layout']} | {row['reader']} | {row['ranks']} | {row['workers']} | {row['first_batch_s']:.2f} "
+              f"| {row['images_per_s']:.0f} | {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster "
+              f"| {row['images_per_s'] / local['images_per_s']:.0%} |")
     (args.out / "bench_data.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                                           "rows": rows}, indent=2))
 

@@ -271,3 +271,12 @@ def test_read_index_rejects_a_malformed_index(tmp_path):
     (tmp_path / "shardindex.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_index(str(tmp_path))
+
+
+def test_dataset_pickles_for_spawned_workers(shards, tmp_path):
+    dataset = ShardDataset(shards, ImageTransform(32, "center"), options=ShardOptions(cache_dir=str(tmp_path)))
+    first = dataset[3]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=collate_images,
+                                         multiprocessing_context="spawn")
+    batch = next(iter(loader))
+    torch.testing.assert_close(batch["pixel_values"][3], first["pixel_values"], rtol=0, atol=0)

@@ -52,9 +52,15 @@ class RunConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault injection for testing the trainers' guards: micro-steps whose loss is replaced by NaN."""
+    """Args: nan_steps: fault injection for testing the trainers' guards: micro-steps whose loss is replaced by NaN;
+    kill_at_step: fault injection for resume tests: every rank SIGKILLs itself after this optimizer step (0: never);
+    sample_log: every rank writes the dataset indices of each micro-batch it reads, a line per micro-batch, to
+    OUTPUT/samples/rank_RRRRR.txt (a resumed run first drops the lines after its checkpoint), to audit what a run
+    read."""
 
     nan_steps: tuple[int, ...] = ()
+    kill_at_step: int = 0
+    sample_log: bool = False
 
 
 def parse_config(cfg_cls: type[T], argv: Sequence[str] | None, default_config: Path, description: str) -> T:

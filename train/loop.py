@@ -5,18 +5,21 @@ subclasses it and fills in the hooks; everything else it needs is in the modules
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from common.config import ConfigError
 from common.distributed import DistInfo, barrier, init_distributed, setup_logging
 from train.checkpoint import Checkpointer
 from train.config import DebugConfig, RunConfig, parse_config
 from train.data_order import resumable_loader
 from train.engine import learning_rates
 from train.guard import NonFiniteGuard
-from train.run_folder import MetricLogger, truncate_metrics
+from train.run_folder import MetricLogger, sample_log, truncate_metrics
 
 log = logging.getLogger("vqrae")
 
@@ -110,10 +113,16 @@ class TrainLoop:
         logger = MetricLogger(self.out_dir, self.info, total_steps, st["step"], run.tensorboard, run.wandb_project,
                               config)
         good_micro, data = 0, iter(self.loader)
+        seen = sample_log(self.out_dir, self.info.rank, st["micro_batches"]) if self.debug.sample_log else None
         try:
             while st["step"] < total_steps:
                 batch = next(data)
                 st["micro_batches"] += 1
+                if seen is not None:
+                    if "indices" not in batch:
+                        raise ConfigError("debug.sample_log needs batches that carry dataset indices (image trainers)")
+                    seen.write(" ".join(map(str, batch["indices"].tolist())) + "\n")
+                    seen.flush()
                 st["skipped_images"] += batch.get("skipped", 0)
                 result = self.micro_step(batch)
                 if result is None:
@@ -145,8 +154,12 @@ class TrainLoop:
                     self.write_samples(step)
                 if run.ckpt_every and step % run.ckpt_every == 0:
                     self.save()
+                if step == self.debug.kill_at_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
         finally:
             logger.close()
+            if seen is not None:
+                seen.close()
         latest = self.checkpointer.latest()
         if latest is None or latest.name != f"step_{st['step']:08d}":
             latest = self.save()

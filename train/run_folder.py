@@ -57,6 +57,16 @@ def truncate_metrics(path: Path, step: int) -> None:
         f.writelines(lines)
 
 
+def sample_log(output_dir: Path, rank: int, micro_batches: int) -> Any:
+    """This rank's sample log (see `DebugConfig.sample_log`) open for appending, its lines after the first
+    `micro_batches` dropped (read by a run that died after its last checkpoint)."""
+    path = output_dir / "samples" / f"rank_{rank:05d}.txt"
+    lines = path.read_text().splitlines(keepends=True)[:micro_batches] if path.is_file() else []
+    with atomic_write(path) as f:
+        f.writelines(lines)
+    return open(path, "a", encoding="utf-8")
+
+
 class MetricLogger:
     """Rank-0 logging to a tqdm bar, TensorBoard (optional), W&B (optional) and metrics.jsonl in the run folder."""
 
