@@ -55,7 +55,8 @@ done
 python=$(command -v python)  # the active environment's (a venv's python is a link: never resolve it)
 "$python" -c "import pytest, torch" 2> /dev/null || { echo "error: $python lacks pytest or torch: activate the project's environment" >&2; exit 2; }
 mkdir -p "$OUT"
-tree=$(realpath "$OUT")/tree
+tree=$(realpath "$OUT")/tree-$$  # this run's own copy: runs on different modules may go side by side
+trap 'rm -rf "$tree"' EXIT
 rm -rf "$tree" && mkdir -p "$tree"  # the working tree as it is now (tracked and untracked files); mutants go there
 git ls-files -co --exclude-standard -z | xargs -0 tar -cf - | tar -xf - -C "$tree"
 

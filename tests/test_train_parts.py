@@ -165,3 +165,169 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
     code = f"from tests.test_train_parts import _mismatched_checkpoint_check; _mismatched_checkpoint_check({str(tmp_path)!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "refused: checkpoint" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _ema_master_check() -> None:
+    """Run in a fresh process: under a bf16 ZeRO-2 engine the EMA reads DeepSpeed's fp32 master weights."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from common.distributed import init_distributed
+    from train.engine import build_engine
+
+    info = init_distributed(always=True)
+    optim = OptimConfig(lr=1e-2, warmup_steps=1)
+    ds = deepspeed_json(DeepSpeedConfig(zero_stage=2, bf16=True, micro_batch_size=2), optim, info.world_size)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    ema = EMA(dict(model.named_parameters()), decay=0.9)
+    start = {k: v.clone() for k, v in ema.shadow.items()}
+    engine = build_engine(model, [{"params": list(model.parameters())}], optim, 10, ds)
+    engine.backward(engine(torch.randn(2, 8, dtype=torch.bfloat16)).float().square().mean())
+    engine.step()
+    ema.update(1)
+    weight = 1 - min(0.9, 2 / 11)
+    for name, p in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(p)
+        assert master is not None and master.dtype == torch.float32
+        assert not torch.equal(master, p.detach().float())  # the bf16 copy differs from the master
+        torch.testing.assert_close(ema.shadow[name], start[name].lerp(master, weight), rtol=0, atol=0)
+    print("ema reads the fp32 masters")
+    deepspeed.comm.destroy_process_group()
+
+
+def test_ema_reads_deepspeed_fp32_master_weights():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    code = "from tests.test_train_parts import _ema_master_check; _ema_master_check()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ema reads the fp32 masters" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_ema_state_of_other_parameters_is_refused_naming_three():
+    params = {f"p{i}": torch.nn.Parameter(torch.zeros(2)) for i in range(5)}
+    ema = EMA(params, decay=0.9)
+    partial = {k: v for k, v in ema.state_dict().items() if k == "p4"}  # p0..p3 missing
+    with pytest.raises(KeyError, match=r"missing \['p0', 'p1', 'p2'\], unexpected \[\]"):
+        ema.load_state_dict(partial)
+    extra = {**ema.state_dict(), "q": torch.zeros(2)}
+    with pytest.raises(KeyError, match=r"missing \[\], unexpected \['q'\]"):
+        ema.load_state_dict(extra)
+
+
+def test_nonfinite_guard_from_its_first_micro_step_and_from_a_resumed_count():
+    nan = torch.tensor(float("nan"))
+    guard = NonFiniteGuard(max_consecutive=2)
+    assert not guard.ok(nan) and not guard.ok(nan)  # two in a row are allowed from the very first micro-step
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive micro-steps \(3 in total\)"):
+        guard.ok(nan)
+    resumed = NonFiniteGuard(max_consecutive=0, skipped=5)
+    with pytest.raises(NonFiniteLossError, match=r"1 consecutive micro-steps \(6 in total\)"):
+        resumed.ok(nan)
+
+
+def _checkpointer_check(root: str) -> None:
+    """Run in a fresh process: save / prune / resolve / load / consolidate with real ZeRO-0 and ZeRO-2 engines."""
+    import logging
+    import random
+
+    import deepspeed
+    import numpy as np
+
+    from common.distributed import init_distributed
+    from train.checkpoint import STATE_FILE, Checkpointer, consolidated_state_dict, find_checkpoint
+    from train.engine import build_engine
+
+    info = init_distributed(always=True)
+    optim = OptimConfig(lr=1e-2, warmup_steps=1)
+    out = Path(root) / "run"
+    ckpt = Checkpointer(out, info, keep=2)
+
+    def engine(stage: int, seed: int = 0):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 3)
+        ds = deepspeed_json(DeepSpeedConfig(zero_stage=stage, bf16=stage > 0, micro_batch_size=1), optim, 1)
+        return build_engine(model, [{"params": list(model.parameters())}], optim, 10, ds)
+
+    engines = {"model": engine(0), "other": engine(2, seed=1)}
+    for name, e in engines.items():
+        x = torch.randn(1, 4, dtype=torch.bfloat16 if name == "other" else torch.float32)
+        e.backward(e(x).float().sum())
+        e.step()
+    assert ckpt.latest() is None and ckpt.resolve("auto") is None and ckpt.resolve("none") is None
+    written = {}
+    for step in (1, 2, 3):
+        path = ckpt.save(step, engines, {"micro_batches": 10 * step}, {"extra.txt": lambda p: p.write_text("x")})
+        written[step] = path
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["step_00000002", "step_00000003"], kept  # keep=2, no temporary folder left
+    assert ckpt.latest() == written[3] == find_checkpoint(out) == find_checkpoint(written[3])
+    assert ckpt.resolve("auto") == written[3] and ckpt.resolve(str(written[2])) == written[2]
+    assert (written[3] / "extra.txt").read_text() == "x"
+    state = json.loads((written[3] / STATE_FILE).read_text())
+    assert state == {"micro_batches": 30, "step": 3}
+    for bad in (str(out), str(Path(root) / "nothing")):
+        try:
+            ckpt.resolve(bad)
+            raise AssertionError("resolve accepted " + bad)
+        except FileNotFoundError as e:
+            assert STATE_FILE in str(e)
+    try:
+        find_checkpoint(Path(root))
+        raise AssertionError("find_checkpoint accepted a folder without checkpoints")
+    except FileNotFoundError as e:
+        assert "neither a checkpoint nor a run folder" in str(e)
+
+    # the random generators saved at step 3 come back on load
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    fresh = {"model": engine(0, seed=5), "other": engine(2, seed=6)}
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    ckpt.save(4, fresh, {"micro_batches": 40})  # overwritten below: only its RNG files matter
+    loaded = ckpt.load(written[3], fresh)
+    assert loaded == {"micro_batches": 30, "step": 3}
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    for name in engines:
+        for a, b in zip(engines[name].module.parameters(), fresh[name].module.parameters()):
+            assert torch.equal(a, b), name
+    # a checkpoint without a rank's RNG file loads with a warning
+    (written[3] / "rng" / "rank_00000.pt").unlink()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vqrae").addHandler(handler)
+    ckpt.load(written[3], fresh)
+    assert any("no random-generator state for rank 0" in r.getMessage() for r in records)
+    try:
+        ckpt.load(written[3], {"missing": engine(0)})
+        raise AssertionError("a checkpoint without the engine's tag loaded")
+    except FileNotFoundError as e:
+        assert "no DeepSpeed state for 'missing'" in str(e)
+
+    # consolidated weights: ZeRO-0's module state in fp32, ZeRO-2's fp32 masters
+    plain = consolidated_state_dict(written[3], "model")
+    assert all(torch.equal(plain[k], v.float()) for k, v in engines["model"].module.state_dict().items())
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = consolidated_state_dict(written[3], "other")
+    for k, p in engines["other"].module.named_parameters():
+        assert master[k].dtype == torch.float32 and torch.equal(master[k], safe_get_full_fp32_param(p)), k
+    try:
+        consolidated_state_dict(written[3], "nope")
+        raise AssertionError("consolidated a missing tag")
+    except FileNotFoundError as e:
+        assert "no 'nope' folder" in str(e)
+    print("checkpointer ok")
+    deepspeed.comm.destroy_process_group()
+
+
+def test_checkpointer_saves_prunes_resolves_loads_and_consolidates(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    code = f"from tests.test_train_parts import _checkpointer_check; _checkpointer_check({str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "checkpointer ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

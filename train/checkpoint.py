@@ -125,6 +125,8 @@ class Checkpointer:
         """Load every engine's shards (model, optimizer, scheduler) and this rank's random generators; return the
         trainer state."""
         for name, engine in engines.items():
+            if not (path / name).is_dir():  # DeepSpeed would fail an assert
+                raise FileNotFoundError(f"checkpoint {path} has no DeepSpeed state for '{name}'")
             try:
                 load_path, _ = engine.load_checkpoint(str(path), tag=name)
             except RuntimeError as e:  # missing / unexpected keys or shapes: another model or code version wrote it
