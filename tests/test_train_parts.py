@@ -212,9 +212,17 @@ def test_ema_state_of_other_parameters_is_refused_naming_three():
     partial = {k: v for k, v in ema.state_dict().items() if k == "p4"}  # p0..p3 missing
     with pytest.raises(KeyError, match=r"missing \['p0', 'p1', 'p2'\], unexpected \[\]"):
         ema.load_state_dict(partial)
-    extra = {**ema.state_dict(), "q": torch.zeros(2)}
-    with pytest.raises(KeyError, match=r"missing \[\], unexpected \['q'\]"):
+    extra = {**ema.state_dict(), **{f"q{i}": torch.zeros(2) for i in range(4)}}
+    with pytest.raises(KeyError, match=r"missing \[\], unexpected \['q0', 'q1', 'q2'\]\W*$"):
         ema.load_state_dict(extra)
+
+
+def test_ema_follows_its_parameters_to_their_device():
+    p = torch.nn.Parameter(torch.ones(3))
+    ema = EMA({"p": p}, decay=0.9)  # built on the host
+    ema.params["p"] = torch.nn.Parameter(torch.empty(3, device="meta"))  # trained elsewhere (meta: like a GPU here)
+    ema.update(1)
+    assert ema.shadow["p"].device.type == "meta"
 
 
 def test_nonfinite_guard_from_its_first_micro_step_and_from_a_resumed_count():
