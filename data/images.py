@@ -1,4 +1,4 @@
-"""Map-style image datasets over three on-disk formats, and their collate function.
+"""Map-style image datasets over four on-disk formats, and their collate function.
 
 - image folder: every .png/.jpg/.jpeg/.webp/.bmp file under a root (recursive, sorted), caption "".
 - jsonl list: one JSON object a line, {"image": path relative to the jsonl folder (or absolute),
