@@ -289,6 +289,27 @@ def split_key(member: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def read_exactly(fd: int, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of an open file, by pread (no shared file offset, so descriptors inherited by forked
+    workers or shared by threads stay correct); a short read is an OSError."""
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(f"short read ({len(data)} of {size} bytes)")
+    return data
+
+
+def member_meta(data: bytes | None) -> dict[str, Any]:
+    """A sample's metadata from its "json" member (None: no member): the object, or {"json": value} for another
+    JSON value; invalid JSON is a ValueError (the sample is skipped)."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"bad json member ({err.msg})") from None
+    return meta if isinstance(meta, dict) else {"json": meta}
+
+
 class TarShardDataset(ImageDataset):
     """Samples of webdataset-style tar shards, random access by byte offset.
 
@@ -343,29 +364,19 @@ class TarShardDataset(ImageDataset):
         return state
 
     def _pread(self, shard_id: int, offset: int, size: int) -> bytes:
-        # pread does not move a shared file offset, so descriptors inherited by forked workers stay correct.
         fd = self._files.pop(shard_id, None)
         if fd is None:
             fd = os.open(self.shards[shard_id], os.O_RDONLY)
             while len(self._files) >= self.max_open_files:
                 os.close(self._files.popitem(last=False)[1])
         self._files[shard_id] = fd
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise OSError(f"short read ({len(data)} of {size} bytes)")
-        return data
+        return read_exactly(fd, offset, size)
 
     def _read(self, i: int) -> tuple[bytes, str, dict[str, Any], str]:
         shard_id, image_offset, image_size, txt_offset, txt_size, json_offset, json_size = map(int, self.table[i])
         shard = self.shards[shard_id]
         name = f"{shard}:{self.keys[i]}"
-        meta: dict[str, Any] = {}
-        if json_offset >= 0:
-            try:
-                meta = json.loads(self._pread(shard_id, json_offset, json_size))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"bad json member ({err.msg})") from None
-            meta = meta if isinstance(meta, dict) else {"json": meta}
+        meta = member_meta(self._pread(shard_id, json_offset, json_size) if json_offset >= 0 else None)
         meta.update(__key__=self.keys[i].rsplit(".", 1)[0], __shard__=shard)
         caption = self._pread(shard_id, txt_offset, txt_size).decode("utf-8").strip() if txt_offset >= 0 else ""
         return self._pread(shard_id, image_offset, image_size), caption, meta, name

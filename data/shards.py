@@ -43,7 +43,16 @@ import numpy as np
 from wids import wids as wids_core  # group_by_key, splitname: the grouping of members into samples
 from wids.wids_specs import urldir, urlmerge
 
-from data.images import SHARD_INDEX, TAR_IMAGE_EXTS, ImageDataset, SkipSample, Transform, scan_tar
+from data.images import (
+    SHARD_INDEX,
+    TAR_IMAGE_EXTS,
+    ImageDataset,
+    SkipSample,
+    Transform,
+    member_meta,
+    read_exactly,
+    scan_tar,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -347,8 +356,7 @@ class ShardDataset(ImageDataset):
         self._cache = ShardCache(self.options)
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # shard -> its local file, least recent first
         self._failed: set[int] = set()
-        self._pool: ThreadPoolExecutor | None = None  # this process's fetches of one micro-batch's shards
-        self._ahead: ThreadPoolExecutor | None = None  # read-ahead of the next window (where the order runs)
+        self._pool: ThreadPoolExecutor | None = None  # this process's fetches: read-ahead, a micro-batch's shards
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -356,7 +364,7 @@ class ShardDataset(ImageDataset):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # descriptors and threads mean nothing in another process
-        state["_pool"] = state["_ahead"] = None
+        state["_pool"] = None
         return state
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -396,16 +404,19 @@ class ShardDataset(ImageDataset):
             os.close(self._open.popitem(last=False)[1].fd)
         return opened
 
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.options.fetch_threads, thread_name_prefix="shard-fetch")
+        return self._pool
+
     def read_ahead(self, shards: list[int]) -> None:
         """Start fetching these remote shards into the cache in the background (one try each: a failure is retried,
         with backoff, by the reader that needs the shard). Called by the data order in the process that runs it."""
         remote = [s for s in shards if is_remote(self.urls[s]) and s not in self._failed]
         if not remote:
             return
-        if self._ahead is None:
-            self._ahead = ThreadPoolExecutor(max_workers=self.options.fetch_threads, thread_name_prefix="read-ahead")
         for s in remote:
-            future = self._ahead.submit(self._cache.get, self.urls[s], self.shard_sizes[s], 1)
+            future = self._threads().submit(self._cache.get, self.urls[s], self.shard_sizes[s], 1)
             future.add_done_callback(lambda f: f.exception())  # consumed: the reader reports failures
 
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any] | None]:
@@ -414,9 +425,7 @@ class ShardDataset(ImageDataset):
         needed = {self.locate(k[1] if isinstance(k, tuple) else k)[0] for k in keys}
         missing = sorted(s for s in needed if s not in self._open and s not in self._failed)
         if len(missing) > 1 and any(is_remote(self.urls[s]) for s in missing):
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.options.fetch_threads)
-            for future in [self._pool.submit(self._local, s) for s in missing]:
+            for future in [self._threads().submit(self._local, s) for s in missing]:
                 with contextlib.suppress(SkipSample):
                     future.result()
         return [self[k] for k in keys]
@@ -429,27 +438,17 @@ class ShardDataset(ImageDataset):
         for member in opened.groups[j]:
             name, offset, size = opened.members[member]
             key, ext = wids_core.splitname(name)
-            data = os.pread(opened.fd, size, offset)  # pread: no shared file offset between threads
-            if len(data) != size:
-                raise OSError(f"short read of {name} ({len(data)} of {size} bytes)")
-            parts.setdefault(ext[1:].lower(), data)
+            parts.setdefault(ext[1:].lower(), read_exactly(opened.fd, offset, size))
         name = f"{self.urls[shard]}:{key}"
         image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
         if image_ext is None:
             raise ValueError("no png/jpg/jpeg/webp member")
-        meta: dict[str, Any] = {}
-        if "json" in parts:
-            try:
-                meta = json.loads(parts["json"])
-            except json.JSONDecodeError as err:
-                raise ValueError(f"bad json member ({err.msg})") from None
-            meta = meta if isinstance(meta, dict) else {"json": meta}
+        meta = member_meta(parts.get("json"))
         meta.update(__key__=key, __shard__=self.urls[shard])
         return parts[image_ext], parts.get("txt", b"").decode("utf-8").strip(), meta, name
 
     def __del__(self) -> None:
         for opened in getattr(self, "_open", {}).values():
             os.close(opened.fd)
-        for pool in (getattr(self, "_pool", None), getattr(self, "_ahead", None)):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -3,6 +3,7 @@ the local tar reader's, one download per shard per machine, the shard-local orde
 windows, the same order for the same seed), a killed reader resumed without a sample seen twice or skipped,
 corrupt members and shards, an unreachable shard retried then skipped, and the cache budget."""
 
+import io
 import json
 import os
 import shutil
@@ -221,8 +222,6 @@ def _rewrite_member(tar_path, member, data):
         for info, payload in members:
             payload = data if info.name == member else payload
             info.size = len(payload)
-            import io
-
             tar.addfile(info, io.BytesIO(payload))
 
 

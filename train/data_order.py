@@ -87,8 +87,8 @@ class ShardLocalBatchSampler(ResumableBatchSampler):
 
     def batches(self) -> Iterator[tuple[int, list[int]]]:
         epoch, offset = 0, self.start
-        while offset >= self.epoch_batches(epoch):
-            offset -= self.epoch_batches(epoch)
+        while offset >= (per_epoch := self.epoch_batches(epoch)):
+            offset -= per_epoch
             epoch += 1
         while True:
             mine = self._order(epoch)[self.rank::self.world]
