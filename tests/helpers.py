@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def failure_report(proc: subprocess.CompletedProcess, chars: int = 4000) -> str:
@@ -21,3 +27,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_fresh_process(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -c code` in a fresh process outside any launcher (it sets up its own one-process group): DeepSpeed on
+    the CPU, the repository on the path, one OpenMP thread, no launcher variables inherited; output captured."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -4,7 +4,6 @@ generate on a tiny random Qwen3."""
 import argparse
 import dataclasses
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from llm.vocab import (
     image_prefix_ids,
     unconditional_prompt_ids,
 )
+from tests.helpers import run_fresh_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a photo of a red square", "a photo of three circles", "a photo of a circle",
@@ -419,11 +419,7 @@ def _zero2_check() -> None:
 
 
 def test_engine_samples_the_weights_of_a_zero2_engine():
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", "from tests.test_sampler import _zero2_check; _zero2_check()"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_fresh_process("from tests.test_sampler import _zero2_check; _zero2_check()", timeout=600)
     assert proc.returncode == 0 and "zero2 ok" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 import torch
 
 from common.config import ConfigError
+from tests.helpers import run_fresh_process
 from train.config import RunConfig, parse_config
 from train.data_order import ResumableBatchSampler
 from train.ema import EMA
@@ -158,12 +156,8 @@ def _mismatched_checkpoint_check(root: str) -> None:
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     code = f"from tests.test_train_parts import _mismatched_checkpoint_check; _mismatched_checkpoint_check({str(tmp_path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_fresh_process(code)
     assert proc.returncode == 0 and "refused: checkpoint" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
@@ -197,12 +191,8 @@ def _ema_master_check() -> None:
 
 
 def test_ema_reads_deepspeed_fp32_master_weights():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     code = "from tests.test_train_parts import _ema_master_check; _ema_master_check()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_fresh_process(code)
     assert proc.returncode == 0 and "ema reads the fp32 masters" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
@@ -332,10 +322,6 @@ def _checkpointer_check(root: str) -> None:
 
 
 def test_checkpointer_saves_prunes_resolves_loads_and_consolidates(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     code = f"from tests.test_train_parts import _checkpointer_check; _checkpointer_check({str(tmp_path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_fresh_process(code)
     assert proc.returncode == 0 and "checkpointer ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from data.shapes_export import export_world
-from tests.helpers import failure_report, free_port
+from tests.helpers import failure_report, free_port, run_fresh_process
 from tokenizer import VQRAE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,11 +283,7 @@ def _teacher_check(world: str, stage1: str, out: str) -> None:
 def test_stage2_teacher_is_the_frozen_stage1_encoder(world, tmp_path):
     stage1 = tmp_path / "s1"
     train(*args(world, stage1, "run.steps=2", "loss.gan_weight=0"))
-    environment = env()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        environment.pop(key, None)
     code = ("from tests.test_train_tokenizer import _teacher_check; "
             f"_teacher_check({str(world)!r}, {str(stage1)!r}, {str(tmp_path / 's2')!r})")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_fresh_process(code, timeout=600)
     assert proc.returncode == 0 and "teacher ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
