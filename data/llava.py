@@ -22,6 +22,7 @@ does not fit the plain template (one human turn, then one gpt turn) is skipped a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -30,8 +31,11 @@ from typing import Any
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from data.images import DECODE_ERRORS
+from common.files import ensure_settings, write_atomic
+from data.images import DECODE_ERRORS, SHARD_INDEX, TAR_IMAGE_EXTS
+from data.shards import ShardDataset, write_index, write_tar_shard
 from data.transforms import to_rgb
 from llm.understanding import mean_color
 
@@ -39,7 +43,16 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("plain", "chat")
-SKIP_REASONS = ("missing_image", "unreadable_image", "truncated_image", "template_mismatch", "no_answer")
+SKIP_REASONS = ("missing_image", "unreadable_image", "truncated_image", "template_mismatch", "no_answer",
+                "bad_sample")
+
+
+def is_llava_sample(sample: Any) -> bool:
+    """{"id", "image"?: str, "conversations": [{"from": "human" | "gpt", "value": str}, ...]} (non-empty)."""
+    turns = sample.get("conversations") if isinstance(sample, dict) else None
+    ok = isinstance(turns, list) and turns and all(
+        isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str) for t in turns)
+    return bool(ok) and not ("image" in sample and not isinstance(sample["image"], str))
 
 
 def read_conversations(path: str | Path) -> list[dict[str, Any]]:
@@ -54,11 +67,7 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
     if not isinstance(samples, list):
         raise ValueError(f"{path} must hold a json list of LLaVA samples")
     for i, sample in enumerate(samples):
-        turns = sample.get("conversations") if isinstance(sample, dict) else None
-        ok = isinstance(turns, list) and turns and all(
-            isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str)
-            for t in turns)
-        if not ok or ("image" in sample and not isinstance(sample["image"], str)):
+        if not is_llava_sample(sample):
             raise ValueError(f"{path}: sample {i} is not a LLaVA sample ({{'id', 'image'?, 'conversations': "
                              "[{'from': 'human' | 'gpt', 'value': str}, ...]}})")
     return samples
@@ -131,6 +140,11 @@ class ConversationDataset(torch.utils.data.Dataset):
                 image = to_rgb(raw)
         except DECODE_ERRORS:
             return "unreadable_image"
+        return self.pixels(image)
+
+    def pixels(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
+        """An RGB image padded to a square with the mean colour, then the processor's pixels (3, H, W). `seed` is
+        unused: the signature of an image dataset's transform."""
         side = max(image.size)
         square = Image.new("RGB", (side, side), self.fill)
         square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
@@ -142,8 +156,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         pixels = None
         if sample.get("image") is not None:
             pixels = self.image(sample["image"])
-            if isinstance(pixels, str):
-                return {"skipped": pixels, "id": sample.get("id")}
+        return self.encode_sample(sample, pixels)
+
+    def encode_sample(self, sample: Mapping[str, Any], pixels: torch.Tensor | str | None) -> dict[str, Any]:
+        """The training item of a LLaVA sample and its pixels (None: text only; a str: why it has none)."""
+        if isinstance(pixels, str):
+            return {"skipped": pixels, "id": sample.get("id")}
         encoded = self.tokens(normalize_turns(sample))
         if isinstance(encoded, str):
             return {"skipped": encoded, "id": sample.get("id")}
@@ -159,6 +177,98 @@ class ConversationDataset(torch.utils.data.Dataset):
             return {"skipped": "no_answer", "id": sample.get("id")}
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixels,
                 "id": sample.get("id")}
+
+
+class ShardConversationDataset(ConversationDataset):
+    """LLaVA samples stored as indexed webdataset shards (local, HTTP(S) or any fsspec store; see data/shards.py),
+    as `scripts/llava_to_shards.py` writes them: per sample an image member and a "json" member holding the LLaVA
+    sample ({"id", "image", "conversations"}). Items are those of `ConversationDataset` for the same samples; it
+    exposes the shard layout, so the trainers' data order reads it shard-locally and resumes exactly.
+
+    Args:
+        spec: the shard index, a folder holding it, or a shard URL / brace pattern (`data.shards.read_index`).
+        processor, num_image_tokens, template, max_length: see `ConversationDataset`.
+        options: `data.shards.ShardOptions` (None: the defaults).
+    """
+
+    def __init__(self, spec: str | Path, processor: Any, num_image_tokens: int, template: str = "chat",
+                 max_length: int = 2048, options: Any = None):
+        super().__init__([], "", processor, num_image_tokens, template, max_length)
+        self.shards = ShardDataset(spec, transform=self.pixels, options=options)
+        self.shard_lengths, self.window, self.options = self.shards.shard_lengths, self.shards.window, self.shards.options
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def read_ahead(self, shards: list[int]) -> None:
+        self.shards.read_ahead(shards)
+
+    def _item(self, read: dict[str, Any] | None) -> dict[str, Any]:
+        if read is None:  # an unreadable image or shard, already reported by the shard reader
+            return {"skipped": "unreadable_image", "id": None}
+        meta = read["meta"]
+        sample = {k: v for k, v in meta.items() if k not in ("__key__", "__shard__")}
+        if not is_llava_sample(sample):
+            log.warning("skipping %s:%s: its json member is not a LLaVA sample", meta["__shard__"], meta["__key__"])
+            return {"skipped": "bad_sample", "id": meta["__key__"]}
+        sample.setdefault("image", meta["__key__"])  # it has one: the image member
+        sample.setdefault("id", meta["__key__"])
+        return self.encode_sample(sample, read["pixel_values"])
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        return self._item(self.shards[key])
+
+    def __getitems__(self, keys: list[Any]) -> list[dict[str, Any]]:
+        """A micro-batch, its remote shards fetched in parallel (`ShardDataset.__getitems__`)."""
+        return [self._item(read) for read in self.shards.__getitems__(keys)]
+
+
+def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | Path, out_dir: str | Path,
+                       shard_size: int = 1000, progress: bool = True) -> dict[str, int]:
+    """Write LLaVA samples with an image as webdataset shards OUT/{shard:06d}.tar + OUT/shardindex.json, resumably
+    (complete shards are kept; OUT/llava_shards.json records which samples, and another list is refused). Member names are the sample's position
+    ({i:09d}.{png|jpg|...}, {i:09d}.json); the json member is the LLaVA sample as given. Text-only samples cannot go
+    into image shards: they are written to OUT/text_only.json. Returns counts: shards, samples, text_only, missing
+    (image files not found, left out and named in a warning).
+
+    Args:
+        samples: from `read_conversations`.
+        image_root: the folder the samples' image paths are relative to.
+        out_dir: output folder (created).
+        shard_size: samples per shard.
+        progress: show a tqdm bar.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    out, root = Path(out_dir), Path(image_root)
+    out.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha1(json.dumps(list(samples), sort_keys=True).encode()).hexdigest()
+    ensure_settings(out / "llava_shards.json", {"kind": "llava-shards", "samples": digest, "shard_size": shard_size,
+                                                "image_root": str(root.resolve())})
+    with_image = [(i, s) for i, s in enumerate(samples) if s.get("image") is not None]
+    text_only = [s for s in samples if s.get("image") is None]
+    missing = [s["image"] for _, s in with_image if not (root / s["image"]).is_file()]
+    if missing:
+        log.warning("%d image(s) not found under %s, their samples left out (first: %s)", len(missing), root, missing[0])
+    present = [(i, s) for i, s in with_image if (root / s["image"]).is_file()]
+    urls = []
+    for first in tqdm(range(0, len(present), shard_size), desc="llava shards", unit="shard", disable=not progress):
+        path = out / f"{first // shard_size:06d}.tar"
+        urls.append(str(path))
+        if path.exists():
+            continue
+        members = []
+        for i, sample in present[first:first + shard_size]:
+            ext = Path(sample["image"]).suffix.lower().lstrip(".")
+            if ext not in TAR_IMAGE_EXTS:
+                raise ValueError(f"sample {i}: image {sample['image']} is not one of {', '.join(TAR_IMAGE_EXTS)}")
+            members += [(f"{i:09d}.{ext}", (root / sample["image"]).read_bytes()),
+                        (f"{i:09d}.json", json.dumps(sample).encode())]
+        write_tar_shard(path, members)
+    write_index(urls, out / SHARD_INDEX)
+    if text_only:
+        write_atomic(out / "text_only.json", json.dumps(text_only))
+    return {"shards": len(urls), "samples": len(present), "text_only": len(text_only), "missing": len(missing)}
 
 
 def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:

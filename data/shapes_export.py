@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from common.files import ensure_settings, write_atomic
 from data.shapes import check_image_size, render, sample_metadata
+from data.shards import write_tar_shard
 
 WORLD_FILE = "world.json"
 QA_ORDER_STREAM = 0x0DE5  # SeedSequence namespace of the question order of a conversation
@@ -82,7 +82,7 @@ def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, se
             members += [(f"{i:08d}.png", png), (f"{i:08d}.txt", meta["prompt"].encode()),
                         (f"{i:08d}.json", json.dumps({"caption": meta["prompt"], **meta}).encode())]
             if (i + 1) % shard_size == 0 or i + 1 == num_samples:
-                _write_tar(shard_path, members)
+                write_tar_shard(shard_path, members)
                 members = []
     if folder:
         data = "".join(lines).encode()
@@ -91,14 +91,6 @@ def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, se
             write_atomic(path, data)
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    write_atomic(path, buf.getvalue())
 
 
 def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, seed: int = 0,
@@ -110,16 +102,18 @@ def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, se
     out_dir/conversations.json   stage 2: every question of an image as one multi-turn conversation
     out_dir/questions.jsonl      one {"question_id", "image", "text", "answer", "type"} per question (evaluation)
 
-    Questions carry LLaVA-1.5's short-answer instruction, as the evaluation prompt does. A conversation asks its
-    questions in an order drawn per image (QA_ORDER_STREAM), so every question type is sometimes the first turn, the
-    one an evaluation question is asked in.
+    The evaluation questions carry LLaVA-1.5's short-answer instruction, as its evaluation prompt does; of the
+    training conversations, half (drawn per image) carry it on every question and half ask plainly, as a chat does,
+    with the same one-word answers (LLaVA-1.5's mix likewise holds both forms). A conversation asks its questions in
+    an order drawn per image (QA_ORDER_STREAM), so every question type is sometimes the first turn, the one an
+    evaluation question is asked in.
     """
     from llm.understanding import SHORT_ANSWER
 
     check_image_size(image_size)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    ensure_settings(out / WORLD_FILE, {"version": 2, "kind": "llava", "seed": seed, "image_size": image_size,
+    ensure_settings(out / WORLD_FILE, {"version": 3, "kind": "llava", "seed": seed, "image_size": image_size,
                                        "num_samples": num_samples})
     captions, conversations, questions = [], [], []
     for i in tqdm(range(num_samples), desc="shapes world (llava)", unit="img", disable=not progress):
@@ -130,9 +124,10 @@ def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, se
         captions.append({"id": f"{i:08d}", "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": meta["prompt"]}]})
         turns = []
-        order = np.random.default_rng(np.random.SeedSequence((QA_ORDER_STREAM, seed, i))).permutation(len(meta["qa"]))
+        rng = np.random.default_rng(np.random.SeedSequence((QA_ORDER_STREAM, seed, i)))
+        order, suffix = rng.permutation(len(meta["qa"])), SHORT_ANSWER if rng.random() < 0.5 else ""
         for k, qa in enumerate(meta["qa"][j] for j in order):
-            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"] + SHORT_ANSWER},
+            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"] + suffix},
                       {"from": "gpt", "value": qa["answer"]}]
             questions.append({"question_id": f"{i:08d}-{k}", "image": image, "text": qa["question"] + SHORT_ANSWER,
                               "answer": qa["answer"], "type": qa["type"]})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ import numpy as np
 from wids import wids as wids_core  # group_by_key, splitname: the grouping of members into samples
 from wids.wids_specs import urldir, urlmerge
 
+from common.files import write_atomic
 from data.images import (
     SHARD_INDEX,
     TAR_IMAGE_EXTS,
@@ -151,8 +153,6 @@ def write_index(urls: list[str], path: str | Path, threads: int = 16, relative: 
     """
     from tqdm import tqdm
 
-    from common.files import write_atomic
-
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         counts = list(tqdm(pool.map(count_samples, urls), total=len(urls), desc="indexing shards", unit="shard"))
     base = str(Path(path).resolve().parent)
@@ -165,6 +165,18 @@ def write_index(urls: list[str], path: str | Path, threads: int = 16, relative: 
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": listed}
     write_atomic(path, json.dumps(index, indent=1) + "\n")
     return index
+
+
+def write_tar_shard(path: str | Path, members: list[tuple[str, bytes]]) -> None:
+    """Write one webdataset tar shard atomically: `members` (name, bytes) in order, ustar headers with mtime 0 (the
+    same members give the same bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    write_atomic(path, buf.getvalue())
 
 
 def read_index(spec: str) -> tuple[list[str], list[int], list[int]]:

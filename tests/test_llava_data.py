@@ -4,14 +4,26 @@ counted by reason, and training tokens equal to what the processor gives at eval
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
 from PIL import Image
 
-from data.llava import IGNORE_INDEX, ConversationDataset, collate_llava, normalize_turns, read_conversations
+from common.config import ConfigError
+from data.llava import (
+    IGNORE_INDEX,
+    ConversationDataset,
+    ShardConversationDataset,
+    collate_llava,
+    normalize_turns,
+    read_conversations,
+    write_llava_shards,
+)
+from data.serve import ShardServer
 from data.shapes import shapes_world_tokenizer
 from data.shapes_export import export_llava
+from data.shards import ShardOptions, write_index, write_tar_shard
 from llm.understanding import build_processor
 from tokenizer import VQRAE, get_preset
 
@@ -96,7 +108,8 @@ def test_skipped_samples_are_counted_by_reason_and_collation(world, tmp_path):
     batch = collate_llava(items, pad_id=processor.tokenizer.pad_token_id)
     assert batch["examples"] == 2 and batch["pixel_values"].shape == (1, 3, 64, 64)
     assert batch["skipped"] == 3 and batch["skip_reasons"] == {
-        "missing_image": 1, "unreadable_image": 1, "truncated_image": 0, "template_mismatch": 0, "no_answer": 1}
+        "missing_image": 1, "unreadable_image": 1, "truncated_image": 0, "template_mismatch": 0, "no_answer": 1,
+        "bad_sample": 0}
     n = items[1]["input_ids"].numel()
     assert batch["attention_mask"][1].sum() == n and (batch["labels"][1, n:] == IGNORE_INDEX).all()
     short = ConversationDataset(samples[:1], tmp_path, processor, 64, "chat", max_length=40)
@@ -116,14 +129,68 @@ def test_reading_and_normalising_conversations(tmp_path):
         read_conversations(path)
 
 
-def test_every_question_type_is_sometimes_asked_first(tmp_path):
+def test_every_question_type_is_sometimes_asked_first_in_both_forms(tmp_path):
+    from llm.understanding import SHORT_ANSWER
+
     export_llava(tmp_path, 60, image_size=32, seed=3, progress=False)
     conversations = read_conversations(tmp_path / "conversations.json")
     questions = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
-    first = {}
-    for q in questions:  # the first question of each image in the conversation is the one with <image>
-        first.setdefault(q["image"], None)
-    types = {q["text"]: q["type"] for q in questions}
+    assert all(q["text"].endswith(SHORT_ANSWER) for q in questions)  # evaluation: always LLaVA's short-answer prompt
+    types = {q["text"].removesuffix(SHORT_ANSWER): q["type"] for q in questions}
+    first = {True: set(), False: set()}  # short-answer form -> types asked first (the turn with <image>)
     for c in conversations:
-        first[c["image"]] = types[c["conversations"][0]["value"].removeprefix("<image>\n")]
-    assert set(first.values()) == {"color", "count", "existence", "position"}
+        asked = [t["value"].removeprefix("<image>\n") for t in c["conversations"][::2]]
+        short = asked[0].endswith(SHORT_ANSWER)
+        assert all(q.endswith(SHORT_ANSWER) == short for q in asked)  # one form per conversation
+        first[short].add(types[asked[0].removesuffix(SHORT_ANSWER)])
+    assert first[True] == first[False] == {"color", "count", "existence", "position"}
+
+
+def test_llava_shards_give_the_same_items_locally_and_over_http(world, tmp_path):
+    root, processor = world
+    samples = read_conversations(root / "conversations.json")  # 6 samples with images
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
+    gone = {**samples[0], "id": "gone", "image": "images/nowhere.png"}
+    mixed = [*samples[:3], text_only, gone, *samples[3:]]
+    counts = write_llava_shards(mixed, root, tmp_path / "shards", shard_size=4, progress=False)
+    assert counts == {"shards": 2, "samples": 6, "text_only": 1, "missing": 1}
+    assert json.loads((tmp_path / "shards" / "text_only.json").read_text()) == [text_only]
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")}
+    write_llava_shards(mixed, root, tmp_path / "shards", shard_size=4, progress=False)  # a rerun keeps the shards
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")} == before
+    with pytest.raises(ConfigError, match="samples"):
+        write_llava_shards(samples[:2], root, tmp_path / "shards", shard_size=4, progress=False)
+    for template, source in (("chat", "conversations.json"), ("plain", "captions.json")):
+        if template == "plain":
+            write_llava_shards(read_conversations(root / source), root, tmp_path / "plain", shard_size=4,
+                               progress=False)
+        folder = tmp_path / ("shards" if template == "chat" else "plain")
+        reference = ConversationDataset(read_conversations(root / source), root, processor, 64, template)
+        with ShardServer(folder) as server:
+            options = ShardOptions(cache_dir=str(tmp_path / f"cache-{template}"), window=1)
+            for spec in (folder, f"{server.url}/shardindex.json"):
+                shards = ShardConversationDataset(spec, processor, 64, template, options=options)
+                assert len(shards) == 6 and shards.shard_lengths == [4, 2]
+                items = shards.__getitems__(list(range(6)))
+                for want, got in zip((reference[i] for i in range(6)), items):
+                    assert torch.equal(got["input_ids"], want["input_ids"])
+                    assert torch.equal(got["labels"], want["labels"])
+                    assert torch.equal(got["pixel_values"], want["pixel_values"])
+                    assert got["id"] == want["id"]
+                copy = pickle.loads(pickle.dumps(shards))  # what a spawned DataLoader worker receives
+                assert torch.equal(copy[5]["input_ids"], reference[5]["input_ids"])
+
+
+def test_a_shard_sample_that_is_not_llava_is_skipped_and_counted(world, tmp_path):
+    root, processor = world
+    png = (root / read_conversations(root / "conversations.json")[0]["image"]).read_bytes()
+    write_tar_shard(tmp_path / "000000.tar", [("a.png", png), ("a.json", b'{"id": "a", "conversations": []}'),
+                                              ("b.png", png), ("b.json", b'{"conversations": [{"from": "human", '
+                                                                         b'"value": "Hi?"}, {"from": "gpt", '
+                                                                         b'"value": "yes"}]}')])
+    write_index([str(tmp_path / "000000.tar")], tmp_path / "shardindex.json")
+    data = ShardConversationDataset(tmp_path, processor, 64, "chat")
+    items = [data[0], data[1]]
+    assert items[0] == {"skipped": "bad_sample", "id": "a"}
+    assert items[1]["id"] == "b" and processor.image_token_id in items[1]["input_ids"].tolist()  # image first
+    assert collate_llava(items, processor.tokenizer.pad_token_id)["skip_reasons"]["bad_sample"] == 1

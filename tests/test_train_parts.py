@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,10 +149,11 @@ def _mismatched_checkpoint_check(root: str) -> None:
         return build_engine(model, [{"params": list(model.parameters())}], optim, 10, ds)
 
     path = ckpt.save(1, {"model": engine(4)}, {})
-    try:
-        ckpt.load(path, {"model": engine(4, 4)})
+    try:  # missing keys (1.*) and two size mismatches (0.*): the message ends with the last one
+        ckpt.load(path, {"model": engine(3, 4)})
     except ConfigError as e:
         assert "does not fit this run's 'model'" in str(e) and "\n" not in str(e), e
+        assert "size mismatch for 0.bias" in str(e), e
         print("refused:", e)
     deepspeed.comm.destroy_process_group()
 
@@ -226,6 +229,10 @@ def test_nonfinite_guard_from_its_first_micro_step_and_from_a_resumed_count():
         resumed.ok(nan)
 
 
+class Unpicklable:
+    """An arbitrary object in a checkpoint file: torch.load(weights_only=True) must refuse it."""
+
+
 def _checkpointer_check(root: str) -> None:
     """Run in a fresh process: save / prune / resolve / load / consolidate with real ZeRO-0 and ZeRO-2 engines."""
     import logging
@@ -241,11 +248,13 @@ def _checkpointer_check(root: str) -> None:
     info = init_distributed(always=True)
     optim = OptimConfig(lr=1e-2, warmup_steps=1)
     out = Path(root) / "run"
-    ckpt = Checkpointer(out, info, keep=2)
+    ckpt = Checkpointer(out, info, keep=3)
 
     def engine(stage: int, seed: int = 0):
         torch.manual_seed(seed)
         model = torch.nn.Linear(4, 3)
+        if stage == 0:
+            model.register_buffer("calls", torch.tensor([7]))  # an integer buffer stays an integer
         ds = deepspeed_json(DeepSpeedConfig(zero_stage=stage, bf16=stage > 0, micro_batch_size=1), optim, 1)
         return build_engine(model, [{"params": list(model.parameters())}], optim, 10, ds)
 
@@ -255,14 +264,26 @@ def _checkpointer_check(root: str) -> None:
         e.backward(e(x).float().sum())
         e.step()
     assert ckpt.latest() is None and ckpt.resolve("auto") is None and ckpt.resolve("none") is None
-    written = {}
-    for step in (1, 2, 3):
+    stale = out / "checkpoints" / ".tmp_step_00000001"  # left by a save that was killed
+    stale.mkdir(parents=True)
+    (stale / "junk.txt").write_text("from the killed save")
+    written, listings = {}, []
+    for step in (1, 2, 3, 4):
         path = ckpt.save(step, engines, {"micro_batches": 10 * step}, {"extra.txt": lambda p: p.write_text("x")})
         written[step] = path
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["step_00000002", "step_00000003"], kept  # keep=2, no temporary folder left
-    assert ckpt.latest() == written[3] == find_checkpoint(out) == find_checkpoint(written[3])
-    assert ckpt.resolve("auto") == written[3] and ckpt.resolve(str(written[2])) == written[2]
+        listings.append(sorted(p.name for p in (out / "checkpoints").iterdir()))
+    steps = [[int(name.removeprefix("step_")) for name in names] for names in listings]
+    assert steps == [[1], [1, 2], [1, 2, 3], [2, 3, 4]], listings  # keep=3, no temporary folder left
+    assert not (written[1] / "junk.txt").exists()  # nothing of the killed save
+    assert ckpt.latest() == written[4] == find_checkpoint(out) == find_checkpoint(written[4])
+    assert ckpt.resolve("auto") == written[4] and ckpt.resolve(str(written[2])) == written[2]
+    assert ckpt.resolve("".join(["au", "to"])) == written[4] and ckpt.resolve("".join(["no", "ne"])) is None
+    cwd = os.getcwd()
+    os.chdir(Path(root))
+    try:  # a relative path that sorts after "auto" and "none" is still a path
+        assert ckpt.resolve("run/checkpoints/step_00000003") == Path("run/checkpoints/step_00000003")
+    finally:
+        os.chdir(cwd)
     assert (written[3] / "extra.txt").read_text() == "x"
     state = json.loads((written[3] / STATE_FILE).read_text())
     assert state == {"micro_batches": 30, "step": 3}
@@ -282,7 +303,7 @@ def _checkpointer_check(root: str) -> None:
     expected = (torch.rand(3), np.random.rand(3), random.random())
     fresh = {"model": engine(0, seed=5), "other": engine(2, seed=6)}
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
-    ckpt.save(4, fresh, {"micro_batches": 40})  # overwritten below: only its RNG files matter
+    ckpt.save(5, fresh, {"micro_batches": 50})  # overwritten below: only its RNG files matter
     loaded = ckpt.load(written[3], fresh)
     assert loaded == {"micro_batches": 30, "step": 3}
     got = (torch.rand(3), np.random.rand(3), random.random())
@@ -298,6 +319,12 @@ def _checkpointer_check(root: str) -> None:
     logging.getLogger("vqrae").addHandler(handler)
     ckpt.load(written[3], fresh)
     assert any("no random-generator state for rank 0" in r.getMessage() for r in records)
+    torch.save({"torch": torch.get_rng_state(), "payload": Unpicklable()}, written[3] / "rng" / "rank_00000.pt")
+    try:  # checkpoint files load with weights_only: a pickled object is refused, never run
+        ckpt.load(written[3], fresh)
+        raise AssertionError("a random-generator file with a pickled object loaded")
+    except pickle.UnpicklingError:
+        pass
     try:
         ckpt.load(written[3], {"missing": engine(0)})
         raise AssertionError("a checkpoint without the engine's tag loaded")
@@ -306,7 +333,9 @@ def _checkpointer_check(root: str) -> None:
 
     # consolidated weights: ZeRO-0's module state in fp32, ZeRO-2's fp32 masters
     plain = consolidated_state_dict(written[3], "model")
-    assert all(torch.equal(plain[k], v.float()) for k, v in engines["model"].module.state_dict().items())
+    module = engines["model"].module.state_dict()
+    assert plain.keys() == module.keys() and plain["calls"].dtype == torch.int64
+    assert all(torch.equal(plain[k], v) and plain[k].dtype == v.dtype for k, v in module.items())
     from deepspeed.utils import safe_get_full_fp32_param
 
     master = consolidated_state_dict(written[3], "other")
@@ -317,6 +346,13 @@ def _checkpointer_check(root: str) -> None:
         raise AssertionError("consolidated a missing tag")
     except FileNotFoundError as e:
         assert "no 'nope' folder" in str(e)
+    states = written[3] / "model" / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"weight": torch.zeros(3, 4)}, "payload": Unpicklable()}, states)
+    try:
+        consolidated_state_dict(written[3], "model")
+        raise AssertionError("a module-states file with a pickled object loaded")
+    except pickle.UnpicklingError:
+        pass
     print("checkpointer ok")
     deepspeed.comm.destroy_process_group()
 

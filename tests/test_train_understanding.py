@@ -170,3 +170,21 @@ def test_config_errors_are_one_line(world, tmp_path):
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
     proc = train(*args(world, tmp_path / "y", 1, "lora.enabled=true"), check=False)
     assert proc.returncode == 2 and "stage 1 trains the projector alone" in proc.stderr
+
+
+def test_stage1_from_llava_shards_over_http_equals_local_shards(world, tmp_path):
+    from data.llava import read_conversations, write_llava_shards
+    from data.serve import ShardServer
+
+    shards = tmp_path / "shards"
+    write_llava_shards(read_conversations(world / "world" / "captions.json"), world / "world", shards, shard_size=16,
+                       progress=False)
+    common = ("run.steps=3", "data.conversations=/nonexistent.json", "data.shards.window=2")
+    train(*args(world, tmp_path / "local", 1, f"data.train={shards}", *common))
+    with ShardServer(shards) as server:
+        proc = train(*args(world, tmp_path / "http", 1, f"data.train={server.url}/shardindex.json",
+                           f"data.shards.cache_dir={tmp_path / 'cache'}", *common))
+        assert server.requests["GET /000000.tar"] == 1  # each shard fetched once, into the cache
+    assert "64 conversations in 4 shards" in proc.stderr + proc.stdout
+    local, remote = losses(tmp_path / "local"), losses(tmp_path / "http")
+    assert sorted(local) == [1, 2, 3] and local == remote

@@ -5,6 +5,7 @@
     deepspeed --num_gpus 8 train/understanding.py --config train/configs/understanding/qwen3-stage1.yaml \\
         model.tokenizer=runs/siglip2-stage2/export model.lm_pretrained=/ckpt/Qwen3-1.7B \\
         data.conversations=/data/llava/blip_laion_cc_sbu_558k.json data.image_root=/data/llava/images
+    #   or LLaVA data converted to shards (scripts/llava_to_shards.py), local or remote: data.train=s3://b/llava/shardindex.json
 
 Stage 1: the projector alone learns (VQRAE tower and LLM frozen, ZeRO-2, "plain" template: image -> caption); the
 run saves the projector by itself (projector.safetensors, as LLaVA does) and a full export. Stage 2: projector +
@@ -32,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from common.config import ConfigError
 from common.distributed import DistInfo, barrier
 from common.weights import load_exactly
-from data.llava import SKIP_REASONS, ConversationDataset, collate_llava, read_conversations
+from data.llava import SKIP_REASONS, ConversationDataset, ShardConversationDataset, collate_llava, read_conversations
 from data.shapes import question_texts, world_texts
+from data.shards import ShardOptions
 from llm.lm import causal_lm
 from llm.understanding import SHORT_ANSWER, build_llava, is_llava_export, load_llava, lora_config
 from tokenizer import VQRAE
@@ -110,11 +112,16 @@ class WorldSection:
 
 @dataclass
 class UnderstandingDataConfig:
-    """Args: conversations: a LLaVA json file; image_root: the folder its image paths are relative to; template:
-    "plain" | "chat" (default: plain in stage 1, chat in stage 2); max_length: longest sequence kept."""
+    """Args: conversations: a LLaVA json file; image_root: the folder its image paths are relative to; train:
+    instead of those two, LLaVA samples in indexed shards (`scripts/llava_to_shards.py` writes them: an index file,
+    a folder holding shardindex.json, or a shard URL / brace pattern; local, https:// or any fsspec store), read
+    shard-locally with `shards`; when set it replaces conversations / image_root; template: "plain" | "chat"
+    (default: plain in stage 1, chat in stage 2); max_length: longest sequence kept."""
 
     conversations: str = ""
     image_root: str = ""
+    train: str = ""
+    shards: ShardOptions = field(default_factory=ShardOptions)
     template: str = ""
     max_length: int = 2048
     world: WorldSection = field(default_factory=WorldSection)
@@ -210,7 +217,7 @@ def param_groups(model, cfg: UnderstandingTrainConfig) -> list[dict]:
 
 def ensure_world(cfg: UnderstandingTrainConfig, image_size: int, info: DistInfo) -> None:
     """Write the shapes world's LLaVA data to data.image_root when data.world.samples > 0 and it is missing."""
-    if cfg.data.world.samples <= 0 or Path(cfg.data.conversations).is_file():
+    if cfg.data.world.samples <= 0 or cfg.data.train or Path(cfg.data.conversations).is_file():
         return
     if info.is_main:
         from data.shapes_export import export_llava
@@ -243,14 +250,20 @@ class UnderstandingTrainer(TrainLoop):
         self.engines = {"model": self.engine}
         self.reasons = dict.fromkeys(SKIP_REASONS, 0)
         self.resume()
-        samples = read_conversations(cfg.data.conversations)
-        self.dataset = ConversationDataset(samples, cfg.data.image_root, self.processor,
-                                           self.llava.config.image_seq_length, cfg.template, cfg.data.max_length)
+        if cfg.data.train:
+            self.dataset = ShardConversationDataset(cfg.data.train, self.processor, self.llava.config.image_seq_length,
+                                                    cfg.template, cfg.data.max_length, cfg.data.shards)
+            source = f"{len(self.dataset)} conversations in {len(self.dataset.shard_lengths)} shards ({cfg.data.train})"
+        else:
+            samples = read_conversations(cfg.data.conversations)
+            self.dataset = ConversationDataset(samples, cfg.data.image_root, self.processor,
+                                               self.llava.config.image_seq_length, cfg.template, cfg.data.max_length)
+            source = f"{len(samples)} conversations ({cfg.data.conversations})"
         pad = self.processor.tokenizer.pad_token_id
         self.loader = self.make_loader(self.dataset, lambda batch: collate_llava(batch, pad),
                                        cfg.deepspeed.micro_batch_size)
-        log.info("understanding stage %d (%s template): %d conversations, %d trained tensors, step %d of %d",
-                 cfg.stage, cfg.template, len(samples), len(self.trained), self.state["step"], cfg.run.steps)
+        log.info("understanding stage %d (%s template): %s, %d trained tensors, step %d of %d",
+                 cfg.stage, cfg.template, source, len(self.trained), self.state["step"], cfg.run.steps)
 
     def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
         for reason, n in batch["skip_reasons"].items():
