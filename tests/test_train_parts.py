@@ -272,9 +272,9 @@ def _checkpointer_check(root: str) -> None:
         path = ckpt.save(step, engines, {"micro_batches": 10 * step}, {"extra.txt": lambda p: p.write_text("x")})
         written[step] = path
         listings.append(sorted(p.name for p in (out / "checkpoints").iterdir()))
+        assert not (path / "junk.txt").exists()  # nothing of the killed save
     steps = [[int(name.removeprefix("step_")) for name in names] for names in listings]
     assert steps == [[1], [1, 2], [1, 2, 3], [2, 3, 4]], listings  # keep=3, no temporary folder left
-    assert not (written[1] / "junk.txt").exists()  # nothing of the killed save
     assert ckpt.latest() == written[4] == find_checkpoint(out) == find_checkpoint(written[4])
     assert ckpt.resolve("auto") == written[4] and ckpt.resolve(str(written[2])) == written[2]
     assert ckpt.resolve("".join(["au", "to"])) == written[4] and ckpt.resolve("".join(["no", "ne"])) is None

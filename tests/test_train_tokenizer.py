@@ -218,8 +218,9 @@ def test_stage2_resolves_config_logs_every_lr_and_exports_one_ema_set(world, tmp
     assert VQRAE.from_pretrained(stage1 / "export").config.quantizer.codebook_size == 256
     stage2 = tmp_path / "s2"
     optim = ["optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=1"]
-    train(*args(world, stage2, "stage=2", f"model.init_from={stage1}", "run.steps=4", "loss.disc_start=1",
-                "loss.gan_start=2", "ema_decay=0.9", *optim))
+    stage2_config = ("--config", str(REPO / "train" / "configs" / "tokenizer" / "tiny-stage2.yaml"))
+    train(*stage2_config, *args(world, stage2, f"model.init_from={stage1}", "run.steps=4", "loss.disc_start=1",
+                                "loss.gan_start=2", "ema_decay=0.9", *optim))
     cfg = from_dict(OptimConfig, {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1})
     for row in rows_of(stage2):
         assert row["lr"] == pytest.approx(cfg.lr * lr_lambda(row["step"], cfg, 4)), row  # the base group's
@@ -234,8 +235,8 @@ def test_stage2_resolves_config_logs_every_lr_and_exports_one_ema_set(world, tmp
     assert key in ema and torch.equal(exported[key], ema[key]) and not torch.equal(exported[key], raw[key].float())
     assert set(ema) == {k for k, v in exported.items() if k != "quantizer.codebook"}  # C is frozen: raw
     # stage 2 keeps the stage-1 model: a different codebook is refused in one line
-    proc = train(*args(world, tmp_path / "s2b", "stage=2", f"model.init_from={stage1}",
-                       "model.quantizer.codebook_size=1024"), check=False)
+    proc = train(*stage2_config, *args(world, tmp_path / "s2b", f"model.init_from={stage1}",
+                                       "model.quantizer.codebook_size=1024"), check=False)
     assert proc.returncode == 2 and "model.quantizer.codebook_size is 256: it cannot become 1024" in proc.stderr
 
 
