@@ -35,7 +35,7 @@ declare -A TESTS=(
     [train/ema.py]="tests/test_train_parts.py::ema"
     [train/guard.py]="tests/test_train_parts.py::nonfinite"
     [train/checkpoint.py]="tests/test_train_parts.py::rng or checkpoint"
-    [train/data_order.py]="tests/test_train_parts.py::sampler"
+    [train/data_order.py]="tests/test_train_parts.py tests/test_shards.py::sampler or shard_order or resume_at_any or workers_split or killed_reader"
 )
 EXCLUDED='core/ReplaceBinaryOperator_.*_(BitOr|BitAnd|BitXor|LShift|RShift|Mod|FloorDiv|Pow)$|core/ReplaceUnaryOperator_.*Invert'
 OUT=runs/mutation
