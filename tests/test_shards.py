@@ -152,6 +152,25 @@ def test_shard_order_is_disjoint_windowed_and_seeded():
         ShardLocalBatchSampler(lengths[:2], 2, 1, 0, 3, 0)
 
 
+def test_shard_order_reads_ahead_each_window_once_in_order():
+    lengths = [5, 7, 6, 9, 4, 8, 6, 5, 7, 6]
+    offsets = np.cumsum([0] + lengths)
+    for ahead, world in ((0, 1), (1, 1), (2, 2)):
+        calls = []
+        sampler = ShardLocalBatchSampler(lengths, 2, 3, 0, world, seed=4, read_ahead=calls.append, ahead=ahead)
+        seen = []  # (shards of the batch, windows announced when it was yielded)
+        for _, (_, indices) in zip(range(sampler.epoch_batches(0)), sampler.batches()):
+            seen.append(([int(np.searchsorted(offsets, i, side="right")) - 1 for i in indices], len(calls)))
+        first_seen = list(dict.fromkeys(s for shards, _ in seen for s in shards))
+        windows = [set(first_seen[w:w + 2]) for w in range(0, len(first_seen), 2)]  # the last maybe cut short
+        assert [set(c) for c in calls[:len(windows) - 1]] == windows[:-1]  # each window once, in reading order
+        assert windows[-1] <= set(calls[len(windows) - 1]) and all(1 <= len(c) <= 2 for c in calls)
+        assert len({s for c in calls for s in c}) == sum(map(len, calls))  # no shard announced twice
+        for shards, announced in seen:  # the batch's window and the `ahead` after it, no more
+            current = max(next(k for k, w in enumerate(windows) if s in w) for s in shards)
+            assert announced == min(current + 1 + ahead, len(calls)), (ahead, world, shards, announced)
+
+
 def test_resume_at_any_micro_batch_continues_the_stream():
     lengths = [5, 7, 6, 9, 4, 8, 6, 5, 7]
     full = ShardLocalBatchSampler(lengths, 3, 4, 1, 2, seed=5)

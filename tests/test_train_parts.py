@@ -44,6 +44,7 @@ def test_resumable_sampler_resumes_exactly_and_shards_ranks():
     assert resumed == full[17:]
     epoch0 = [i for batch in full[:12] for e, i in batch if e == 0]
     assert len(set(epoch0)) == 48  # a permutation, remainder dropped
+    assert [batch[0][0] for batch in full] == [0] * 12 + [1] * 12 + [2] * 6  # 50 // 4 batches an epoch
     ranks = [stream(ResumableBatchSampler(50, 4, r, 2, seed=3), 6) for r in range(2)]
     for b in range(6):
         assert not set(ranks[0][b]) & set(ranks[1][b])
