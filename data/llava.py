@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from common.files import ensure_settings, write_atomic
 from data.images import DECODE_ERRORS, SHARD_INDEX, TAR_IMAGE_EXTS
-from data.shards import ShardDataset, write_index, write_tar_shard
+from data.shards import ShardDataset, write_index
+from data.tar_files import write_tar_shard
 from data.transforms import to_rgb
 from llm.understanding import mean_color
 
@@ -226,8 +227,9 @@ class ShardConversationDataset(ConversationDataset):
 def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | Path, out_dir: str | Path,
                        shard_size: int = 1000, progress: bool = True) -> dict[str, int]:
     """Write LLaVA samples with an image as webdataset shards OUT/{shard:06d}.tar + OUT/shardindex.json, resumably
-    (complete shards are kept; OUT/llava_shards.json records which samples, and another list is refused). Member names are the sample's position
-    ({i:09d}.{png|jpg|...}, {i:09d}.json); the json member is the LLaVA sample as given. Text-only samples cannot go
+    (complete shards are kept; OUT/llava_shards.json records which samples, and another list is refused). Member
+    names are the sample's position ({i:09d}.{png|jpg|...}, {i:09d}.json); the json member is the LLaVA sample as
+    given. Text-only samples cannot go
     into image shards: they are written to OUT/text_only.json. Returns counts: shards, samples, text_only, missing
     (image files not found, left out and named in a warning).
 
@@ -245,12 +247,17 @@ def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | P
     digest = hashlib.sha1(json.dumps(list(samples), sort_keys=True).encode()).hexdigest()
     ensure_settings(out / "llava_shards.json", {"kind": "llava-shards", "samples": digest, "shard_size": shard_size,
                                                 "image_root": str(root.resolve())})
-    with_image = [(i, s) for i, s in enumerate(samples) if s.get("image") is not None]
     text_only = [s for s in samples if s.get("image") is None]
-    missing = [s["image"] for _, s in with_image if not (root / s["image"]).is_file()]
+    present, missing = [], []  # (position, sample) with an image file; image paths not found
+    for i, s in enumerate(samples):
+        if s.get("image") is None:
+            continue
+        if (root / s["image"]).is_file():
+            present.append((i, s))
+        else:
+            missing.append(s["image"])
     if missing:
         log.warning("%d image(s) not found under %s, their samples left out (first: %s)", len(missing), root, missing[0])
-    present = [(i, s) for i, s in with_image if (root / s["image"]).is_file()]
     urls = []
     for first in tqdm(range(0, len(present), shard_size), desc="llava shards", unit="shard", disable=not progress):
         path = out / f"{first // shard_size:06d}.tar"

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from common.files import ensure_settings, write_atomic
 from data.shapes import check_image_size, render, sample_metadata
-from data.shards import write_tar_shard
+from data.tar_files import write_tar_shard
 
 WORLD_FILE = "world.json"
 QA_ORDER_STREAM = 0x0DE5  # SeedSequence namespace of the question order of a conversation

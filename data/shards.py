@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -51,10 +50,8 @@ from data.images import (
     ImageDataset,
     SkipSample,
     Transform,
-    member_meta,
-    read_exactly,
-    scan_tar,
 )
+from data.tar_files import member_meta, read_exactly, scan_tar
 
 logger = logging.getLogger(__name__)
 
@@ -165,18 +162,6 @@ def write_index(urls: list[str], path: str | Path, threads: int = 16, relative: 
     index = {"__kind__": INDEX_KIND, "wids_version": 1, "shardlist": listed}
     write_atomic(path, json.dumps(index, indent=1) + "\n")
     return index
-
-
-def write_tar_shard(path: str | Path, members: list[tuple[str, bytes]]) -> None:
-    """Write one webdataset tar shard atomically: `members` (name, bytes) in order, ustar headers with mtime 0 (the
-    same members give the same bytes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            tar.addfile(info, io.BytesIO(data))
-    write_atomic(path, buf.getvalue())
 
 
 def read_index(spec: str) -> tuple[list[str], list[int], list[int]]:

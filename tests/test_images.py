@@ -20,9 +20,8 @@ from data.images import (
     TarShardDataset,
     build_image_dataset,
     collate_images,
-    scan_tar,
-    split_key,
 )
+from data.tar_files import scan_tar, split_key
 from data.transforms import ImageTransform
 
 
