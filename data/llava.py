@@ -280,7 +280,8 @@ def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | P
 
 def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded batch (pad id, attention 0, label IGNORE_INDEX); pixel_values of the samples with an image, in
-    order (None when there is none); `skipped`: how many samples were dropped, `skip_reasons`: reason -> count."""
+    order (None when there is none); `tasks`: each row's "task" (data.mix; "und" when a sample has none); `skipped`:
+    how many samples were dropped, `skip_reasons`: reason -> count."""
     kept = [s for s in samples if "skipped" not in s]
     reasons = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
     skipped = {"skipped": len(samples) - len(kept), "skip_reasons": reasons}
@@ -293,6 +294,7 @@ def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, A
     for row, s in enumerate(kept):
         n = s["input_ids"].numel()
         ids[row, :n], labels[row, :n], mask[row, :n] = s["input_ids"], s["labels"], 1
-    images = [s["pixel_values"] for s in kept if s["pixel_values"] is not None]
+    images = [s["pixel_values"] for s in kept if s.get("pixel_values") is not None]
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.stack(images) if images else None, "examples": len(kept), **skipped}
+            "pixel_values": torch.stack(images) if images else None, "examples": len(kept),
+            "tasks": [s.get("task", "und") for s in kept], **skipped}

@@ -51,7 +51,8 @@ def read_questions(path: Path, benchmark: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from llm.understanding import answer, load_llava, mean_color
+    from llm.understanding import answer, mean_color
+    from llm.unified import load_answerer
 
     questions = read_questions(args.questions, args.benchmark)
     images_root = args.images or args.questions.parent
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "benchmark": args.benchmark, "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
                 "blank_images": args.blank_images, "dtype": args.dtype}
     ensure_settings(args.out / "settings.json", settings)
-    model, processor = load_llava(args.model, args.device, dtype_of(args.dtype))
+    model, processor, hook = load_answerer(args.model, args.device, dtype_of(args.dtype))
     size = processor.image_processor.size["height"]
     blank = Image.new("RGB", (size, size), mean_color(processor))
     path = args.out / "answers.jsonl"
@@ -72,7 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             images = [None if "image" not in q else blank if args.blank_images else
                       Image.open(images_root / q["image"]).convert("RGB") for q in batch]
             texts = [q["text"].replace("<image>", "").strip() for q in batch]
-            for q, text in zip(batch, answer(model, processor, images, texts, args.max_new_tokens, short=False)):
+            for q, text in zip(batch, answer(model, processor, images, texts, args.max_new_tokens, short=False,
+                                                     hook=hook)):
                 row = {**q, "prediction": text}
                 done[q["question_id"]] = row
                 out.write(json.dumps(row) + "\n")

@@ -29,6 +29,7 @@ from llm.vocab import TEMPLATES, UNCOND_MODES, ImageVocab, expand_vocabulary
 from tokenizer import VQRAE
 
 FORMAT_FILE = "sequence_format.json"
+IMAGE_INPUTS = ("features", "codes")
 VQRAE_DIR = "vqrae"
 
 
@@ -60,15 +61,32 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class SequenceFormat:
-    """How prompts are built: template "plain" | "chat", unconditional prompt "pad" | "empty" (llm/vocab.py)."""
+    """How prompts are built: template "plain" | "chat", unconditional prompt "pad" | "empty" (llm/vocab.py); and,
+    for a unified model (llm/unified.py), how an image enters a conversation: "features" (continuous, through the
+    projector) or "codes" (its code tokens in the image tokens' places)."""
 
     template: str = "plain"
     uncond: str = "pad"
+    image_input: str = "features"
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES or self.uncond not in UNCOND_MODES:
-            raise ConfigError(f"sequence format needs template in {TEMPLATES} and uncond in {UNCOND_MODES}, got "
-                              f"{self.template!r}, {self.uncond!r}")
+        if self.template not in TEMPLATES or self.uncond not in UNCOND_MODES or self.image_input not in IMAGE_INPUTS:
+            raise ConfigError(f"sequence format needs template in {TEMPLATES}, uncond in {UNCOND_MODES} and "
+                              f"image_input in {IMAGE_INPUTS}, got {self.template!r}, {self.uncond!r}, "
+                              f"{self.image_input!r}")
+
+    def save(self, directory: Path) -> None:
+        """Write sequence_format.json into `directory` (atomically)."""
+        with atomic_write(Path(directory) / FORMAT_FILE) as f:
+            json.dump(asdict(self), f)
+
+    @classmethod
+    def load(cls, directory: Path) -> SequenceFormat:
+        """Read sequence_format.json from `directory`."""
+        path = Path(directory) / FORMAT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} has no {FORMAT_FILE}")
+        return cls(**json.loads(path.read_text()))
 
 
 def build_lm(cfg: LMConfig, vqrae: VQRAE, work_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -95,8 +113,7 @@ def save_text_side(directory: Path, tokenizer: PreTrainedTokenizerBase, vocab: I
     """The expanded text tokenizer, its image vocabulary and the sequence format, into `directory`."""
     tokenizer.save_pretrained(directory)
     vocab.save(directory)
-    with atomic_write(directory / FORMAT_FILE) as f:
-        json.dump(asdict(fmt), f)
+    fmt.save(directory)
 
 
 def load_text_side(directory: Path) -> tuple[PreTrainedTokenizerBase, ImageVocab, SequenceFormat]:
@@ -105,7 +122,7 @@ def load_text_side(directory: Path) -> tuple[PreTrainedTokenizerBase, ImageVocab
         raise FileNotFoundError(f"{directory} has no {FORMAT_FILE}: not a generator's text side")
     tokenizer, vocab = AutoTokenizer.from_pretrained(directory), ImageVocab.load(directory)
     vocab.check_tokenizer(tokenizer)
-    return tokenizer, vocab, SequenceFormat(**json.loads((directory / FORMAT_FILE).read_text()))
+    return tokenizer, vocab, SequenceFormat.load(directory)
 
 
 def save_generator(directory: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

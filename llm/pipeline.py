@@ -1,7 +1,7 @@
 """Text-to-image with an exported generator (llm/generator.py): prompts -> codes (llm.sampler) -> images (the
 VQRAE decoder).
 
-    t2i = TextToImage.from_pretrained("runs/tiny-ar/export")
+    t2i = TextToImage.from_pretrained("runs/tiny-ar/export")      # a generator export, or a unified one
     images, codes = t2i.generate(["a photo of a red circle"] * 4, SamplingConfig(cfg_scale=3.0))
 """
 
@@ -36,6 +36,10 @@ class TextToImage:
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32) -> TextToImage:
+        from llm.unified import is_unified_export, load_unified
+
+        if is_unified_export(directory):  # drawing with the one model that also understands
+            return load_unified(directory, device, dtype).text_to_image()
         model, tokenizer, vocab, fmt, vqrae = load_generator(directory, device, dtype)
         return cls(model=model, tokenizer=tokenizer, vocab=vocab, vqrae=vqrae, fmt=fmt)
 

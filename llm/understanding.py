@@ -235,14 +235,14 @@ def build_llava(vqrae: VQRAE, lm: PreTrainedModel, tokenizer: PreTrainedTokenize
 
 
 def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path,
-               extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
-    """Write an export folder (config, safetensors, processor, tokenizer, chat template) atomically; `extra`: name ->
-    a function writing that file or folder into it too."""
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """Write an export folder (config, safetensors, processor, tokenizer, chat template) atomically; `extra`: a
+    function writing more files into the folder (given its path) before it appears."""
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        for name, write in (extra or {}).items():
-            write(tmp / name)
+        if extra is not None:
+            extra(tmp)
     return Path(directory)
 
 
@@ -291,13 +291,20 @@ def replace_vision_tower(llava_dir: str | Path, vqrae_dir: str | Path, out_dir: 
     return save_llava(swapped.eval(), processor, out_dir)
 
 
-def lora_config(r: int, alpha: int, dropout: float, target_modules: Sequence[str]):
+def lora_config(r: int, alpha: int, dropout: float, target_modules: Sequence[str],
+                trainable_tokens: Sequence[int] | None = None, tied_head: bool = True):
     """peft's LoraConfig for adapters on the language model's linear layers named `target_modules` only (the vision
-    tower's attention layers have the same names)."""
+    tower's attention layers have the same names); `trainable_tokens`: ids whose input-embedding rows train too
+    (peft's trainable tokens), and their head rows: through the tie, or (`tied_head` False) their own."""
     from peft import LoraConfig
 
+    tokens = None
+    if trainable_tokens:
+        tokens = list(trainable_tokens) if tied_head else {"embed_tokens": list(trainable_tokens),
+                                                           "lm_head": list(trainable_tokens)}
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules=rf".*language_model.*\.({'|'.join(target_modules)})")
+                      target_modules=rf".*language_model.*\.({'|'.join(target_modules)})",
+                      trainable_token_indices=tokens)
 
 
 # ----------------------------------------------------------------------------------------------- answering
@@ -308,9 +315,13 @@ def user_turn(text: str, with_image: bool = False) -> dict:
     return {"role": "user", "content": ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]}
 
 
+InputsHook = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
 def _model_inputs(model: LlavaForConditionalGeneration, processor: LlavaProcessor, texts: list[str],
-                  images: list[Image.Image]) -> dict[str, torch.Tensor]:
-    """Left-padded processor outputs on the model's device, pixels in its dtype."""
+                  images: list[Image.Image], hook: InputsHook | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded processor outputs on the model's device, pixels in its dtype, then `hook` applied (e.g. a
+    unified model's images given as codes: llm.unified.codes_input)."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -322,7 +333,7 @@ def _model_inputs(model: LlavaForConditionalGeneration, processor: LlavaProcesso
     inputs = {k: v.to(param.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-    return inputs
+    return inputs if hook is None else hook(inputs)
 
 
 def renders_bos(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> bool:
@@ -350,15 +361,17 @@ def end_of_turn_id(processor: LlavaProcessor) -> int:
 
 @torch.no_grad()
 def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: Sequence[Image.Image | None],
-           questions: Sequence[str], max_new_tokens: int = 16, short: bool = True) -> list[str]:
+           questions: Sequence[str], max_new_tokens: int = 16, short: bool = True, hook: InputsHook | None = None
+           ) -> list[str]:
     """Greedy answers for a batch of (image, question) pairs, left-padded (LLaVA-1.5's evaluation prompt:
-    `<image>\n{question}` + SHORT_ANSWER when `short`). An image may be None (a text-only question)."""
+    `<image>\n{question}` + SHORT_ANSWER when `short`). An image may be None (a text-only question). `hook`: see
+    `_model_inputs`."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     texts = [processor.apply_chat_template([user_turn(question + (SHORT_ANSWER if short else ""), image is not None)],
                                            add_generation_prompt=True, tokenize=False)
              for image, question in zip(images, questions)]
-    inputs = _model_inputs(model, processor, texts, [im for im in images if im is not None])
+    inputs = _model_inputs(model, processor, texts, [im for im in images if im is not None], hook)
     tokenizer = processor.tokenizer
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=end_of_turn_id(processor),
@@ -370,10 +383,11 @@ def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, imag
 @torch.no_grad()
 def reply(model: LlavaForConditionalGeneration, processor: LlavaProcessor, messages: Sequence[dict],
           image: Image.Image | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-          streamer=None) -> str:
+          streamer=None, hook: InputsHook | None = None) -> str:
     """The assistant's next turn of a conversation: `messages` in the processor's chat format, ending with the user's
     turn; `image` is what their one `{"type": "image"}` item stands for. Greedy at temperature 0, else sampled
-    (torch's global generator); `streamer` (a transformers streamer) receives the text as it is generated."""
+    (torch's global generator); `streamer` (a transformers streamer) receives the text as it is generated; `hook`: see
+    `_model_inputs`."""
     slots = sum(item.get("type") == "image" for m in messages if not isinstance(m["content"], str)
                 for item in m["content"])
     if slots != (image is not None):
@@ -381,7 +395,7 @@ def reply(model: LlavaForConditionalGeneration, processor: LlavaProcessor, messa
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    inputs = _model_inputs(model, processor, [text], [image] if image is not None else [])
+    inputs = _model_inputs(model, processor, [text], [image] if image is not None else [], hook)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
         {"do_sample": False}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_id(processor),

@@ -3,6 +3,7 @@
 
     python scripts/chat.py                                    # the CPU default's exports under runs/
     python scripts/chat.py --und runs/qwen3-und-stage2/export --gen runs/qwen3-0.6b-ar/export --device cuda
+    python scripts/chat.py --model runs/tiny-unified/export   # one unified model answers and draws
     python scripts/chat.py --image cat.png --prompt "What is in the image?"
     printf '/image a.png\\nHow many circles are there?\\n/draw a photo of a red circle\\n' | python scripts/chat.py --json
 
@@ -134,7 +135,8 @@ class Models:
 
     def __init__(self, und: Path | None, gen: Path | None, tok: Path | None, device: str, dtype: torch.dtype):
         from llm.generator import FORMAT_FILE
-        from llm.understanding import is_llava_export, load_llava
+        from llm.understanding import is_llava_export
+        from llm.unified import is_unified_export, load_answerer, load_unified
         from tokenizer.model import VQRAE, is_vqrae_export
 
         self.und = self.gen = self.vqrae = None
@@ -147,8 +149,14 @@ class Models:
                 found = [f"--{k}" for k, is_kind in kinds.items() if is_kind(path)]
                 raise ConfigError(f"--{key} {path} is not {KIND_NAMES[key]} export"
                                   + (f" (it is one for {found[0]})" if found else ""))
+        if und is not None and gen is not None and Path(und).resolve() == Path(gen).resolve() and \
+                is_unified_export(und):  # one model answers and draws: loaded once
+            unified = load_unified(und, device, dtype)
+            self.und = (unified.llava, unified.processor, unified.inputs_hook())
+            self.gen, self.vqrae = unified.text_to_image(), unified.vqrae
+            und = gen = None
         if und is not None:
-            self.und = load_llava(und, device, dtype)
+            self.und = load_answerer(und, device, dtype)
         if gen is not None:
             from llm.pipeline import TextToImage
 
@@ -160,14 +168,25 @@ class Models:
     @classmethod
     def from_arguments(cls, args: argparse.Namespace) -> Models:
         """The exports `add_model_arguments` named (the CPU default's where not given), in the dtype it chose."""
-        paths = {k: getattr(args, k) if getattr(args, k) is not None else default_export(k) for k in KIND_NAMES}
+        given = {k: args.model if args.model is not None and k != "tok" else getattr(args, k) for k in KIND_NAMES}
+        if args.model is not None:
+            from llm.unified import is_unified_export
+
+            if args.und or args.gen:
+                raise ConfigError("--model names the one model that answers and draws: give it without --und / --gen")
+            if not is_unified_export(args.model):
+                raise ConfigError(f"--model {args.model} is not a unified export (make one with: deepspeed "
+                                  "train/unified.py); give an understanding export as --und, a generator's as --gen")
+        paths = {k: given[k] if given[k] is not None else default_export(k) for k in KIND_NAMES}
         dtype = dtype_of(args.dtype or ("bf16" if args.device == "cuda" else "fp32"))
         return cls(paths["und"], paths["gen"], paths["tok"], args.device, dtype)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--und, --gen, --tok, --device, --dtype (bf16 on cuda, fp32 on cpu by default); read with
+    """--model, --und, --gen, --tok, --device, --dtype (bf16 on cuda, fp32 on cpu by default); read with
     `Models.from_arguments`."""
+    parser.add_argument("--model", type=Path, default=None, help="a unified export (train/unified.py): the one model "
+                        "that answers and draws, loaded once")
     parser.add_argument("--und", type=Path, default=None, help=f"understanding export (default {DEFAULTS['und']})")
     parser.add_argument("--gen", type=Path, default=None, help=f"generator export (default {DEFAULTS['gen']})")
     parser.add_argument("--tok", type=Path, default=None, help="VQRAE export that reconstructs (default: the "
@@ -243,11 +262,11 @@ class Session:
 
         if self.models.und is None:
             raise ValueError(f"no understanding model loaded (--und; make one with: {MAKES['und']})")
-        model, processor = self.models.und
+        model, processor, hook = self.models.und
         turn = user_turn(question, with_image=self.image is not None and not self.messages)
         s = self.settings.answer
         text = reply(model, processor, [*self.messages, turn], self.image, s.max_new_tokens, s.temperature, s.top_p,
-                     streamer=Streamer(processor.tokenizer, self.sink))
+                     streamer=Streamer(processor.tokenizer, self.sink), hook=hook)
         self.messages += [turn, {"role": "assistant", "content": [{"type": "text", "text": text}]}]
         return {"kind": "answer", "text": text, "image": self.image_path, "turns": len(self.messages) // 2}
 

@@ -136,20 +136,28 @@ def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampli
     return rows
 
 
-@torch.no_grad()
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def report_arguments(description: str) -> argparse.Namespace:
+    """The command line of the CPU default's reports: --runs, --prompts (GenEval's), -n images per prompt,
+    --cfg-scale; `sampling` is what they draw with (temperature 1, seed 42)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--prompts", type=Path, default=REPO / "data" / "shapes_geneval_prompts.jsonl")
     parser.add_argument("-n", type=int, default=4)
     parser.add_argument("--cfg-scale", type=float, default=3.0)
     args = parser.parse_args()
+    args.sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=1.0, seed=42)
+    return args
+
+
+@torch.no_grad()
+def main() -> None:
+    args = report_arguments(__doc__)
     runs = args.runs
     stage1 = VQRAE.from_pretrained(runs / "tiny-stage1" / "export")
     world = ShapesWorld(300, stage1.config.encoder.image_size, seed=1)  # the eval seed of the CPU default
     tokenizers = tokenizer_rows(runs / "tiny-stage1" / "export", runs / "tiny-stage2" / "export",
                                 str(runs / "world-32" / "eval" / "shards"), world)
-    sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=1.0, seed=42)
+    sampling = args.sampling
     models = generators(runs / "tiny-ar", runs / "cpu_report_geneval")
     geneval = geneval_rows(models, args.prompts, runs / "cpu_report_geneval", args.n, sampling)
     dpg = dpg_rows(models, runs / "dpg-shapes", runs / "cpu_report_dpg", sampling)

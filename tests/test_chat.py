@@ -3,6 +3,7 @@ reconstruction, settings, bad input, and the script itself driven through stdin.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from data.shapes import render_sample, shapes_world_tokenizer
 from data.transforms import to_pil
 from llm.generator import SequenceFormat, save_generator
 from llm.sampler import SamplingConfig
-from llm.understanding import answer, build_llava, reply, save_llava, user_turn
+from llm.understanding import answer, build_llava, load_llava, reply, save_llava, user_turn
 from llm.vocab import build_tiny_qwen3, expand_vocabulary
 from scripts.chat import ChatSettings, Models, Session, draw_prompt
 from tokenizer import VQRAE, get_preset
@@ -64,7 +65,7 @@ def session(models, tmp_path, **settings) -> tuple[Session, list[str]]:
 
 def test_answers_follow_the_model_keep_history_and_stream(models, exports, tmp_path):
     chat, chunks = session(models, tmp_path, **{"answer.max_new_tokens": 12})
-    model, processor = models.und
+    model, processor, _ = models.und
     image = Image.open(exports / "scene.png").convert("RGB")
     first = chat.handle(f"{exports / 'scene.png'} What color is the circle?")  # a path at the start attaches
     assert first["kind"] == "answer" and first["turns"] == 1
@@ -158,6 +159,33 @@ def test_the_script_through_stdin_prints_one_json_object_per_turn(exports, tmp_p
     assert [r["kind"] for r in records] == ["image", "answer", "draw", "reconstruct", "error", "settings"]
     assert len(records[2]["paths"]) == 2 and all(Path(p).is_file() for p in records[2]["paths"])
     assert all(r["seconds"] >= 0 for r in records) and "no deepspeed" in proc.stderr
+
+
+def test_one_unified_export_answers_draws_and_reconstructs(exports, tmp_path):
+    from llm.unified import expand_llava, save_unified
+    from scripts.chat import add_model_arguments
+
+    model, processor = load_llava(exports / "und")
+    vqrae = VQRAE.from_pretrained(exports / "tok")
+    vocab = expand_llava(model, processor, vqrae)
+    save_unified(tmp_path / "uni", model, processor, vocab, SequenceFormat(), exports / "tok")
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    models = Models.from_arguments(parser.parse_args(["--model", str(tmp_path / "uni"), "--device", "cpu"]))
+    shared = {p.data_ptr() for p in models.und[0].parameters()}
+    assert {p.data_ptr() for p in models.gen.model.parameters()} <= shared  # loaded once
+    assert models.vqrae is models.gen.vqrae
+    lines = [f"/image {exports / 'scene.png'}", "What color is the circle?", "draw a photo of a circle",
+             f"/reconstruct {exports / 'scene.png'}", ""]
+    proc = chat_script("--model", str(tmp_path / "uni"), "--out", str(tmp_path / "out"), "--json", "--device", "cpu",
+                       "answer.max_new_tokens=4", "draw.count=1", stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["kind"] for r in records] == ["image", "answer", "draw", "reconstruct"]
+    with Image.open(records[2]["paths"][0]) as drawn:
+        assert drawn.size == (32, 32)
+    refused = chat_script("--model", str(exports / "und"), "--device", "cpu")
+    assert refused.returncode == 2 and "is not a unified export" in refused.stderr.strip().splitlines()[-1]
 
 
 def test_wrong_kind_of_export_is_one_line(exports):

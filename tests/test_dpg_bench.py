@@ -66,6 +66,21 @@ def test_every_csv_row_is_read_and_bad_files_are_one_line(tmp_path):
     (tmp_path / "cols.csv").write_text("item_id,text\na,b\n")
     with pytest.raises(ValueError, match="lacks DPG-Bench columns"):
         read_question_csv(tmp_path / "cols.csv")
+    with pytest.raises(ValueError, match="prompt a repeats a proposition_id"):
+        read_question_csv(write_csv(tmp_path / "twice.csv", [rows[0], {**rows[1], "proposition_id": 1}]))
+    with pytest.raises(ValueError, match="unknown proposition ids \\[-1\\]"):  # only 0 means "no parent"
+        read_question_csv(write_csv(tmp_path / "neg.csv", [rows[0], {**rows[1], "dependency": "-1"}]))
+    # a bad number names its line (the header is line 1); a short row (a missing field) is the same one line
+    with pytest.raises(ValueError, match="line 3: bad proposition_id or dependency"):
+        read_question_csv(write_csv(tmp_path / "num.csv", [rows[0], {**rows[1], "dependency": "one"}]))
+    (tmp_path / "short.csv").write_text(",".join(CSV_COLUMNS) + "\n" + ",".join(
+        str(rows[0][c]) if c in rows[0] else "" for c in CSV_COLUMNS) + "\na\n")
+    with pytest.raises(ValueError, match="line 3: bad proposition_id or dependency"):
+        read_question_csv(tmp_path / "short.csv")
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):  # questions are shared between crops: never changed
+        questions["a"][0].parents = (2,)
 
 
 def test_tile_and_crop_order():

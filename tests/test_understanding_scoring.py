@@ -27,6 +27,9 @@ def test_parse_mme_official_rule():
     assert [parse_mme(a, "lmms-eval") for a in TRICKY] == lmms
     with pytest.raises(ValueError, match="variant"):
         parse_mme("yes", "vlmevalkit")
+    # the official prefix is 4 characters: a "yes" in " yes" counts, one starting at the 3rd does not
+    assert [parse_mme(a) for a in (" yes it is", "a yes", " no!", "a no")] == ["yes", "other", "no", "no"]
+    assert parse_mme("an no") == "other"
 
 
 def test_parse_pope_llava_rule():
@@ -81,10 +84,11 @@ def test_score_pope_confusion_metrics():
 
 def test_exact_match_per_type():
     records = [{"type": "color", "answer": "Red.", "label": "red"}, {"type": "color", "answer": "blue", "label": "red"},
-               {"type": "count", "answer": " 3 ", "label": "3"}]
+               {"type": "count", "answer": " 3 ", "label": "3"}, {"type": "shape", "answer": "square", "label": "circle"}]
     out = score_exact_match(records)
     assert out["types"]["color"]["accuracy"] == 0.5 and out["types"]["count"]["accuracy"] == 1.0
-    assert out["overall"] == pytest.approx(2 / 3) and normalize_answer(" Yes. ") == "yes"
+    assert out["types"]["shape"]["accuracy"] == 0.0
+    assert out["overall"] == pytest.approx(2 / 4) and normalize_answer(" Yes. ") == "yes"
 
 
 def test_majority_answer_per_type():

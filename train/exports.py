@@ -39,7 +39,8 @@ def fill_from_checkpoint(model: torch.nn.Module, state: dict[str, torch.Tensor],
     if tied:
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     result = model.load_state_dict(state, strict=False, assign=True)
-    (base or model).tie_weights()
+    if any(p.is_meta for p in model.parameters()):  # the head left out above (peft's trainable tokens keep it)
+        (base or model).tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing or result.unexpected_keys:
         raise ValueError(f"checkpoint {checkpoint} does not fit its model config: missing {missing[:3]}, "
@@ -88,10 +89,11 @@ LORA_CONFIG = "lora.json"  # present when the LLM trains LoRA adapters
 ADAPTER_DIR = "adapter"  # the unmerged adapter of an export made with lora.merge_on_export=false
 
 
-def export_understanding(checkpoint: Path, directory: Path) -> None:
+def export_understanding(checkpoint: Path, directory: Path, extra: Callable[[Path], None] | None = None) -> None:
     """Write an understanding export (llm/understanding.py's `save_llava` layout, loadable by transformers'
     LlavaForConditionalGeneration + AutoProcessor) from a checkpoint; LoRA adapters are merged into the LLM, or kept
-    unmerged in directory/adapter/ (a peft adapter of the exported base model)."""
+    unmerged in directory/adapter/ (a peft adapter of the exported base model). `extra` writes more files into the
+    export folder (`save_llava`)."""
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     from llm.understanding import lora_config, save_llava
@@ -105,14 +107,34 @@ def export_understanding(checkpoint: Path, directory: Path) -> None:
         from peft import get_peft_model
 
         base = model
-        model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"]))
+        model = get_peft_model(model, lora_config(lora["r"], lora["alpha"], lora["dropout"], lora["target_modules"],
+                                                  lora.get("trainable_tokens"), config.tie_word_embeddings))
     fill_from_checkpoint(model, consolidated_state_dict(checkpoint, tag="model"), config.tie_word_embeddings,
                          checkpoint, base)
     processor = AutoProcessor.from_pretrained(checkpoint / PROCESSOR_DIR)
     if lora is not None and not lora["merge"]:
         with tempfile.TemporaryDirectory() as adapter:
             model.save_pretrained(adapter)  # the adapter alone, before unloading removes it
-            save_llava(model.unload(), processor, directory,
-                       {ADAPTER_DIR: lambda path: shutil.copytree(adapter, path)})
+
+            def write(tmp: Path) -> None:
+                shutil.copytree(adapter, tmp / ADAPTER_DIR)
+                if extra is not None:
+                    extra(tmp)
+
+            save_llava(model.unload(), processor, directory, write)
         return
-    save_llava(model.merge_and_unload() if lora is not None else model, processor, directory)
+    save_llava(model.merge_and_unload() if lora is not None else model, processor, directory, extra)
+
+
+UNIFIED_META = "unified.json"  # a unified model's image vocabulary, sequence format and VQRAE export
+
+
+def export_unified(checkpoint: Path, directory: Path) -> None:
+    """Write a unified export (llm/unified.py's layout) from a unified checkpoint."""
+    from llm.generator import SequenceFormat
+    from llm.unified import unified_files
+    from llm.vocab import ImageVocab
+
+    meta = json.loads((checkpoint / UNIFIED_META).read_text())
+    export_understanding(checkpoint, directory, unified_files(ImageVocab(**meta["vocab"]),
+                                                              SequenceFormat(**meta["format"]), meta["vqrae"]))

@@ -19,9 +19,11 @@ model.train_tower (at lr * tower_lr_scale). Every run ends with an export that t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,14 +183,15 @@ def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
     return model, processor
 
 
-def freeze(model, cfg: UnderstandingTrainConfig):
-    """Set requires_grad for the stage; with LoRA, wrap the LLM's linear layers (peft). Returns (the model to train,
-    the LlavaForConditionalGeneration inside it)."""
+def freeze(model, cfg: UnderstandingTrainConfig, trainable_tokens: list[int] | None = None):
+    """Set requires_grad for the stage; with LoRA, wrap the LLM's linear layers (peft), the embedding (and head) rows
+    of `trainable_tokens` training too. Returns (the model to train, the LlavaForConditionalGeneration inside it)."""
     model.requires_grad_(False)
     if cfg.stage == 2 and cfg.lora.enabled:
         from peft import get_peft_model
 
-        lora = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+        lora = lora_config(cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, trainable_tokens,
+                           model.config.tie_word_embeddings)
         model = get_peft_model(model, lora)  # only the adapters train
     elif cfg.stage == 2:
         model.model.language_model.requires_grad_(True)
@@ -233,12 +236,12 @@ class UnderstandingTrainer(TrainLoop):
         super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
         self.cfg = cfg
         prepare_run_dir(cfg, self.out_dir, info)
-        llava, self.processor = build_model(cfg, self.out_dir)
+        llava, self.processor = self.build_model()
         ensure_world(cfg, self.processor.image_processor.size["height"], info)
         if cfg.model.gradient_checkpointing:
             llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.llava_config = llava.config.to_dict()
-        model, self.llava = freeze(llava, cfg)
+        model, self.llava = self.freeze(llava)
         self.llava.train()
         if not cfg.model.train_tower:
             self.llava.model.vision_tower.eval()
@@ -250,38 +253,70 @@ class UnderstandingTrainer(TrainLoop):
         self.engines = {"model": self.engine}
         self.reasons = dict.fromkeys(SKIP_REASONS, 0)
         self.resume()
-        if cfg.data.train:
-            self.dataset = ShardConversationDataset(cfg.data.train, self.processor, self.llava.config.image_seq_length,
-                                                    cfg.template, cfg.data.max_length, cfg.data.shards)
-            source = f"{len(self.dataset)} conversations in {len(self.dataset.shard_lengths)} shards ({cfg.data.train})"
-        else:
-            samples = read_conversations(cfg.data.conversations)
-            self.dataset = ConversationDataset(samples, cfg.data.image_root, self.processor,
-                                               self.llava.config.image_seq_length, cfg.template, cfg.data.max_length)
-            source = f"{len(samples)} conversations ({cfg.data.conversations})"
-        pad = self.processor.tokenizer.pad_token_id
-        self.loader = self.make_loader(self.dataset, lambda batch: collate_llava(batch, pad),
-                                       cfg.deepspeed.micro_batch_size)
-        log.info("understanding stage %d (%s template): %s, %d trained tensors, step %d of %d",
-                 cfg.stage, cfg.template, source, len(self.trained), self.state["step"], cfg.run.steps)
+        self.dataset, source = self.build_dataset()
+        self.loader = self.make_loader(self.dataset, self.collate_fn(), cfg.deepspeed.micro_batch_size)
+        log.info("%s (%s template): %s, %d trained tensors, step %d of %d", self.describe(), cfg.template, source,
+                 len(self.trained), self.state["step"], cfg.run.steps)
 
-    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
+    def describe(self) -> str:
+        return f"understanding stage {self.cfg.stage}"
+
+    def freeze(self, llava):
+        """(the model to train, the LlavaForConditionalGeneration inside it): `freeze` for this run."""
+        return freeze(llava, self.cfg, self.trainable_token_ids())
+
+    def trainable_token_ids(self) -> list[int] | None:
+        """Token ids whose embedding and head rows train beside LoRA adapters (none: the vocabulary is LLaVA's)."""
+        return None
+
+    def build_model(self):
+        """(LlavaForConditionalGeneration in fp32, processor) this run starts from."""
+        return build_model(self.cfg, self.out_dir)
+
+    def build_dataset(self) -> tuple[torch.utils.data.Dataset, str]:
+        """The training items and a line describing them."""
+        cfg = self.cfg
+        length = self.llava.config.image_seq_length
+        if cfg.data.train:
+            dataset = ShardConversationDataset(cfg.data.train, self.processor, length, cfg.template,
+                                               cfg.data.max_length, cfg.data.shards)
+            return dataset, f"{len(dataset)} conversations in {len(dataset.shard_lengths)} shards ({cfg.data.train})"
+        samples = read_conversations(cfg.data.conversations)
+        dataset = ConversationDataset(samples, cfg.data.image_root, self.processor, length, cfg.template,
+                                      cfg.data.max_length)
+        return dataset, f"{len(samples)} conversations ({cfg.data.conversations})"
+
+    def collate_fn(self) -> Callable[[list], dict]:
+        """The loader's collate function (picklable, for worker processes)."""
+        return functools.partial(collate_llava, pad_id=self.processor.tokenizer.pad_token_id)
+
+    def count_skips(self, batch: dict) -> None:
         for reason, n in batch["skip_reasons"].items():
             self.reasons[reason] += n
-        if batch["input_ids"] is None:
-            return None
+
+    def model_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch on the device: input_ids, attention_mask, labels, and pixel_values (model dtype) when any."""
         device = self.info.device
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
-        pixels = batch["pixel_values"]
-        if pixels is not None:
-            inputs["pixel_values"] = pixels.to(device, self.dtype, non_blocking=True)
-        out = self.engine(**inputs)
-        loss = out.loss
-        if pixels is None and self.cfg.deepspeed.zero_stage == 3:
-            # ZeRO-3 gathers the tower's weights collectively: every rank runs it, a text-only batch on a dummy
-            size = self.processor.image_processor.size["height"]
-            dummy = torch.zeros(1, 3, size, size, device=device, dtype=self.dtype)
-            loss = loss + 0.0 * torch.stack(self.llava.get_image_features(pixel_values=dummy).pooler_output).sum()
+        if batch["pixel_values"] is not None:
+            inputs["pixel_values"] = batch["pixel_values"].to(device, self.dtype, non_blocking=True)
+        return inputs
+
+    def tower_collective(self, loss: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """Under ZeRO-3 the tower's weights are gathered collectively, so every rank must run it: a batch without
+        images runs it on a dummy image at weight 0."""
+        if "pixel_values" in inputs or self.cfg.deepspeed.zero_stage != 3:
+            return loss
+        size = self.processor.image_processor.size["height"]
+        dummy = torch.zeros(1, 3, size, size, device=self.info.device, dtype=self.dtype)
+        return loss + 0.0 * torch.stack(self.llava.get_image_features(pixel_values=dummy).pooler_output).sum()
+
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
+        self.count_skips(batch)
+        if batch["input_ids"] is None:
+            return None
+        inputs = self.model_inputs(batch)
+        loss = self.tower_collective(self.engine(**inputs).loss, inputs)
         tokens = (inputs["labels"][:, 1:] != -100).sum()
         return loss, {"examples": batch["examples"], "answer_tokens": tokens}
 
@@ -292,7 +327,8 @@ class UnderstandingTrainer(TrainLoop):
                  PROJECTOR_FILE: lambda p: save_file(projector, str(p))}
         if self.cfg.stage == 2 and self.cfg.lora.enabled:
             lora = {"r": self.cfg.lora.r, "alpha": self.cfg.lora.alpha, "dropout": self.cfg.lora.dropout,
-                    "target_modules": list(self.cfg.lora.target_modules), "merge": self.cfg.lora.merge_on_export}
+                    "target_modules": list(self.cfg.lora.target_modules), "merge": self.cfg.lora.merge_on_export,
+                    "trainable_tokens": self.trainable_token_ids()}
             files[LORA_CONFIG] = lambda p: p.write_text(json.dumps(lora, indent=2))
         return files
 
