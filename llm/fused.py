@@ -53,6 +53,9 @@ class FusedDecoder:
                 f"frequencies do not depend on the length ({', '.join(STATIC_ROPE_TYPES)}); this model is "
                 f"{config.model_type!r} with rope {rope!r}: use SamplingConfig(backend='hf')"
             )
+        if any(hasattr(m, "base_layer") for m in body.modules()):
+            raise ValueError("the model holds peft adapters, which the fused backend would not apply: merge them "
+                             "first or use SamplingConfig(backend='hf')")
         if any(p.numel() == 0 for p in model.parameters()):
             raise ValueError("model parameters are partitioned (ZeRO-3?): gather the weights before sampling")
         self.model, self.body, self.vocab = model, body, vocab

@@ -13,6 +13,9 @@ applied to the code logits by every method):
 - hf_static_compiled: the same with transformers' own fast path: a static KV cache and its automatic
                torch.compile of the forward (CompileConfig), the strongest transformers baseline.
 - ours_cfg:    llm.sampler.Engine with CFG (conditional + unconditional rows batched).
+- unified_cfg: llm.sampler.Engine with CFG on the same language model inside a unified model (llm/unified.py: a
+               LLaVA model whose language model holds the codes, drawn through its shared view; tiny VQRAE tower):
+               it must draw as fast as the generator-only model (ratio unified_cfg/ours_cfg).
 - plain_loop:  the loop Janus and LlamaGen ship: the transformers model called once per step with its default
                dynamic KV cache, cond / uncond rows batched, image-code logits at the last position only, eager,
                CFG + top-k + multinomial on the code logits.
@@ -23,6 +26,7 @@ bandwidth measured in the same run. The models are random: speed does not depend
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -40,6 +44,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from data.shapes import geneval_prompts, shapes_world_tokenizer
 from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig, left_pad
+from llm.unified import language_model_view
 from llm.vocab import (
     ImageVocab,
     build_prompt_ids,
@@ -75,6 +80,15 @@ def build(args, tokenizer) -> tuple[torch.nn.Module, ImageVocab, int]:
     model = build_tiny_qwen3(tokenizer)
     vocab = expand_vocabulary(model, tokenizer, codebook_size=512)
     return model.to(args.device, dtype).eval(), vocab, 64
+
+
+def unified_model(model, tokenizer) -> torch.nn.Module:
+    """A unified model (LLaVA: a tiny VQRAE tower, a projector, a copy of `model` as its language model)."""
+    from llm.understanding import build_llava
+    from tokenizer import VQRAE, get_preset
+
+    llava, _ = build_llava(VQRAE(get_preset("tiny")).eval(), model, copy.deepcopy(tokenizer))
+    return llava
 
 
 @torch.no_grad()
@@ -209,9 +223,11 @@ def main() -> None:
     all_rows = cond_rows + [image_prefix_ids(p, vocab) for p in uncond]
     gen = torch.Generator(device=device).manual_seed(0)
 
+    unified = Engine(language_model_view(unified_model(model, tokenizer).to(device, model.dtype)), vocab)
     methods = {
         "ours": lambda: engine.generate(prompts, num_tokens, cfg_off),
         "ours_cfg": lambda: engine.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
+        "unified_cfg": lambda: unified.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
     }
     if args.compile:
         methods["ours_compiled"] = lambda: engine.generate(prompts, num_tokens, compiled_off)
@@ -248,6 +264,8 @@ def main() -> None:
         results["strongest_cfg_off_baseline"] = strongest
         results["ratios"] = {f"{ours}/{base}": ips[ours] / ips[base] for ours, base in pairs if ours in ips}
         print("ratios:", " ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items()))
+    results.setdefault("ratios", {})["unified_cfg/ours_cfg"] = ips["unified_cfg"] / ips["ours_cfg"]
+    print(f"unified model / generator-only model (CFG): {results['ratios']['unified_cfg/ours_cfg']:.2f}x")
     if device.type == "cuda":
         bw = copy_bandwidth(device)
         width = max(len(r) for r in all_rows)

@@ -504,4 +504,4 @@ def test_bench_script_runs(tmp_path):
                            "--batch", "2", "--repeats", "1", "--json", str(out)],
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "ratios:" in proc.stdout and out.is_file()
+    assert "ratios:" in proc.stdout and "unified model / generator-only model" in proc.stdout and out.is_file()

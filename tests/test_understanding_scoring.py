@@ -74,6 +74,8 @@ def test_score_pope_confusion_metrics():
     assert r["accuracy"] == pytest.approx(3 / 5) and r["precision"] == pytest.approx(2 / 3)
     assert r["recall"] == pytest.approx(2 / 3) and r["f1"] == pytest.approx(2 / 3)
     assert r["yes_ratio"] == pytest.approx(3 / 5)  # of the predictions
+    built = "".join(["lla", "va"])  # a variant string from a command line is equal to "llava", not the same object
+    assert score_pope([{"category": c, "answer": a, "label": y} for c, a, y in rows], built) == out
     p = out["categories"]["popular"]  # nothing predicted yes: precision, recall, f1 0 rather than a crash
     assert (p["precision"], p["recall"], p["f1"], p["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)
     assert out["mean_f1"] == pytest.approx((2 / 3 + 0.0) / 2)

@@ -14,7 +14,6 @@ guidance. Every run.sample_every steps a PNG grid of sampled prompts is written;
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -33,16 +32,15 @@ from data.images import build_image_dataset
 from data.sequences import CaptionCodeSequences, collate_sequences
 from data.shapes import world_texts
 from data.shards import ShardOptions
-from data.transforms import ImageTransform, make_grid_png
+from data.transforms import ImageTransform
 from llm.generator import LMConfig, build_lm, save_text_side
-from llm.sampler import Engine, SamplingConfig
-from llm.vocab import build_prompt_ids, unconditional_prompt_ids
 from tokenizer import VQRAE
 from train.config import DebugConfig, RunConfig, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
 from train.exports import GENERATOR_META, TEXT_SIDE, export_generator
 from train.loop import TrainLoop, run_trainer
 from train.run_folder import prepare_run_dir
+from train.samples import SampleGrid, SampleSection
 
 log = logging.getLogger("vqrae")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "ar_gen"
@@ -61,16 +59,6 @@ class GenDataConfig:
     chunk_size: int = CHUNK_SIZE
     extract_batch_size: int = 64
     shards: ShardOptions = field(default_factory=ShardOptions)
-
-
-@dataclass
-class SampleSection:
-    """Prompts sampled into a PNG grid every run.sample_every steps, with these explicit settings."""
-
-    prompts: tuple[str, ...] = ("a photo of a red circle", "a photo of two squares",
-                                "a photo of a triangle left of a circle",
-                                "a photo of a blue square and a yellow circle")
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=3.0))
 
 
 @dataclass
@@ -135,7 +123,7 @@ class ARGenTrainer(TrainLoop):
         self.resume()
         self.loader = self.make_loader(self.sequences, functools.partial(collate_sequences, pad_id=self.vocab.pad_id),
                                        cfg.deepspeed.micro_batch_size)
-        self.sampler_engine: Engine | None = None
+        self.samples = SampleGrid(cfg.sample, self.tokenizer, self.vocab, cfg.lm.sequence_format, self.vqrae)
         log.info("generator: %s, %d codes x %d tokens/image, %d sequences, step %d of %d",
                  model.config.model_type, self.vocab.codebook_size, codes.num_tokens, len(codes),
                  self.state["step"], cfg.run.steps)
@@ -151,27 +139,9 @@ class ARGenTrainer(TrainLoop):
             accuracy = correct.sum().float() / mask.sum().clamp_min(1)
         return out.loss, {"token_accuracy": accuracy, "dropped_captions": batch["dropped"]}
 
-    @torch.no_grad()
     def write_samples(self, step: int) -> None:
-        """Every rank samples (ZeRO-3 gathers the weights collectively); rank 0 decodes and writes the grid."""
-        import deepspeed
-
-        model = self.engine.module
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters())) \
-            if self.cfg.deepspeed.zero_stage == 3 else contextlib.nullcontext()
-        model.eval()
-        with gather:
-            if self.sampler_engine is None:
-                self.sampler_engine = Engine(model, self.vocab)
-            template, uncond = self.cfg.lm.template, self.cfg.lm.uncond
-            cond = [build_prompt_ids(self.tokenizer, p, template) for p in self.cfg.sample.prompts]
-            uncond_ids = [unconditional_prompt_ids(self.tokenizer, c, self.vocab, uncond, template) for c in cond]
-            codes = self.sampler_engine.generate(cond, self.vqrae.config.num_tokens, self.cfg.sample.sampling,
-                                                 uncond_ids)
-        model.train()
-        if self.info.is_main:
-            images = self.vqrae.decode(codes.cpu()).clamp(-1, 1)
-            make_grid_png([images], self.out_dir / "samples" / f"step_{step:08d}.png", min_cell=128)
+        path = self.out_dir / "samples" / f"step_{step:08d}.png" if self.info.is_main else None
+        self.samples.write(self.engine.module, path, self.cfg.deepspeed.zero_stage == 3)
 
     def checkpoint_files(self) -> dict:
         meta = {"hf_config": self.hf_config, "vqrae": str(Path(self.cfg.data.tokenizer).resolve())}

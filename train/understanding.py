@@ -218,6 +218,23 @@ def param_groups(model, cfg: UnderstandingTrainConfig) -> list[dict]:
              "name": part} for (part, decay), ps in sorted(groups.items())]
 
 
+def with_blank_image(inputs: dict[str, torch.Tensor], image_token_id: int, num_tokens: int, pad_id: int, size: int,
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A text-only batch plus one row holding an image's tokens alone, attended but never supervised, and its pixels
+    (zeros: the mean colour): the forward runs the tower as a batch with images does, the loss is unchanged."""
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    length = max(ids.shape[1], num_tokens)
+    widened = []
+    for tensor, fill in ((ids, pad_id), (mask, 0), (labels, -100)):
+        grown = tensor.new_full((tensor.shape[0] + 1, length), fill)
+        grown[: tensor.shape[0], : tensor.shape[1]] = tensor
+        widened.append(grown)
+    widened[0][-1, :num_tokens] = image_token_id
+    widened[1][-1, :num_tokens] = 1
+    pixels = torch.zeros(1, 3, size, size, device=ids.device, dtype=dtype)
+    return {"input_ids": widened[0], "attention_mask": widened[1], "labels": widened[2], "pixel_values": pixels}
+
+
 def ensure_world(cfg: UnderstandingTrainConfig, image_size: int, info: DistInfo) -> None:
     """Write the shapes world's LLaVA data to data.image_root when data.world.samples > 0 and it is missing."""
     if cfg.data.world.samples <= 0 or cfg.data.train or Path(cfg.data.conversations).is_file():
@@ -295,28 +312,29 @@ class UnderstandingTrainer(TrainLoop):
             self.reasons[reason] += n
 
     def model_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The batch on the device: input_ids, attention_mask, labels, and pixel_values (model dtype) when any."""
+        """The batch on the device: input_ids, attention_mask, labels, and pixel_values (model dtype) when any. Under
+        ZeRO-3 a batch without images gains one blank-image row with nothing supervised (`with_blank_image`): every
+        rank's forward must gather the same parameters in the same order, the tower's included."""
         device = self.info.device
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
         if batch["pixel_values"] is not None:
             inputs["pixel_values"] = batch["pixel_values"].to(device, self.dtype, non_blocking=True)
+        elif self.cfg.deepspeed.zero_stage == 3 and self.tower_runs():
+            size = self.processor.image_processor.size["height"]
+            inputs = with_blank_image(inputs, self.processor.image_token_id, self.llava.config.image_seq_length,
+                                      self.processor.tokenizer.pad_token_id, size, self.dtype)
         return inputs
 
-    def tower_collective(self, loss: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """Under ZeRO-3 the tower's weights are gathered collectively, so every rank must run it: a batch without
-        images runs it on a dummy image at weight 0."""
-        if "pixel_values" in inputs or self.cfg.deepspeed.zero_stage != 3:
-            return loss
-        size = self.processor.image_processor.size["height"]
-        dummy = torch.zeros(1, 3, size, size, device=self.info.device, dtype=self.dtype)
-        return loss + 0.0 * torch.stack(self.llava.get_image_features(pixel_values=dummy).pooler_output).sum()
+    def tower_runs(self) -> bool:
+        """Whether images reach the vision tower (a unified model given codes never runs it)."""
+        return True
 
     def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
         self.count_skips(batch)
         if batch["input_ids"] is None:
             return None
         inputs = self.model_inputs(batch)
-        loss = self.tower_collective(self.engine(**inputs).loss, inputs)
+        loss = self.engine(**inputs).loss
         tokens = (inputs["labels"][:, 1:] != -100).sum()
         return loss, {"examples": batch["examples"], "answer_tokens": tokens}
 

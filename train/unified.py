@@ -40,12 +40,13 @@ from data.mix import TaskMix
 from data.sequences import CaptionCodeSequences
 from llm.generator import FORMAT_FILE, IMAGE_INPUTS, VQRAE_DIR, SequenceFormat, load_generator
 from llm.understanding import build_llava, is_llava_export, load_llava
-from llm.unified import codes_in_place, expand_llava, fit_vocab, image_codes
+from llm.unified import codes_in_place, expand_llava, fit_vocab, image_codes, language_model_view
 from llm.vocab import IGNORE_INDEX, INITS
 from tokenizer import VQRAE
 from train.config import run_entry_point
 from train.exports import PROJECTOR_FILE, UNIFIED_META, export_unified, find_export
 from train.loop import run_trainer
+from train.samples import SampleGrid, SampleSection
 from train.understanding import UnderstandingTrainConfig, UnderstandingTrainer
 
 log = logging.getLogger("vqrae")
@@ -90,6 +91,7 @@ class UnifiedTrainConfig(UnderstandingTrainConfig):
 
     stage: int = 2
     generation: GenerationSection = field(default_factory=GenerationSection)
+    sample: SampleSection = field(default_factory=SampleSection)
     image_input: str = "features"
 
     def __post_init__(self) -> None:
@@ -157,6 +159,7 @@ class UnifiedTrainer(UnderstandingTrainer):
         self.vocab, self.num_tokens = vocab, vqrae.config.num_tokens
         self.fmt = dataclasses.replace(fmt, image_input=cfg.image_input)
         self.vqrae = vqrae.to(self.info.device).eval().requires_grad_(False) if cfg.image_input == "codes" else None
+        self.samples: SampleGrid | None = None
         return llava, processor
 
     def freeze(self, llava):
@@ -180,6 +183,16 @@ class UnifiedTrainer(UnderstandingTrainer):
         return mix, (f"{described} and {len(codes)} caption -> codes sequences ({gen.codes}), mixed "
                      f"{mix.counts['und']} + {mix.counts['gen']} a pass")
 
+    def write_samples(self, step: int) -> None:
+        if self.samples is None:
+            self.samples = SampleGrid(self.cfg.sample, self.processor.tokenizer, self.vocab, self.fmt,
+                                      VQRAE.from_pretrained(self.vqrae_dir).eval())
+        path = self.out_dir / "samples" / f"step_{step:08d}.png" if self.info.is_main else None
+        self.samples.write(language_model_view(self.llava), path, self.cfg.deepspeed.zero_stage == 3)
+
+    def tower_runs(self) -> bool:
+        return self.cfg.image_input == "features"
+
     def trainable_token_ids(self) -> list[int]:
         start, stop = self.vocab.code_range
         return [self.vocab.image_start_id, self.vocab.image_end_id, *range(start, stop)]
@@ -192,7 +205,9 @@ class UnifiedTrainer(UnderstandingTrainer):
         if self.vqrae is not None and "pixel_values" in inputs:
             codes = image_codes(self.vqrae, self.processor, inputs["pixel_values"])
             inputs = codes_in_place(inputs, codes, self.vocab, self.processor.image_token_id)
-        is_gen = torch.tensor([t == "gen" for t in batch["tasks"]], device=inputs["input_ids"].device)
+        extra = inputs["input_ids"].shape[0] - len(batch["tasks"])  # a blank-image row may follow (ZeRO-3)
+        is_gen = torch.tensor([t == "gen" for t in batch["tasks"]] + [False] * extra,
+                              device=inputs["input_ids"].device)
         metrics, sums, counts = {"examples": batch["examples"]}, {}, {}
         correct = total = 0
         for rows in self.forward_groups(is_gen):
@@ -221,7 +236,7 @@ class UnifiedTrainer(UnderstandingTrainer):
             loss = (sums["und"] + sums["gen"]) / (counts["und"] + counts["gen"]).clamp_min(1)
         if total > 0:
             metrics["code_accuracy"] = correct.float() / total
-        return self.tower_collective(loss, inputs), metrics
+        return loss, metrics
 
     def forward_groups(self, is_gen: torch.Tensor) -> list[torch.Tensor]:
         """The row indices of each forward pass: one per task present, each padded only to its own longest row
