@@ -5,6 +5,7 @@ the same loaded models.
 
     python scripts/web_demo.py                                # the CPU default's exports, http://127.0.0.1:7860
     python scripts/web_demo.py --und runs/qwen3-und-stage2/export --gen runs/qwen3-0.6b-ar/export --device cuda
+    python scripts/web_demo.py --model runs/tiny-unified/export     # one unified model answers and draws
 
 It listens on 127.0.0.1 unless --host says otherwise (binding elsewhere prints a warning) and never makes a public
 share link. Images come only as uploads (the page cannot name a file on the server), are refused past --max-upload-mb

@@ -402,6 +402,15 @@ def test_two_process_zero3_with_batches_lacking_images(world):
     assert images.shape[-1] == 32
 
 
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-und-codes.yaml", "qwen3.yaml"])
+def test_the_shipped_configs_parse(name):
+    from train.config import parse_config
+    from train.unified import CONFIG_DIR, UnifiedTrainConfig
+
+    cfg = parse_config(UnifiedTrainConfig, ["--config", str(CONFIG_DIR / name)], CONFIG_DIR / "tiny.yaml", "")
+    assert cfg.stage == 2 and (cfg.generation.codes or cfg.generation.ratio == 0)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["model.init_from=X", "generation.generator=Y"], "set exactly one"),
     (["model.init_from=", "generation.generator=Y"], "needs model.projector"),
