@@ -1,7 +1,8 @@
 """One model that understands and draws through the one tokenizer: the understanding model (a transformers LLaVA:
 VQRAE tower -> mlp2x_gelu projector -> LM) whose LM's vocabulary is expanded by VQRAE's codes (llm/vocab.py, the one
 sequence format). It answers from the continuous features and draws by predicting codes that the VQRAE decoder
-turns into pixels. Its export is an understanding export with the generator's text side and tokenizer beside it:
+turns into pixels. Its export is an understanding export (the processor's tokenizer holds the code tokens) with the
+image vocabulary, the sequence format and the VQRAE beside it:
 
     DIR/config.json, model.safetensors, processor + tokenizer files   LlavaForConditionalGeneration + AutoProcessor
     DIR/image_vocab.json, sequence_format.json                        where the codes live, the prompt format
