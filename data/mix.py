@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-TASKS = ("und", "gen")
-
 
 class TaskMix(torch.utils.data.Dataset):
     """Args: und: the conversation dataset; gen: the caption -> codes sequences; ratio: the share of generation

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             images = [None if "image" not in q else blank if args.blank_images else
                       Image.open(images_root / q["image"]).convert("RGB") for q in batch]
             texts = [q["text"].replace("<image>", "").strip() for q in batch]
-            for q, text in zip(batch, answer(model, processor, images, texts, args.max_new_tokens, short=False,
-                                                     hook=hook)):
+            answers = answer(model, processor, images, texts, args.max_new_tokens, short=False, hook=hook)
+            for q, text in zip(batch, answers):
                 row = {**q, "prediction": text}
                 done[q["question_id"]] = row
                 out.write(json.dumps(row) + "\n")

@@ -38,6 +38,12 @@ class KVCache:
         self.graphs: dict[tuple[bool, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
 
+def has_peft_adapters(module: torch.nn.Module) -> bool:
+    """Whether peft wrapped any of `module`'s layers (LoRA, trainable tokens): a wrapped layer keeps its original
+    as `base_layer`, and reading its weights directly would skip the adapter."""
+    return any(hasattr(m, "base_layer") for m in module.modules())
+
+
 class FusedDecoder:
     """Forward of a Llama-family decoder (Qwen3 / Qwen2 / Llama) over a KVCache, on the model's own weights."""
 
@@ -53,7 +59,7 @@ class FusedDecoder:
                 f"frequencies do not depend on the length ({', '.join(STATIC_ROPE_TYPES)}); this model is "
                 f"{config.model_type!r} with rope {rope!r}: use SamplingConfig(backend='hf')"
             )
-        if any(hasattr(m, "base_layer") for m in body.modules()):
+        if has_peft_adapters(body):
             raise ValueError("the model holds peft adapters, which the fused backend would not apply: merge them "
                              "first or use SamplingConfig(backend='hf')")
         if any(p.numel() == 0 for p in model.parameters()):

@@ -321,7 +321,7 @@ InputsHook = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 def _model_inputs(model: LlavaForConditionalGeneration, processor: LlavaProcessor, texts: list[str],
                   images: list[Image.Image], hook: InputsHook | None = None) -> dict[str, torch.Tensor]:
     """Left-padded processor outputs on the model's device, pixels in its dtype, then `hook` applied (e.g. a
-    unified model's images given as codes: llm.unified.codes_input)."""
+    unified model's images given as codes: llm.unified.UnifiedModel.inputs_hook)."""
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:

@@ -123,6 +123,16 @@ def codes_in_place(inputs: dict[str, torch.Tensor], codes: torch.Tensor, vocab: 
     return {**{k: v for k, v in inputs.items() if k != "pixel_values"}, "input_ids": ids}
 
 
+def images_as_codes(inputs: dict[str, torch.Tensor], vqrae: VQRAE, processor: LlavaProcessor, vocab: ImageVocab
+                    ) -> dict[str, torch.Tensor]:
+    """Model inputs with their pixels (if any) turned into code tokens in the image tokens' places
+    (`image_codes` then `codes_in_place`)."""
+    if "pixel_values" not in inputs:
+        return inputs
+    codes = image_codes(vqrae, processor, inputs["pixel_values"])
+    return codes_in_place(inputs, codes, vocab, processor.image_token_id)
+
+
 @dataclass
 class UnifiedModel:
     """A loaded unified export: the LLaVA model and processor (understanding), the image vocabulary and sequence
@@ -140,13 +150,7 @@ class UnifiedModel:
         if self.fmt.image_input == "features":
             return None
 
-        def hook(inputs: dict) -> dict:
-            if "pixel_values" not in inputs:
-                return inputs
-            codes = image_codes(self.vqrae, self.processor, inputs["pixel_values"])
-            return codes_in_place(inputs, codes, self.vocab, self.processor.image_token_id)
-
-        return hook
+        return lambda inputs: images_as_codes(inputs, self.vqrae, self.processor, self.vocab)
 
     def text_to_image(self):
         """A `llm.pipeline.TextToImage` on the shared language model."""

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.transforms import make_grid_png
+from llm.fused import has_peft_adapters
 from llm.generator import SequenceFormat
 from llm.sampler import Engine, SamplingConfig
 from llm.vocab import ImageVocab, build_prompt_ids, unconditional_prompt_ids
@@ -46,7 +47,7 @@ class SampleGrid:
 
         gather = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else contextlib.nullcontext()
         sampling = self.section.sampling
-        if any(hasattr(m, "base_layer") for m in model.modules()):  # LoRA adapters: transformers' forward applies them
+        if has_peft_adapters(model):  # transformers' forward applies the adapters, the fused decode step would not
             sampling = dataclasses.replace(sampling, backend="hf")
         model.eval()
         with gather:

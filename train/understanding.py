@@ -40,6 +40,7 @@ from data.shapes import question_texts, world_texts
 from data.shards import ShardOptions
 from llm.lm import causal_lm
 from llm.understanding import SHORT_ANSWER, build_llava, is_llava_export, load_llava, lora_config
+from llm.vocab import IGNORE_INDEX
 from tokenizer import VQRAE
 from train.config import DebugConfig, RunConfig, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
@@ -225,7 +226,7 @@ def with_blank_image(inputs: dict[str, torch.Tensor], image_token_id: int, num_t
     ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
     length = max(ids.shape[1], num_tokens)
     widened = []
-    for tensor, fill in ((ids, pad_id), (mask, 0), (labels, -100)):
+    for tensor, fill in ((ids, pad_id), (mask, 0), (labels, IGNORE_INDEX)):
         grown = tensor.new_full((tensor.shape[0] + 1, length), fill)
         grown[: tensor.shape[0], : tensor.shape[1]] = tensor
         widened.append(grown)

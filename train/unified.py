@@ -40,7 +40,7 @@ from data.mix import TaskMix
 from data.sequences import CaptionCodeSequences
 from llm.generator import FORMAT_FILE, IMAGE_INPUTS, VQRAE_DIR, SequenceFormat, load_generator
 from llm.understanding import build_llava, is_llava_export, load_llava
-from llm.unified import codes_in_place, expand_llava, fit_vocab, image_codes, language_model_view
+from llm.unified import expand_llava, fit_vocab, images_as_codes, language_model_view
 from llm.vocab import IGNORE_INDEX, INITS
 from tokenizer import VQRAE
 from train.config import run_entry_point
@@ -202,9 +202,8 @@ class UnifiedTrainer(UnderstandingTrainer):
         if batch["input_ids"] is None:
             return None
         inputs = self.model_inputs(batch)
-        if self.vqrae is not None and "pixel_values" in inputs:
-            codes = image_codes(self.vqrae, self.processor, inputs["pixel_values"])
-            inputs = codes_in_place(inputs, codes, self.vocab, self.processor.image_token_id)
+        if self.vqrae is not None:
+            inputs = images_as_codes(inputs, self.vqrae, self.processor, self.vocab)
         extra = inputs["input_ids"].shape[0] - len(batch["tasks"])  # a blank-image row may follow (ZeRO-3)
         is_gen = torch.tensor([t == "gen" for t in batch["tasks"]] + [False] * extra,
                               device=inputs["input_ids"].device)
