@@ -85,7 +85,8 @@ class SkipSample(Exception):
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Common base: subclasses implement `__len__` and `_read(i) -> (image bytes or path, caption, meta, name)`.
+    """Common base: subclasses implement `__len__` and `_read(i) -> (image bytes or path, caption, meta, name)`; an
+    image source None (a reader that allows samples without one) gives pixel_values None.
 
     Args:
         transform: called as `transform(pil_image, seed=...)` -> (3, H, W) in [-1, 1]; None converts the image
@@ -111,7 +112,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def epoch(self) -> int:
         return int(self._epoch)
 
-    def _read(self, i: int) -> tuple[bytes | str, str, dict[str, Any], str]:
+    def _read(self, i: int) -> tuple[bytes | str | None, str, dict[str, Any], str]:
         raise NotImplementedError
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
@@ -123,6 +124,8 @@ class ImageDataset(torch.utils.data.Dataset):
         name = f"sample {i}"
         try:
             source, caption, meta, name = self._read(i)
+            if source is None:  # a sample without an image, where the reader allows one
+                return {"pixel_values": None, "caption": caption, "index": i, "meta": meta}
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
                 image.load()
                 image = to_rgb(image)

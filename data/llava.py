@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common.files import ensure_settings, write_atomic
+from common.files import ensure_settings
 from data.images import DECODE_ERRORS, SHARD_INDEX, TAR_IMAGE_EXTS
 from data.shards import ShardDataset, write_index
 from data.tar_files import write_tar_shard
@@ -182,9 +182,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 class ShardConversationDataset(ConversationDataset):
     """LLaVA samples stored as indexed webdataset shards (local, HTTP(S) or any fsspec store; see data/shards.py),
-    as `scripts/llava_to_shards.py` writes them: per sample an image member and a "json" member holding the LLaVA
-    sample ({"id", "image", "conversations"}). Items are those of `ConversationDataset` for the same samples; it
-    exposes the shard layout, so the trainers' data order reads it shard-locally and resumes exactly.
+    as `scripts/llava_to_shards.py` writes them: per sample a "json" member holding the LLaVA sample ({"id",
+    "image"?, "conversations"}) and, unless it is text-only, an image member. Items are those of
+    `ConversationDataset` for the same samples (a json naming an image its sample lacks: "missing_image"); it exposes
+    the shard layout, so the trainers' data order reads it shard-locally and resumes exactly.
 
     Args:
         spec: the shard index, a folder holding it, or a shard URL / brace pattern (`data.shards.read_index`).
@@ -195,7 +196,7 @@ class ShardConversationDataset(ConversationDataset):
     def __init__(self, spec: str | Path, processor: Any, num_image_tokens: int, template: str = "chat",
                  max_length: int = 2048, options: Any = None):
         super().__init__([], "", processor, num_image_tokens, template, max_length)
-        self.shards = ShardDataset(spec, transform=self.pixels, options=options)
+        self.shards = ShardDataset(spec, transform=self.pixels, options=options, image_optional=True)
         self.shard_lengths, self.window, self.options = self.shards.shard_lengths, self.shards.window, self.shards.options
 
     def __len__(self) -> int:
@@ -212,9 +213,12 @@ class ShardConversationDataset(ConversationDataset):
         if not is_llava_sample(sample):
             log.warning("skipping %s:%s: its json member is not a LLaVA sample", meta["__shard__"], meta["__key__"])
             return {"skipped": "bad_sample", "id": meta["__key__"]}
-        sample.setdefault("image", meta["__key__"])  # it has one: the image member
         sample.setdefault("id", meta["__key__"])
-        return self.encode_sample(sample, read["pixel_values"])
+        pixels = read["pixel_values"]
+        if pixels is None:  # text-only, unless its json names an image
+            return self.encode_sample(sample, "missing_image" if "image" in sample else None)
+        sample.setdefault("image", meta["__key__"])  # it has one: the image member
+        return self.encode_sample(sample, pixels)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         return self._item(self.shards[key])
@@ -226,12 +230,11 @@ class ShardConversationDataset(ConversationDataset):
 
 def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | Path, out_dir: str | Path,
                        shard_size: int = 1000, progress: bool = True) -> dict[str, int]:
-    """Write LLaVA samples with an image as webdataset shards OUT/{shard:06d}.tar + OUT/shardindex.json, resumably
-    (complete shards are kept; OUT/llava_shards.json records which samples, and another list is refused). Member
-    names are the sample's position ({i:09d}.{png|jpg|...}, {i:09d}.json); the json member is the LLaVA sample as
-    given. Text-only samples cannot go
-    into image shards: they are written to OUT/text_only.json. Returns counts: shards, samples, text_only, missing
-    (image files not found, left out and named in a warning).
+    """Write LLaVA samples as webdataset shards OUT/{shard:06d}.tar + OUT/shardindex.json, resumably (complete
+    shards are kept; OUT/llava_shards.json records which samples, and another list is refused). Member names are the
+    sample's position ({i:09d}.{png|jpg|...}, {i:09d}.json); the json member is the LLaVA sample as given, and a
+    text-only sample is its json member alone, in its place among the others. Returns counts: shards, samples (those
+    written, text-only included), text_only, missing (image files not found, left out and named in a warning).
 
     Args:
         samples: from `read_conversations`.
@@ -246,13 +249,10 @@ def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | P
     out.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1(json.dumps(list(samples), sort_keys=True).encode()).hexdigest()
     ensure_settings(out / "llava_shards.json", {"kind": "llava-shards", "samples": digest, "shard_size": shard_size,
-                                                "image_root": str(root.resolve())})
-    text_only = [s for s in samples if s.get("image") is None]
-    present, missing = [], []  # (position, sample) with an image file; image paths not found
+                                                "image_root": str(root.resolve()), "text_only": "in shards"})
+    present, missing = [], []  # (position, sample) text-only or with an image file; image paths not found
     for i, s in enumerate(samples):
-        if s.get("image") is None:
-            continue
-        if (root / s["image"]).is_file():
+        if s.get("image") is None or (root / s["image"]).is_file():
             present.append((i, s))
         else:
             missing.append(s["image"])
@@ -266,16 +266,16 @@ def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | P
             continue
         members = []
         for i, sample in present[first:first + shard_size]:
-            ext = Path(sample["image"]).suffix.lower().lstrip(".")
-            if ext not in TAR_IMAGE_EXTS:
-                raise ValueError(f"sample {i}: image {sample['image']} is not one of {', '.join(TAR_IMAGE_EXTS)}")
-            members += [(f"{i:09d}.{ext}", (root / sample["image"]).read_bytes()),
-                        (f"{i:09d}.json", json.dumps(sample).encode())]
+            if sample.get("image") is not None:
+                ext = Path(sample["image"]).suffix.lower().lstrip(".")
+                if ext not in TAR_IMAGE_EXTS:
+                    raise ValueError(f"sample {i}: image {sample['image']} is not one of {', '.join(TAR_IMAGE_EXTS)}")
+                members.append((f"{i:09d}.{ext}", (root / sample["image"]).read_bytes()))
+            members.append((f"{i:09d}.json", json.dumps(sample).encode()))
         write_tar_shard(path, members)
     write_index(urls, out / SHARD_INDEX)
-    if text_only:
-        write_atomic(out / "text_only.json", json.dumps(text_only))
-    return {"shards": len(urls), "samples": len(present), "text_only": len(text_only), "missing": len(missing)}
+    text_only = sum(s.get("image") is None for _, s in present)
+    return {"shards": len(urls), "samples": len(present), "text_only": text_only, "missing": len(missing)}
 
 
 def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:

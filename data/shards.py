@@ -341,11 +341,14 @@ class ShardDataset(ImageDataset):
         transform: see `ImageDataset`.
         seed: see `ImageDataset`.
         options: fetching, caching and ordering (`ShardOptions`).
+        image_optional: a sample without an image member is an item whose pixel_values is None (text-only LLaVA
+            samples); by default it is unreadable, skipped and counted.
     """
 
     def __init__(self, spec: str | Path, transform: Transform | None = None, seed: int = 0,
-                 options: ShardOptions | None = None):
+                 options: ShardOptions | None = None, image_optional: bool = False):
         super().__init__(transform, seed)
+        self.image_optional = image_optional
         self.options = options or ShardOptions()
         self.urls, self.shard_lengths, self.shard_sizes = read_index(str(spec))
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_lengths)]).astype(np.int64)
@@ -427,7 +430,7 @@ class ShardDataset(ImageDataset):
                     future.result()
         return [self[k] for k in keys]
 
-    def _read(self, i: int) -> tuple[bytes, str, dict[str, Any], str]:
+    def _read(self, i: int) -> tuple[bytes | None, str, dict[str, Any], str]:
         shard, j = self.locate(i)
         opened = self._shard(shard)
         parts: dict[str, bytes] = {}
@@ -438,11 +441,11 @@ class ShardDataset(ImageDataset):
             parts.setdefault(ext[1:].lower(), read_exactly(opened.fd, offset, size))
         name = f"{self.urls[shard]}:{key}"
         image_ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
-        if image_ext is None:
+        if image_ext is None and not self.image_optional:
             raise ValueError("no png/jpg/jpeg/webp member")
         meta = member_meta(parts.get("json"))
         meta.update(__key__=key, __shard__=self.urls[shard])
-        return parts[image_ext], parts.get("txt", b"").decode("utf-8").strip(), meta, name
+        return parts.get(image_ext), parts.get("txt", b"").decode("utf-8").strip(), meta, name
 
     def __del__(self) -> None:
         for opened in getattr(self, "_open", {}).values():

@@ -1,7 +1,7 @@
 """Convert LLaVA data (a conversation json + its image folder) into indexed webdataset shards that the understanding
 trainer reads from local disk, HTTP(S) or an object store (`data.train=...`): per sample the image file as it is and
-its LLaVA sample as a json member, then the shard index. Text-only samples go to OUT/text_only.json. Resumable:
-complete shards are kept on a rerun.
+its LLaVA sample as a json member (a text-only sample: the json member alone, in its place), then the shard index.
+Resumable: complete shards are kept on a rerun.
 
     python scripts/llava_to_shards.py --conversations /data/llava/llava_v1_5_mix665k.json \\
         --image-root /data/llava/images --out /data/llava/shards-665k --shard-size 2000
@@ -32,7 +32,7 @@ def main() -> None:
         counts = write_llava_shards(read_conversations(args.conversations), args.image_root, args.out,
                                     args.shard_size)
         print(f"{args.out}: {counts['samples']} samples in {counts['shards']} shards"
-              + (f"; {counts['text_only']} text-only samples in {args.out / 'text_only.json'}" if counts["text_only"] else "")
+              + (f" ({counts['text_only']} of them text-only)" if counts["text_only"] else "")
               + (f"; {counts['missing']} samples left out (image not found)" if counts["missing"] else ""))
 
 

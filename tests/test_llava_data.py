@@ -154,8 +154,8 @@ def test_llava_shards_give_the_same_items_locally_and_over_http(world, tmp_path)
     gone = {**samples[0], "id": "gone", "image": "images/nowhere.png"}
     mixed = [*samples[:3], text_only, gone, *samples[3:]]
     counts = write_llava_shards(mixed, root, tmp_path / "shards", shard_size=4, progress=False)
-    assert counts == {"shards": 2, "samples": 6, "text_only": 1, "missing": 1}
-    assert json.loads((tmp_path / "shards" / "text_only.json").read_text()) == [text_only]
+    assert counts == {"shards": 2, "samples": 7, "text_only": 1, "missing": 1}
+    kept = [s for s in mixed if s is not gone]  # the text-only sample in its place, the fourth
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")}
     write_llava_shards(mixed, root, tmp_path / "shards", shard_size=4, progress=False)  # a rerun keeps the shards
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")} == before
@@ -166,18 +166,23 @@ def test_llava_shards_give_the_same_items_locally_and_over_http(world, tmp_path)
             write_llava_shards(read_conversations(root / source), root, tmp_path / "plain", shard_size=4,
                                progress=False)
         folder = tmp_path / ("shards" if template == "chat" else "plain")
-        reference = ConversationDataset(read_conversations(root / source), root, processor, 64, template)
+        given = kept if template == "chat" else read_conversations(root / source)
+        reference = ConversationDataset(given, root, processor, 64, template)
+        lengths = [4, 3] if template == "chat" else [4, 2]
         with ShardServer(folder) as server:
             options = ShardOptions(cache_dir=str(tmp_path / f"cache-{template}"), window=1)
             for spec in (folder, f"{server.url}/shardindex.json"):
                 shards = ShardConversationDataset(spec, processor, 64, template, options=options)
-                assert len(shards) == 6 and shards.shard_lengths == [4, 2]
-                items = shards.__getitems__(list(range(6)))
-                for want, got in zip((reference[i] for i in range(6)), items):
+                assert len(shards) == len(given) and shards.shard_lengths == lengths
+                items = shards.__getitems__(list(range(len(given))))
+                for want, got in zip((reference[i] for i in range(len(given))), items):
                     assert torch.equal(got["input_ids"], want["input_ids"])
                     assert torch.equal(got["labels"], want["labels"])
-                    assert torch.equal(got["pixel_values"], want["pixel_values"])
                     assert got["id"] == want["id"]
+                    if want["pixel_values"] is None:  # the text-only conversation
+                        assert got["pixel_values"] is None and want["id"] == "t"
+                    else:
+                        assert torch.equal(got["pixel_values"], want["pixel_values"])
                 copy = pickle.loads(pickle.dumps(shards))  # what a spawned DataLoader worker receives
                 assert torch.equal(copy[5]["input_ids"], reference[5]["input_ids"])
 
@@ -195,3 +200,15 @@ def test_a_shard_sample_that_is_not_llava_is_skipped_and_counted(world, tmp_path
     assert items[0] == {"skipped": "bad_sample", "id": "a"}
     assert items[1]["id"] == "b" and processor.image_token_id in items[1]["input_ids"].tolist()  # image first
     assert collate_llava(items, processor.tokenizer.pad_token_id)["skip_reasons"]["bad_sample"] == 1
+
+
+def test_a_shard_sample_whose_json_names_an_image_it_lacks_is_skipped_as_missing(world, tmp_path):
+    root, processor = world
+    turns = [{"from": "human", "value": "<image>\nHi?"}, {"from": "gpt", "value": "yes"}]
+    write_tar_shard(tmp_path / "000000.tar", [
+        ("a.json", json.dumps({"id": "a", "image": "a.png", "conversations": turns}).encode()),
+        ("b.json", json.dumps({"id": "b", "conversations": [{"from": "human", "value": "Hi?"}, turns[1]]}).encode())])
+    write_index([str(tmp_path / "000000.tar")], tmp_path / "shardindex.json")
+    data = ShardConversationDataset(tmp_path, processor, 64, "chat")
+    assert data[0] == {"skipped": "missing_image", "id": "a"}
+    assert data[1]["pixel_values"] is None and processor.image_token_id not in data[1]["input_ids"].tolist()

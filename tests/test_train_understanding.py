@@ -1,5 +1,6 @@
 """End-to-end runs of train/understanding.py on a tiny shapes world: stage 1 -> stage 2 (full and LoRA), the
-stage-1 projector loaded into a 2-process ZeRO-3 stage 2, a killed LoRA run resumed, one-line config errors."""
+stage-1 projector loaded into a 2-process ZeRO-3 stage 2, a killed LoRA run resumed, one-line config errors, LLaVA
+shards (over HTTP as locally; text-only conversations among them)."""
 
 from __future__ import annotations
 
@@ -188,3 +189,22 @@ def test_stage1_from_llava_shards_over_http_equals_local_shards(world, tmp_path)
     assert "64 conversations in 4 shards" in proc.stderr + proc.stdout
     local, remote = losses(tmp_path / "local"), losses(tmp_path / "http")
     assert sorted(local) == [1, 2, 3] and local == remote
+
+
+def test_stage2_trains_text_only_conversations_from_shards(world, stage1, tmp_path):
+    from data.llava import read_conversations, write_llava_shards
+
+    samples = read_conversations(world / "world" / "conversations.json")[:12]
+    chats = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say a colour."},
+                                                {"from": "gpt", "value": "red"}]} for i in range(4)]
+    mixed = [*samples[:6], *chats, *samples[6:]]  # 16 samples: shards of 8, one with four text-only chats
+    counts = write_llava_shards(mixed, world / "world", tmp_path / "shards", shard_size=8, progress=False)
+    assert counts["samples"] == 16 and counts["text_only"] == 4
+    out = tmp_path / "run"
+    train(*args(world, out, 2, f"model.init_from={stage1}", f"data.train={tmp_path / 'shards'}",
+                "data.conversations=/nonexistent.json",
+                "deepspeed.micro_batch_size=4", "run.steps=4", "data.shards.window=1"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert sum(r["examples"] for r in rows) == 16  # one epoch: every sample trained, the text-only ones included
+    assert all(r["skipped_images"] == 0 for r in rows)
