@@ -135,6 +135,8 @@ def count_samples(url: str, options: ShardOptions | None = None) -> tuple[int, i
     stream = open(local_path(url), "rb") if not is_remote(url) else _open(url, options)
     with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         names = [m.name for m in tar if m.isfile()]
+        while stream.read(1 << 20):  # the reader stops at the first end-of-archive block; the file goes on
+            pass
         size = stream.tell()
     return len(wids_core.group_by_key(names)), size
 

@@ -62,6 +62,16 @@ def test_index_lists_every_shard_relative_with_its_samples_and_bytes(shards):
         assert entry["filesize"] == os.path.getsize(shards / entry["url"])
 
 
+@pytest.mark.parametrize("blocks", [17, 18, 19])  # data blocks: the end-of-archive blocks in one record or across two
+def test_index_counts_a_shards_bytes_to_its_end(tmp_path, blocks):
+    from data.shards import count_samples
+    from data.tar_files import write_tar_shard
+
+    path = tmp_path / "000000.tar"
+    write_tar_shard(path, [("a.json", b"x" * 512 * blocks)])
+    assert count_samples(str(path)) == (1, os.path.getsize(path))
+
+
 def test_samples_equal_the_local_tar_readers(shards):
     transform = ImageTransform(32, "center")
     indexed, scanned = ShardDataset(shards, transform), TarShardDataset(shards, transform)
