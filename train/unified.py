@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from common.config import ConfigError
 from common.weights import load_exactly
 from data.codes import CodeDataset
-from data.mix import TaskMix
+from data.mix import ShardTaskMix, TaskMix
 from data.sequences import CaptionCodeSequences
 from llm.generator import FORMAT_FILE, IMAGE_INPUTS, VQRAE_DIR, SequenceFormat, load_generator
 from llm.understanding import build_llava, is_llava_export, load_llava
@@ -105,9 +105,6 @@ class UnifiedTrainConfig(UnderstandingTrainConfig):
             raise ConfigError("generation.generator needs model.projector (a stage-1 projector.safetensors)")
         if self.model.init_from and self.model.projector:
             raise ConfigError("model.projector goes with generation.generator; an understanding export has its own")
-        if self.data.train:
-            raise ConfigError("the unified trainer reads conversations from data.conversations + data.image_root "
-                              "(shards are not mixed with code sequences yet)")
         if not 0 <= gen.ratio < 1:
             raise ConfigError(f"generation.ratio must be in [0, 1), got {gen.ratio}")
         if gen.ratio > 0 and not gen.codes:
@@ -179,7 +176,8 @@ class UnifiedTrainer(UnderstandingTrainer):
                               f"VQRAE makes {self.num_tokens}")
         sequences = CaptionCodeSequences(codes, self.processor.tokenizer, self.vocab, self.fmt.template,
                                          self.fmt.uncond, gen.caption_dropout, self.cfg.run.seed)
-        mix = TaskMix(conversations, sequences, gen.ratio)
+        mixed = ShardTaskMix if hasattr(conversations, "shard_lengths") else TaskMix  # shards: mixed shard by shard
+        mix = mixed(conversations, sequences, gen.ratio)
         return mix, (f"{described} and {len(codes)} caption -> codes sequences ({gen.codes}), mixed "
                      f"{mix.counts['und']} + {mix.counts['gen']} a pass")
 
