@@ -7,12 +7,13 @@ prediction, the generator's format), under DeepSpeed ZeRO.
         model.init_from=runs/qwen3-und-stage1 model.tokenizer=runs/siglip2-stage2/export \\
         data.conversations=/data/llava/llava_v1_5_mix665k.json data.image_root=/data/llava generation.codes=/data/codes
     #   or from a generator: generation.generator=runs/qwen3-ar/export model.projector=PROJECTOR.safetensors
+    #   or conversations from LLaVA shards (scripts/llava_to_shards.py): data.train=s3://bucket/llava/shardindex.json
 
 Starts from an understanding export (model.init_from, e.g. stage 1's: its vocabulary is expanded by the codes of
 model.tokenizer, the VQRAE its tower came from) or from a generator export (generation.generator, whose VQRAE is the
 tower, plus model.projector, a stage-1 projector file). Each sample is a conversation or, with probability
 generation.ratio, a caption -> codes sequence (caption dropout to the unconditional prompt for CFG, as in generator
-training). Loss: each task's cross-entropy over its supervised tokens (answers; codes + <|image_end|>), the two means
+training; conversations from shards mix shard by shard, data.mix.ShardTaskMix). Loss: each task's cross-entropy over its supervised tokens (answers; codes + <|image_end|>), the two means
 summed (generation.loss); loss_und / loss_gen and tokens_und / tokens_gen are logged apart. Projector + LLM train (fully, or LoRA adapters with
 the image-token rows of the embeddings and head trainable), ZeRO-3 and gradient checkpointing as in
 train/understanding.py. The export (llm/unified.py) loads in transformers alone for understanding; the project's
