@@ -28,6 +28,7 @@ declare -A TESTS=(
     [llm/sampler.py]="tests/test_sampler.py"
     [llm/vocab.py]="tests/test_vocab.py tests/test_sentencepiece.py"
     [data/sequences.py]="tests/test_ar_gen.py tests/test_vocab.py"
+    [data/mix.py]="tests/test_unified.py::task_mix"
     [eval/geneval_scoring.py]="tests/test_geneval_scoring.py"
     [eval/dpg_scoring.py]="tests/test_dpg_bench.py"
     [eval/understanding_scoring.py]="tests/test_understanding_scoring.py"

@@ -209,8 +209,16 @@ def test_task_mix_share_no_repeats_and_coverage():
         assert all(it["task"] == it["item"][0] and it["epoch"] == epoch for it in items)
         seen += names
     assert {n for n in seen if n[0] == "gen"} == {("gen", i) for i in range(100)}  # later epochs take the rest
-    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
-        TaskMix(Items("und", 3), Items("gen", 3), 1.0)
+    assert mix[7] == mix[(0, 7)] and mix[100] == mix[(0, 100)]  # a bare index is epoch 0's
+    for share in (1.0, 0.0, -0.25, 1.5):
+        with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+            TaskMix(Items("und", 3), Items("gen", 3), share)
+    for und, gen in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match="both tasks need samples"):
+            TaskMix(Items("und", und), Items("gen", gen), 0.5)
+    for index in (-1, len(mix)):
+        with pytest.raises(IndexError, match="outside the mix"):
+            mix.locate(0, index)
 
 
 class ShardItems(Items):
@@ -249,6 +257,10 @@ def test_shard_task_mix_keeps_shards_whole_and_mixes_each_at_the_share():
         assert [mix[(epoch, i)] for i in (0, 40, len(mix) - 1)] == [items[0], items[40], items[-1]]
         seen += names
     assert {n for n in seen if n[0] == "gen"} == {("gen", i) for i in range(200)}  # later epochs take the rest
+    assert mix.__getitems__([3, 20]) == mix.__getitems__([(0, 3), (0, 20)]) and mix[20] == mix[(0, 20)]  # epoch 0
+    for index in (-1, len(mix)):
+        with pytest.raises(IndexError, match="outside the mix"):
+            mix.locate(0, index)
     ranks = [list(zip(range(6), ShardLocalBatchSampler(mix.shard_lengths, mix.window, 8, r, 2, 0,
                                                          read_ahead=mix.read_ahead))) for r in range(2)]
     conversations = [{mix.locate(*key)[1] for _, batch in rank for key in batch if mix.locate(*key)[0] == "und"}
