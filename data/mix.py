@@ -18,6 +18,11 @@ import numpy as np
 import torch
 
 
+def epoch_and_index(key: int | tuple[int, int]) -> tuple[int, int]:
+    """An (epoch, index) key as the resumable sampler gives it, or a bare index (epoch 0)."""
+    return key if isinstance(key, tuple) else (0, key)
+
+
 def check_share(ratio: float) -> None:
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"the generation share must be in (0, 1), got {ratio} (train a specialist for 0 or 1)")
@@ -48,7 +53,7 @@ class TaskMix(torch.utils.data.Dataset):
         return task, (epoch * self.counts[task] + offset) % n
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
+        epoch, index = epoch_and_index(key)
         task, inner = self.locate(epoch, index)
         return {**self.datasets[task][(epoch, inner)], "task": task}
 
@@ -103,8 +108,7 @@ class ShardTaskMix(torch.utils.data.Dataset):
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any]]:
         """A micro-batch: its conversations fetched together (`ShardConversationDataset.__getitems__`, remote
         shards in parallel), its sequences one by one, in the keys' order."""
-        located = [(key[0], *self.locate(*key)) if isinstance(key, tuple) else (0, *self.locate(0, key))
-                   for key in keys]
+        located = [(epoch, *self.locate(epoch, index)) for epoch, index in map(epoch_and_index, keys)]
         und = [(epoch, i) for epoch, task, i in located if task == "und"]
         conversations = iter(self.und.__getitems__(und)) if und else iter(())
         return [{**(next(conversations) if task == "und" else self.gen[(epoch, i)]), "task": task}

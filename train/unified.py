@@ -13,8 +13,8 @@ Starts from an understanding export (model.init_from, e.g. stage 1's: its vocabu
 model.tokenizer, the VQRAE its tower came from) or from a generator export (generation.generator, whose VQRAE is the
 tower, plus model.projector, a stage-1 projector file). Each sample is a conversation or, with probability
 generation.ratio, a caption -> codes sequence (caption dropout to the unconditional prompt for CFG, as in generator
-training; conversations from shards mix shard by shard, data.mix.ShardTaskMix). Loss: each task's cross-entropy over its supervised tokens (answers; codes + <|image_end|>), the two means
-summed (generation.loss); loss_und / loss_gen and tokens_und / tokens_gen are logged apart. Projector + LLM train (fully, or LoRA adapters with
+training; conversations from shards mix shard by shard, data.mix.ShardTaskMix). Loss: each task's cross-entropy
+over its supervised tokens (answers; codes + <|image_end|>), the two means summed (generation.loss); loss_und / loss_gen and tokens_und / tokens_gen are logged apart. Projector + LLM train (fully, or LoRA adapters with
 the image-token rows of the embeddings and head trainable), ZeRO-3 and gradient checkpointing as in
 train/understanding.py. The export (llm/unified.py) loads in transformers alone for understanding; the project's
 sampler, GenEval and chat draw with it.
