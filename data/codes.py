@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from common.files import atomic_write, ensure_settings
 from data.images import StringArray, collate_images
+from data.keys import epoch_and_index
 
 MANIFEST = "manifest.json"
 CHUNK_SIZE = 5000  # dataset indices per chunk, the default of every tool that writes codes
@@ -109,7 +110,7 @@ class CodeDataset(torch.utils.data.Dataset):
         return int(self.offsets[-1])
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) keys from the resumable sampler
+        _, i = epoch_and_index(key)
         chunk = int(np.searchsorted(self.offsets, i, side="right")) - 1
         codes = torch.from_numpy(np.asarray(self.codes[chunk][i - self.offsets[chunk]], dtype=np.int64))
         return {"codes": codes, "caption": self.captions[i], "index": int(self.indices[i])}

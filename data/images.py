@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.keys import epoch_and_index
 from data.tar_files import member_meta, read_exactly, scan_tar, split_key
 from data.transforms import pil_to_tensor, sample_seed, to_rgb
 
@@ -118,7 +119,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         """Sample `key`: an index (crops of the epoch set by `set_epoch`) or an (epoch, index) pair, which a
         sampler that crosses epochs uses so that prefetching workers never see the wrong epoch."""
-        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, i = epoch_and_index(key, self.epoch)
         if not 0 <= i < len(self):
             raise IndexError(f"{type(self).__name__}: index {i} out of range for {len(self)} samples")
         name = f"sample {i}"

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from common.files import ensure_settings
 from data.images import DECODE_ERRORS, SHARD_INDEX, TAR_IMAGE_EXTS
+from data.keys import epoch_and_index
 from data.shards import ShardDataset, write_index
 from data.tar_files import write_tar_shard
 from data.transforms import to_rgb
@@ -152,7 +153,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return self.processor.image_processor(images=square, return_tensors="pt")["pixel_values"][0]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        i = key[1] if isinstance(key, tuple) else key  # (epoch, index) keys from the resumable sampler
+        _, i = epoch_and_index(key)
         sample = self.samples[i]
         pixels = None
         if sample.get("image") is not None:

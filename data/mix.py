@@ -17,10 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def epoch_and_index(key: int | tuple[int, int]) -> tuple[int, int]:
-    """An (epoch, index) key as the resumable sampler gives it, or a bare index (epoch 0)."""
-    return key if isinstance(key, tuple) else (0, key)
+from data.keys import epoch_and_index
 
 
 def check_share(ratio: float) -> None:

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.config import ConfigError
 from data.codes import CodeDataset
+from data.keys import epoch_and_index
 from data.transforms import sample_seed
 from llm.vocab import (
     IGNORE_INDEX,
@@ -62,7 +63,7 @@ class CaptionCodeSequences(torch.utils.data.Dataset):
         return bool(rng.random() < self.dropout)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        epoch, i = key if isinstance(key, tuple) else (0, key)
+        epoch, i = epoch_and_index(key)
         row = self.codes[i]
         prompt = build_prompt_ids(self.tokenizer, row["caption"], self.template)
         drop = self.dropped(epoch, i)

@@ -51,6 +51,7 @@ from data.images import (
     SkipSample,
     Transform,
 )
+from data.keys import epoch_and_index
 from data.tar_files import member_meta, read_exactly, scan_tar
 
 logger = logging.getLogger(__name__)
@@ -424,7 +425,7 @@ class ShardDataset(ImageDataset):
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any] | None]:
         """A micro-batch (what DataLoader's batched fetch calls): the shards it needs are fetched in parallel first,
         so a batch spread over a window of remote shards waits for about one round trip, not one per shard."""
-        needed = {self.locate(k[1] if isinstance(k, tuple) else k)[0] for k in keys}
+        needed = {self.locate(epoch_and_index(k)[1])[0] for k in keys}
         missing = sorted(s for s in needed if s not in self._open and s not in self._failed)
         if len(missing) > 1 and any(is_remote(self.urls[s]) for s in missing):
             for future in [self._threads().submit(self._local, s) for s in missing]:

@@ -175,7 +175,7 @@ def sample_codes(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tens
     if cfg.temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / cfg.temperature
-    if 0 < cfg.top_k < logits.shape[-1]:
+    if cfg.top_k:
         logits = logits.masked_fill(~top_k_mask(logits, cfg.top_k), float("-inf"))
     if cfg.top_p < 1:
         logits = logits.masked_fill(~top_p_mask(logits, cfg.top_p), float("-inf"))

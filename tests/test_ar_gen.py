@@ -63,8 +63,14 @@ def test_caption_dropout_and_collation(codes_dir, tmp_path):
     for row, n in enumerate(lengths):
         assert batch["attention_mask"][row].sum() == n
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all() and (batch["input_ids"][row, n:] == vocab.pad_id).all()
-    with pytest.raises(ValueError, match="caption_dropout"):
-        CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=1.5)
+    assert [it["dropped"] for it in items[:50]] == [seqs.dropped(2, i) for i in range(50)]  # the item's own draw
+    assert torch.equal(seqs[5]["input_ids"], seqs[(0, 5)]["input_ids"]) and seqs[5]["dropped"] == seqs.dropped(0, 5)
+    for share, expected in ((0.0, 0), (1.0, 40)):  # the bounds are allowed: never or always unconditional
+        ends = CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=share, seed=7)
+        assert sum(ends[(2, i)]["dropped"] for i in range(40)) == expected
+    for share in (1.5, -0.1):
+        with pytest.raises(ValueError, match="caption_dropout"):
+            CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=share)
 
 
 def test_two_process_zero3_run_then_sample_from_export(tmp_path):

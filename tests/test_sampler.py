@@ -113,6 +113,7 @@ def test_top_k_mask_against_rank_rule_and_transformers():
         assert torch.equal(ours, TopKLogitsWarper(k)(None, x.clone()))
         assert (top_k_mask(x, k).sum(-1) == k).all()
     assert top_k_mask(x, 0).all() and top_k_mask(x, 40).all() and top_k_mask(x, 1000).all()
+    assert torch.equal(top_k_mask(x.view(2, 3, 40), 5), top_k_mask(x, 5).view(2, 3, 40))  # along the last dim
 
 
 def _smallest_nucleus(probs: list[float], p: float) -> list[bool]:
@@ -146,6 +147,7 @@ def test_top_p_mask_against_smallest_set_rule_and_transformers():
     assert top_p_mask(tied, 1e-9)[0].tolist() == [True, False, False, False]
     assert top_p_mask(torch.tensor([[1.0, 1.0, 0.0]]), 1e-9)[0].tolist() == [True, True, False]
     assert top_p_mask(x, 1.0).all()
+    assert torch.equal(top_p_mask(x.view(20, 10, 12), 0.5), top_p_mask(x, 0.5).view(20, 10, 12))  # the last dim
 
 
 def test_restrict_to_codes():
@@ -169,6 +171,8 @@ def test_sample_codes_distribution_support_and_streams():
     assert (freq_hot - (logits[0].double() / 2).softmax(-1)).abs().max() < 0.01
     top2 = sample_codes(logits, SamplingConfig(top_k=2), uniforms)
     assert set(top2.tolist()) == {0, 1}
+    for k in (5, 1000):  # k at or above the number of codes keeps them all
+        assert torch.equal(sample_codes(logits, SamplingConfig(top_k=k), uniforms), draws)
     nucleus = sample_codes(logits, SamplingConfig(top_p=0.6), uniforms)
     assert set(nucleus.tolist()) == {0, 1}  # p(0) = 0.53 < 0.6 <= p(0) + p(1)
     assert (sample_codes(logits, SamplingConfig(temperature=0.0), None) == 0).all()
@@ -195,6 +199,9 @@ def test_sampling_config_validation_and_record():
     assert set(record) == {"cfg_scale", "temperature", "top_k", "top_p", "seed", "backend", "cuda_graph", "compile"}
     assert SamplingConfig(**record) == cfg
     assert PRESETS["llamagen"].cfg_scale == 7.5 and PRESETS["llamagen"].top_k == 1000
+    janus = PRESETS["janus"]  # Janus's generation script: cfg_weight 5, temperature 1, neither top-k nor top-p
+    assert (janus.cfg_scale, janus.temperature, janus.top_k, janus.top_p) == (5.0, 1.0, 0, 1.0)
+    assert (PRESETS["greedy"].cfg_scale, PRESETS["greedy"].temperature) == (1.0, 0.0)
     for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"backend": "vllm"},
                 {"cfg_scale": float("nan")}, {"temperature": float("nan")}, {"temperature": float("inf")},
                 {"top_k": 2.0}, {"top_k": True}, {"top_p": float("nan")}, {"seed": -1}, {"seed": 1.5}):
@@ -324,10 +331,15 @@ def test_engine_input_errors(setup):
         engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0))
     with pytest.raises(ValueError, match="unconditional"):
         engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond[:1])
+    with pytest.raises(ValueError, match="unconditional"):
+        engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond + uncond[:1])
     with pytest.raises(ValueError, match="num_tokens"):
         engine.generate(prompts, 0, greedy())
     with pytest.raises(ValueError, match="token ids"):
         engine.generate([[vocab.embedding_rows]], N, greedy())
+    for token in (-1, vocab.embedding_rows + 5):
+        with pytest.raises(ValueError, match="token ids"):
+            engine.generate([[3, token]], N, greedy())
     with pytest.raises(ValueError, match="empty"):
         engine.generate([], N, greedy())
     with pytest.raises(ValueError, match="different model"):

@@ -207,6 +207,9 @@ def test_task_mix_share_no_repeats_and_coverage():
         names = [it["item"] for it in items]
         assert len(set(names)) == len(names)  # nothing twice within an epoch
         assert all(it["task"] == it["item"][0] and it["epoch"] == epoch for it in items)
+        # the epoch's slice of each dataset, in order: 90 sequences from epoch * 90 on (cyclically), then every
+        # conversation
+        assert names == [("gen", (epoch * 90 + k) % 100) for k in range(90)] + [("und", k) for k in range(30)]
         seen += names
     assert {n for n in seen if n[0] == "gen"} == {("gen", i) for i in range(100)}  # later epochs take the rest
     assert mix[7] == mix[(0, 7)] and mix[100] == mix[(0, 100)]  # a bare index is epoch 0's
@@ -216,7 +219,7 @@ def test_task_mix_share_no_repeats_and_coverage():
     for und, gen in ((0, 3), (3, 0)):
         with pytest.raises(ValueError, match="both tasks need samples"):
             TaskMix(Items("und", und), Items("gen", gen), 0.5)
-    for index in (-1, len(mix)):
+    for index in (-1, len(mix), len(mix) + 3):
         with pytest.raises(IndexError, match="outside the mix"):
             mix.locate(0, index)
 
@@ -255,10 +258,13 @@ def test_shard_task_mix_keeps_shards_whole_and_mixes_each_at_the_share():
                 range(bounds[s], bounds[s + 1]))
             start += n
         assert [mix[(epoch, i)] for i in (0, 40, len(mix) - 1)] == [items[0], items[40], items[-1]]
+        # in order: the conversations shard after shard, the sequences the epoch's slice from epoch * 144 on
+        assert [n for n in names if n[0] == "und"] == [("und", k) for k in range(48)]
+        assert [n for n in names if n[0] == "gen"] == [("gen", (epoch * 144 + k) % 200) for k in range(144)]
         seen += names
     assert {n for n in seen if n[0] == "gen"} == {("gen", i) for i in range(200)}  # later epochs take the rest
     assert mix.__getitems__([3, 20]) == mix.__getitems__([(0, 3), (0, 20)]) and mix[20] == mix[(0, 20)]  # epoch 0
-    for index in (-1, len(mix)):
+    for index in (-1, len(mix), len(mix) + 3):
         with pytest.raises(IndexError, match="outside the mix"):
             mix.locate(0, index)
     ranks = [list(zip(range(6), ShardLocalBatchSampler(mix.shard_lengths, mix.window, 8, r, 2, 0,
