@@ -71,6 +71,11 @@ def test_caption_dropout_and_collation(codes_dir, tmp_path):
     for share in (1.5, -0.1):
         with pytest.raises(ValueError, match="caption_dropout"):
             CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=share)
+    for size in (256, 1024):  # codes of another codebook than the vocabulary's, smaller or larger
+        fresh = shapes_world_tokenizer(tmp_path / f"tok{size}")
+        other = expand_vocabulary(build_tiny_qwen3(fresh), fresh, size)
+        with pytest.raises(ValueError, match=f"codes use 512 codes but the vocabulary has {size}"):
+            CaptionCodeSequences(codes, fresh, other)
 
 
 def test_two_process_zero3_run_then_sample_from_export(tmp_path):

@@ -37,8 +37,10 @@ def head_grad_norm(loss, model) -> torch.Tensor:
 
 
 def test_recipe_defaults():
-    """The VGT recipe (specs/recipes.md): L2 x1, LPIPS x1.1, GAN x0.1 from step 30k, LeCAM 0.001, distill 0.1."""
+    """The VGT recipe (specs/recipes.md): L2 x1, LPIPS x1.1, GAN x0.1 from step 30k, LeCAM 0.001, distill 0.1; the
+    adaptive weight clamped to [0, 1e4] as RAE's; LeCAM's running means start at 0."""
     cfg = LossConfig()
+    assert cfg.adaptive_max == 1e4 and (LeCAMState().real, LeCAMState().fake) == (0.0, 0.0)
     assert (cfg.l2_weight, cfg.lpips_weight, cfg.gan_weight, cfg.gan_start, cfg.disc_start) == (1, 1.1, 0.1, 30000,
                                                                                                30000)
     assert (cfg.lecam_weight, cfg.distill_weight, cfg.adaptive_gan) == (0.001, 0.1, True)

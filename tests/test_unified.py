@@ -222,6 +222,9 @@ def test_task_mix_share_no_repeats_and_coverage():
     for index in (-1, len(mix), len(mix) + 3):
         with pytest.raises(IndexError, match="outside the mix"):
             mix.locate(0, index)
+    odd = TaskMix(Items("und", 10), Items("gen", 9), 0.4)  # 6 sequences, then the 10 conversations in order
+    assert [odd[(0, i)]["item"] for i in range(len(odd))] == [("gen", k) for k in range(6)] + [
+        ("und", k) for k in range(10)]
 
 
 class ShardItems(Items):
@@ -275,6 +278,7 @@ def test_shard_task_mix_keeps_shards_whole_and_mixes_each_at_the_share():
     assert not shards[0] & shards[1] and und.announced  # whole conversation shards per rank; read-ahead reaches them
     with pytest.raises(ValueError, match="needs 144 caption -> codes sequences, there are 100"):
         ShardTaskMix(und, Items("gen", 100), 0.75)
+    assert len(ShardTaskMix(und, Items("gen", 144), 0.75)) == 192  # exactly enough for one pass
 
 
 def test_per_token_losses_are_transformers_causal_lm_loss(parts):
