@@ -26,9 +26,13 @@ phase() {  # phase NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, and
 
 chat() {  # the scripted chat, its transcript written whole or not at all
     local image=runs/world-llava-eval/images/00000001.png  # held out (a green circle), written by the report
+    local draw  # the generator run's sampling settings, as the reports draw
+    draw=$(python -c 'from pathlib import Path; from scripts.cpu_report import generator_sampling
+s = generator_sampling(Path("runs"))
+print(f"draw.cfg_scale={s.cfg_scale} draw.temperature={s.temperature} draw.top_k={s.top_k} draw.top_p={s.top_p}")')
     printf '%s\n' "/image $image" "What color is the circle?" "How many circles are there?" \
         "/draw a photo of a red circle" "/reconstruct $image" |
-        python scripts/chat.py --out runs/chat draw.count=4 draw.cfg_scale=3.0 > runs/.chat_transcript.txt
+        python scripts/chat.py --out runs/chat draw.count=4 $draw > runs/.chat_transcript.txt
     cat runs/.chat_transcript.txt
     mv runs/.chat_transcript.txt runs/chat_transcript.txt
 }

@@ -1,6 +1,6 @@
 """A captioned grid of the CPU default (run after its tokenizer and generator phases): held-out shapes-world images
 (top row), their reconstructions by the stage-2 tokenizer (middle row) and the trained generator's samples for the
-same captions (bottom row, CFG 3.0, temperature 1.0, seed 42), each column's caption under it.
+same captions (bottom row, drawn with the generator run's sampling settings, seed 42), each column's caption under it.
 
     python scripts/cpu_grid.py              # runs/cpu_grid.png
 """
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     with reported_errors():
         from llm.pipeline import TextToImage
-        from llm.sampler import SamplingConfig
+        from scripts.cpu_report import generator_sampling
         from tokenizer import VQRAE
 
         vqrae = VQRAE.from_pretrained(args.runs / "tiny-stage2" / "export").eval()
@@ -41,7 +41,7 @@ def main() -> None:
         originals = torch.stack([pil_to_tensor(item["image"]) for item in items])
         captions = [item["caption"] for item in items]
         reconstructions = vqrae.decode(vqrae.encode(originals).indices).clamp(-1, 1)
-        samples, _ = t2i.generate(captions, SamplingConfig(cfg_scale=3.0, temperature=1.0, seed=42))
+        samples, _ = t2i.generate(captions, generator_sampling(args.runs))
         out = make_grid_png([originals, reconstructions, samples.float()], args.out or args.runs / "cpu_grid.png",
                             padding=4, min_cell=128, captions=captions)
     print(f"wrote {out}")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -136,16 +137,24 @@ def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampli
     return rows
 
 
+def generator_sampling(runs: Path, cfg_scale: float | None = None) -> SamplingConfig:
+    """How the CPU default draws: the generator run's own sampling settings (`sample.sampling` of
+    RUNS/tiny-ar/config.yaml, from train/configs/ar_gen/tiny.yaml) with seed 42, and cfg_scale when given."""
+    run = yaml.safe_load((runs / "tiny-ar" / "config.yaml").read_text())  # the generator run's resolved config
+    sampling = from_dict(SamplingConfig, run["sample"]["sampling"], prefix="sample.sampling.")
+    return dataclasses.replace(sampling, seed=42, cfg_scale=sampling.cfg_scale if cfg_scale is None else cfg_scale)
+
+
 def report_arguments(description: str) -> argparse.Namespace:
     """The command line of the CPU default's reports: --runs, --prompts (GenEval's), -n images per prompt,
-    --cfg-scale; `sampling` is what they draw with (temperature 1, seed 42)."""
+    --cfg-scale; `sampling` is what they draw with (`generator_sampling`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--prompts", type=Path, default=REPO / "data" / "shapes_geneval_prompts.jsonl")
     parser.add_argument("-n", type=int, default=4)
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
+    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the generator run's")
     args = parser.parse_args()
-    args.sampling = SamplingConfig(cfg_scale=args.cfg_scale, temperature=1.0, seed=42)
+    args.sampling = generator_sampling(args.runs, args.cfg_scale)
     return args
 
 
@@ -154,7 +163,7 @@ def main() -> None:
     args = report_arguments(__doc__)
     runs = args.runs
     stage1 = VQRAE.from_pretrained(runs / "tiny-stage1" / "export")
-    world = ShapesWorld(300, stage1.config.encoder.image_size, seed=1)  # the eval seed of the CPU default
+    world = ShapesWorld(500, stage1.config.encoder.image_size, seed=1)  # the eval shards: 500 images of seed 1
     tokenizers = tokenizer_rows(runs / "tiny-stage1" / "export", runs / "tiny-stage2" / "export",
                                 str(runs / "world-32" / "eval" / "shards"), world)
     sampling = args.sampling

@@ -207,6 +207,6 @@ def test_sample_settings_are_a_sampling_config():
 
     data = yaml.safe_load((REPO / "train" / "configs" / "ar_gen" / "tiny.yaml").read_text())
     cfg = load_config(ARGenTrainConfig, data, ["sample.sampling.top_k=5", "sample.sampling.seed=3"])
-    assert cfg.sample.sampling == SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=5, seed=3)
+    assert cfg.sample.sampling == SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=5, seed=3)
     with pytest.raises(ConfigError, match="top_k must be a non-negative integer"):
         load_config(ARGenTrainConfig, data, ["sample.sampling.top_k=-2"])
