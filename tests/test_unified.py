@@ -411,7 +411,7 @@ def test_unified_from_a_generator_export_keeps_its_format_and_vqrae(world, tmp_p
                                         "generation.uncond=pad"), check=False)
     assert refused.returncode == 2 and "trained with 'empty'" in refused.stderr.strip().splitlines()[-1]
     run(SCRIPT, *unified_args(world, out, "model.init_from=", f"generation.generator={tmp_path / 'gen'}",
-                              f"model.projector={projector}", "run.steps=2"))
+                              f"model.projector={projector}", "run.steps=2", "generation.ratio=0.5"))  # conversations in both steps
     unified = load_unified(out / "export")
     assert unified.fmt == SequenceFormat("plain", "empty")
     assert unified.vocab.code_range == vocab.code_range
