@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import ConfigError
 from tokenizer.config import get_preset
 from tokenizer.discriminator import DiscriminatorConfig, PatchDiscriminator
 from tokenizer.losses import build_lpips
@@ -43,7 +44,17 @@ def test_recipe_defaults():
     assert cfg.adaptive_max == 1e4 and (LeCAMState().real, LeCAMState().fake) == (0.0, 0.0)
     assert (cfg.l2_weight, cfg.lpips_weight, cfg.gan_weight, cfg.gan_start, cfg.disc_start) == (1, 1.1, 0.1, 30000,
                                                                                                30000)
-    assert (cfg.lecam_weight, cfg.distill_weight, cfg.adaptive_gan) == (0.001, 0.1, True)
+    assert (cfg.lecam_weight, cfg.lecam_decay, cfg.distill_weight, cfg.adaptive_gan) == (0.001, 0.999, 0.1, True)
+    assert cfg.allow_random_lpips is False  # a random VGG only when asked for (CPU demos)
+
+
+@pytest.mark.parametrize("override", [{"gan_weight": -0.1}, {"lpips_weight": float("nan")}, {"distill_weight": -1.0},
+                                      {"lecam_weight": -1e-3}, {"lecam_decay": 1.0}, {"lecam_decay": 1.5},
+                                      {"lecam_decay": -0.5}])
+def test_negative_weights_and_decays_outside_0_1_are_refused(override):
+    with pytest.raises(ConfigError, match=f"loss.{next(iter(override))} must be"):
+        LossConfig(**override)
+    assert LossConfig(lecam_decay=0.0, gan_weight=0.0).lecam_decay == 0.0  # the bounds: 0 is allowed, 1 is not
 
 
 def test_stage1_before_the_gan_is_reconstruction_plus_vq(parts):
@@ -58,6 +69,8 @@ def test_stage1_before_the_gan_is_reconstruction_plus_vq(parts):
     torch.testing.assert_close(terms["l2"], l2)
     assert torch.equal(terms["lpips"], perceptual)  # fp32 unless bf16=True
     torch.testing.assert_close(loss, 0.7 * l2 + 1.3 * perceptual + out.vq_loss)
+    _, small = generator_loss(LossConfig(lpips_weight=0.5, gan_start=10), out, x, 9, lpips, None, disc, PATCH)
+    torch.testing.assert_close(small["lpips"], perceptual)  # any positive weight computes the term
     loss0, terms0 = generator_loss(LossConfig(lpips_weight=0.0, gan_start=10), out, x, 9, None, None, None, PATCH)
     assert set(terms0) == {"l2", "vq"}
     torch.testing.assert_close(loss0, l2 + out.vq_loss)
@@ -94,6 +107,8 @@ def test_gan_term_enters_at_gan_start_with_the_adaptive_weight(parts):
     torch.testing.assert_close(loss_fixed, rec_loss + out.vq_loss + 0.4 * g_adv, rtol=1e-5, atol=1e-6)
     _, off = generator_loss(LossConfig(gan_start=0, gan_weight=0.0), out, x, 5, lpips, None, None, PATCH)
     assert "g_adv" not in off  # gan_weight 0: no discriminator needed, no term
+    _, later = generator_loss(cfg, out, x, 13, lpips, None, disc, PATCH)
+    assert "g_adv" in later  # and it stays after gan_start
 
 
 def test_stage2_distills_to_the_frozen_teacher_only_through_the_student(parts):

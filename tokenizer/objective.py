@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import ConfigError
 from tokenizer.losses import adaptive_gan_weight, distillation_loss, hinge_d_loss, hinge_g_loss, lecam_loss
 from tokenizer.model import VQRAEOutput
 
@@ -45,6 +46,14 @@ class LossConfig:
     lecam_weight: float = 0.001
     lecam_decay: float = 0.999
     distill_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        weights = ("l2_weight", "lpips_weight", "gan_weight", "lecam_weight", "distill_weight", "adaptive_max")
+        negative = [name for name in weights if not getattr(self, name) >= 0]  # also refuses nan
+        if negative:
+            raise ConfigError(f"loss.{', loss.'.join(negative)} must be >= 0")
+        if not 0 <= self.lecam_decay < 1:
+            raise ConfigError(f"loss.lecam_decay must be in [0, 1), got {self.lecam_decay}")
 
 
 class LeCAMState:
