@@ -145,7 +145,7 @@ def time_methods(methods: dict, device: torch.device, repeats: int) -> dict[str,
     """Median seconds per call of each method, the methods interleaved round by round so that a change in machine
     load hits all of them alike (CUDA synchronised around every call)."""
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for name, fn in methods.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -154,6 +154,8 @@ def time_methods(methods: dict, device: torch.device, repeats: int) -> dict[str,
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}/{repeats} (s per batch):", " ".join(f"{n} {t[-1]:.3f}" for n, t in times.items()),
+              flush=True)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
@@ -251,7 +253,7 @@ def main() -> None:
         valid = 0 <= int(codes.min()) <= int(codes.max()) < vocab.codebook_size
         if codes.shape != (args.batch, num_tokens) or not valid:
             raise RuntimeError(f"{name} returned invalid codes of shape {tuple(codes.shape)}")
-        print(f"{name:18s} first call {time.perf_counter() - start:.2f} s")
+        print(f"{name:18s} first call {time.perf_counter() - start:.2f} s", flush=True)
     for name, sec in time_methods(methods, device, args.repeats).items():
         results["seconds_per_batch"][name] = sec
         results["images_per_second"][name] = args.batch / sec

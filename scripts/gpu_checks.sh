@@ -2,14 +2,17 @@
 # The GPU checks of the repository as one prepared run: the three benchmarks, the CUDA tests and short runs of both
 # trainers, each under its own time limit, so that one slow or failing part still leaves the others' results. Logs and JSON go to $OUT.
 #
-#   bash scripts/gpu_checks.sh            # generate tokenizer tests trainers understanding quantizer (~6-9 min)
+#   bash scripts/gpu_checks.sh            # generate tokenizer tests trainers understanding quantizer (~8-10 min)
 #   bash scripts/gpu_checks.sh generate tokenizer_compile
+#   bash scripts/gpu_checks.sh generate:300 tests   # NAME:SECONDS replaces that section's time limit
 #
-# Sections, most important first: generate (sampler vs baselines, with torch.compile variants), tokenizer (training
+# Sections, most important first: generate (sampler vs baselines, transformers' static cache + compile among them),
+# tokenizer (training
 # step MFU, stage 2, SigLIP2-so400m at 256 px, batch 32, bf16, checkpointing off and on), tests (the CUDA tests),
 # trainers (both trainers on CUDA, bf16, ZeRO-2, a few dozen steps on the shapes world: tokenizer stage 1 -> stage 2
 # -> generator), understanding (stage 1 at ZeRO-2 then stage 2 at ZeRO-3, bf16, from the trainers' export),
-# quantizer (nearest-code search), tokenizer_compile (the tokenizer step torch.compile'd).
+# quantizer (nearest-code search), generate_compile (generate with our decode step torch.compile'd too),
+# tokenizer_compile (the tokenizer step torch.compile'd).
 # Needs torch, torchvision, transformers (the version in constraints.txt), lpips, deepspeed (trainers only), pyyaml,
 # safetensors, pillow, numpy, tokenizers and pytest. On an offline machine whose Python lacks some, bring them as
 # wheels (deepspeed publishes only a source archive: `DS_BUILD_OPS=0 pip wheel --no-deps deepspeed==0.19.8` makes
@@ -30,7 +33,7 @@ section() {  # name, time limit in seconds, command...
     local cmd="$*"
     echo "=== $name (limit ${limit}s): ${cmd:0:200}"
     local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     tail -n 25 "$OUT/$name.log"
     echo "=== $name: exit $rc after $((SECONDS - start))s"
@@ -66,21 +69,25 @@ understanding() {  # understanding stage 1 (ZeRO-2) -> stage 2 (ZeRO-3) on CUDA 
     ls $dir/und2/export
 }
 
-run() {
-    case $1 in
-        tests) section tests 120 "$PY" -m pytest -m gpu -q tests/test_sampler.py tests/test_tokenizer.py ;;
-        trainers) section trainers 150 bash -c "$(declare -f trainers); trainers" ;;
-        understanding) section understanding 150 bash -c "$(declare -f understanding); understanding" ;;
-        quantizer) section quantizer 40 "$PY" scripts/bench_quantizer.py --device cuda ;;
-        generate) section generate 210 "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
-            --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate.json" ;;
-        tokenizer) section tokenizer 120 "$PY" scripts/bench_tokenizer.py --preset siglip2-so400m-p16-256 \
+run() {  # NAME or NAME:SECONDS
+    local name=${1%%:*} limit=${1#*:}
+    [ "$limit" = "$1" ] && limit=
+    case $name in
+        tests) section tests ${limit:-120} "$PY" -m pytest -m gpu -q tests/test_sampler.py tests/test_tokenizer.py ;;
+        trainers) section trainers ${limit:-150} bash -c "$(declare -f trainers); trainers" ;;
+        understanding) section understanding ${limit:-150} bash -c "$(declare -f understanding); understanding" ;;
+        quantizer) section quantizer ${limit:-40} "$PY" scripts/bench_quantizer.py --device cuda ;;
+        generate) section generate ${limit:-300} "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
+            --dtype bfloat16 --repeats 3 --json "$OUT/generate.json" ;;
+        generate_compile) section generate_compile ${limit:-360} "$PY" scripts/bench_generate.py --qwen3-0.6b-shape \
+            --device cuda --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate_compile.json" ;;
+        tokenizer) section tokenizer ${limit:-120} "$PY" scripts/bench_tokenizer.py --preset siglip2-so400m-p16-256 \
             --device cuda --dtype bf16 --batch 32 --stages 2 --json "$OUT/tokenizer.json" ;;
-        tokenizer_compile) section tokenizer_compile 200 "$PY" scripts/bench_tokenizer.py \
+        tokenizer_compile) section tokenizer_compile ${limit:-200} "$PY" scripts/bench_tokenizer.py \
             --preset siglip2-so400m-p16-256 --device cuda --dtype bf16 --batch 32 --stages 2 --ckpt off --compile \
             --json "$OUT/tokenizer_compile.json" ;;
-        *) echo "error: unknown section '$1' (generate tokenizer tests trainers understanding quantizer" \
-              "tokenizer_compile)"; exit 2 ;;
+        *) echo "error: unknown section '$name' (generate tokenizer tests trainers understanding quantizer" \
+              "generate_compile tokenizer_compile)"; exit 2 ;;
     esac
 }
 
