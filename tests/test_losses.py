@@ -1,7 +1,10 @@
-"""Tokenizer losses: adaptive GAN weight from activations equals the parameter gradient, LPIPS backbone loading,
+"""Tokenizer losses: adaptive GAN weight from activations equals the parameter gradient, LPIPS backbone and head loading,
 hinge / LeCAM / distillation formulas, PatchGAN shapes."""
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,12 +44,17 @@ def test_last_layer_grad_norm_equals_parameter_gradient():
         (direct,) = torch.autograd.grad(loss, head, retain_graph=True)
         ours = last_layer_grad_norm(loss, out.reconstruction, out.decoder_states, patch=8)
         torch.testing.assert_close(ours, direct.norm(), rtol=1e-5, atol=1e-8)
-    weight = adaptive_gan_weight(rec_loss, gan_loss, out.reconstruction, out.decoder_states, 8, max_weight=1e4)
     g_rec = torch.autograd.grad(rec_loss, head, retain_graph=True)[0].norm()
     g_gan = torch.autograd.grad(gan_loss, head, retain_graph=True)[0].norm()
-    torch.testing.assert_close(weight, (g_rec / (g_gan + 1e-6)).clamp(0, 1e4), rtol=1e-5, atol=1e-8)
-    assert not weight.requires_grad
-    assert adaptive_gan_weight(rec_loss, gan_loss * 1e-12, out.reconstruction, out.decoder_states, 8, 7.0) == 7.0
+    for target in (0.5, 3.0):  # the GAN loss scaled so that the ratio lies inside the clamp, below and above 1
+        scale = (g_rec / g_gan / target).item()
+        weight = adaptive_gan_weight(rec_loss, gan_loss * scale, out.reconstruction, out.decoder_states, 8)
+        torch.testing.assert_close(weight, g_rec / (g_gan * scale + 1e-6), rtol=1e-5, atol=1e-8)
+        assert weight.item() == pytest.approx(target, rel=1e-3)
+        assert not weight.requires_grad
+    tiny_gan = gan_loss * 1e-12  # a vanishing GAN gradient: the weight stops at the clamp (default 1e4, RAE's)
+    assert adaptive_gan_weight(rec_loss, tiny_gan, out.reconstruction, out.decoder_states, 8).item() == 1e4
+    assert adaptive_gan_weight(rec_loss, tiny_gan, out.reconstruction, out.decoder_states, 8, 7.0) == 7.0
 
 
 def test_hinge_lecam_distill_formulas():
@@ -63,13 +71,23 @@ def test_hinge_lecam_distill_formulas():
     assert t.grad is None  # the teacher gets no gradient
 
 
-def test_lpips_loads_torchvision_vgg_file(tmp_path):
+def test_lpips_loads_torchvision_vgg_file(tmp_path, capsys):
+    import lpips as lpips_package
+
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16(weights=None)
     torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    capsys.readouterr()
     lpips = build_lpips(tmp_path / "vgg16.pth")
-    assert torch.equal(getattr(lpips.net.slice1, "0").weight, vgg.features[0].weight)
-    assert torch.equal(getattr(lpips.net.slice5, "28").weight, vgg.features[28].weight)
+    assert capsys.readouterr().out == ""  # silent: scripts print JSON on stdout
+    backbone = dict(lpips.net.named_parameters())  # "sliceK.N.weight" holds torchvision's features.N.weight
+    assert len(backbone) == len(list(vgg.features.parameters())) == 26
+    for name, param in backbone.items():
+        assert torch.equal(param, vgg.features.get_parameter(name.split(".", 1)[1])), name
+    shipped = torch.load(Path(lpips_package.__file__).parent / "weights/v0.1/vgg.pth", map_location="cpu",
+                         weights_only=True)
+    state = lpips.state_dict()  # the five linear heads are the package's trained ones
+    assert len(shipped) == 5 and all(torch.equal(state[k], shipped[k]) for k in shipped)
     assert not any(p.requires_grad for p in lpips.parameters())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert lpips(x, x).abs().max().item() < 1e-6
@@ -81,6 +99,17 @@ def test_lpips_loads_torchvision_vgg_file(tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="neither a torchvision vgg16 nor an LPIPS"):
         build_lpips(tmp_path / "bad.pth")
+    state = vgg.state_dict()
+    reordered = {k: state[k] for k in sorted(state, key=lambda k: not k.startswith("classifier"))}
+    torch.save(reordered, tmp_path / "reordered.pth")  # key order is no part of the format
+    assert all(torch.equal(a, b) for a, b in zip(build_lpips(tmp_path / "reordered.pth").net.parameters(),
+                                                 lpips.net.parameters()))
+    torch.save({k: v for k, v in state.items() if k != "features.12.bias"}, tmp_path / "partial.pth")
+    with pytest.raises(RuntimeError, match="features|slice3.12.bias"):  # a missing tensor is refused, never random
+        build_lpips(tmp_path / "partial.pth")
+    torch.save({"features.0.weight": torch.zeros(1), "code": Path("x")}, tmp_path / "pickle.pth")
+    with pytest.raises(pickle.UnpicklingError):  # tensors only: the file is never unpickled in full
+        build_lpips(tmp_path / "pickle.pth")
 
 
 @pytest.mark.parametrize("norm", ["group", "batch"])
