@@ -261,6 +261,10 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(a.reconstruction, b.reconstruction) and torch.equal(a.indices, b.indices)
     model.save_pretrained(tmp_path / "tok")  # overwriting an export is atomic too
     assert [p.name for p in tmp_path.iterdir()] == ["tok"]
+    wide = VQRAE.from_pretrained(pretrained=tmp_path / "tok", device="cpu", dtype=torch.float64)  # all by keyword
+    assert all(v.dtype == torch.float64 for v in wide.state_dict().values() if v.is_floating_point())
+    with pytest.raises(TypeError):  # the Hub options are keyword-only
+        VQRAE.from_pretrained(tmp_path / "tok", "cpu", None, "main")
 
 
 @pytest.mark.parametrize("layer", [-1, -2])
@@ -311,6 +315,9 @@ def test_old_format_exports_are_refused(tmp_path):
     del record["format_version"]
     path.write_text(json.dumps(record))
     with pytest.raises(ConfigError, match="format version 1, this code reads 2"):
+        VQRAE.from_pretrained(tmp_path / "tok")
+    path.write_text(json.dumps({**record, "format_version": 3}))  # a newer format is refused as well
+    with pytest.raises(ConfigError, match="format version 3, this code reads 2"):
         VQRAE.from_pretrained(tmp_path / "tok")
 
 
@@ -385,20 +392,26 @@ def test_internvit_tower_drops_cls_token():
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     model = tiny_model().eval()
-    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
-        model.encode(torch.zeros(1, 4, 64, 64))
+    for channels in (1, 4):
+        with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+            model.encode(torch.zeros(1, channels, 64, 64))
     with pytest.raises(ValueError, match="not divisible by the encoder patch size 8"):
         model.encode(torch.zeros(1, 3, 60, 64))
-    with pytest.raises(ValueError, match="does not match the model's 64x64"):
-        model.encode(torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="\\(B, 3, H, W\\)"):
-        model.encode(torch.zeros(3, 64, 64))
+    for size in (32, 128):
+        with pytest.raises(ValueError, match="does not match the model's 64x64"):
+            model.encode(torch.zeros(1, 3, size, size))
+    for shape in ((3, 64, 64), (1, 1, 3, 64, 64)):
+        with pytest.raises(ValueError, match="\\(B, 3, H, W\\) tensor, got \\("):
+            model.encode(torch.zeros(shape))
+    with pytest.raises(ValueError, match="\\(B, 3, H, W\\) tensor, got <class 'list'>"):
+        model.encode([[0.0]])
     with pytest.raises(ValueError, match="out of range"):
         model.decode(torch.full((1, 64), 512))
     with pytest.raises(ValueError, match="out of range"):
         model.decode(torch.full((1, 64), -1))
-    with pytest.raises(ValueError, match="must have shape \\(B, 64\\)"):
-        model.decode(torch.zeros(1, 63, dtype=torch.long))
+    for shape in ((1, 63), (1, 1, 8, 8)):
+        with pytest.raises(ValueError, match="must have shape \\(B, 64\\)"):
+            model.decode(torch.zeros(shape, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
         model.decode(torch.zeros(1, 64))
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
@@ -411,6 +424,15 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         apply_overrides(get_preset("tiny"), ["quantizer.codebook_size=big"])
     with pytest.raises(FileNotFoundError, match="not a VQRAE directory"):
         VQRAE.from_pretrained(tmp_path / "missing")
+    model.save_pretrained(tmp_path / "other")
+    record = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**record, "model_type": "llava"}))
+    with pytest.raises(ConfigError, match="not a VQRAE config"):
+        VQRAE.from_pretrained(tmp_path / "other")
+    record["quantizer"]["codebook_size"] = 256  # weights of a 512-code model under a 256-code config
+    (tmp_path / "other" / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="cannot load the VQRAE weights of .*size mismatch"):
+        VQRAE.from_pretrained(tmp_path / "other")
     with pytest.raises(FileNotFoundError, match="encoder weights directory"):
         VQRAE.from_pretrained_encoder(get_preset("tiny"), tmp_path / "missing")
     assert apply_overrides(get_preset("tiny"), ["quantizer.beta=0.5"]).quantizer.beta == 0.5
@@ -497,8 +519,9 @@ def test_hub_id_loads_from_the_hub_cache(tmp_path, monkeypatch):
     loaded = VQRAE.from_pretrained("someone/tiny-vqrae", cache_dir=tmp_path / "cache", local_files_only=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
-    with pytest.raises(FileNotFoundError, match="neither a local VQRAE directory nor a reachable Hub repository"):
-        VQRAE.from_pretrained("someone/other", cache_dir=tmp_path / "cache", local_files_only=True)
+    for name in ("someone/other", "no-owner"):  # a name that is no folder is a Hub id, with or without an owner
+        with pytest.raises(FileNotFoundError, match="neither a local VQRAE directory nor a reachable Hub repository"):
+            VQRAE.from_pretrained(name, cache_dir=tmp_path / "cache", local_files_only=True)
 
 
 def test_push_to_hub_uploads_the_vqrae_folder(tmp_path, monkeypatch):
@@ -509,7 +532,7 @@ def test_push_to_hub_uploads_the_vqrae_folder(tmp_path, monkeypatch):
     def create_repo(self, repo_id, **kwargs):
         from huggingface_hub import RepoUrl
 
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'someone/' + repo_id}")  # as the Hub
 
     def upload_folder(self, repo_id, folder_path, **kwargs):
         uploaded.update(repo=repo_id, files=sorted(p.name for p in Path(folder_path).iterdir()),
@@ -523,3 +546,6 @@ def test_push_to_hub_uploads_the_vqrae_folder(tmp_path, monkeypatch):
     assert uploaded["repo"] == "someone/tiny-vqrae"
     assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
     assert uploaded["config"] == {"model_type": "vqrae", "format_version": 2, **to_dict(model.config)}
+    model.save_pretrained(tmp_path / "my-vqrae", push_to_hub=True)  # no repo_id: the folder's name, in the user's
+    assert uploaded["repo"] == "someone/my-vqrae"
+    assert uploaded["files"] == sorted(p.name for p in (tmp_path / "my-vqrae").iterdir())

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from common.config import ConfigError
+from common.distributed import DistInfo
 from tests.helpers import run_fresh_process
 from train.config import RunConfig, parse_config
-from train.data_order import ResumableBatchSampler
+from train.data_order import ResumableBatchSampler, resumable_loader
 from train.ema import EMA
 from train.engine import DeepSpeedConfig, OptimConfig, deepspeed_json, lr_lambda
 from train.guard import NonFiniteGuard, NonFiniteLossError
@@ -50,6 +51,27 @@ def test_resumable_sampler_resumes_exactly_and_shards_ranks():
         assert not set(ranks[0][b]) & set(ranks[1][b])
     with pytest.raises(ConfigError, match="smaller than one global batch"):
         ResumableBatchSampler(7, 4, 0, 2, seed=0)
+
+
+def test_resumable_sampler_epochs_follow_their_documented_seeds():
+    """Epoch e is torch.randperm(n) seeded by seed + e, cut into global batches, each rank its slice of each."""
+    n, micro, world, seed = 50, 4, 2, 3
+    got = [stream(ResumableBatchSampler(n, micro, rank, world, seed=seed), 18) for rank in range(world)]
+    for e in range(3):  # 6 micro-batches per rank an epoch
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
+        for rank in range(world):
+            expected = [[(e, i) for i in perm[(b * world + rank) * micro:(b * world + rank + 1) * micro]]
+                        for b in range(6)]
+            assert got[rank][6 * e:6 * (e + 1)] == expected, (e, rank)
+
+
+def test_resumable_loader_is_endless_and_pins_memory_for_cuda_only():
+    data = list(range(16))
+    cpu, cuda = (DistInfo(0, 1, 0, torch.device(kind)) for kind in ("cpu", "cuda"))
+    loader = resumable_loader(data, list, 4, cpu, seed=0, num_workers=0)
+    assert len(loader) == len(loader.batch_sampler) == 1 << 62  # an endless stream: its length is never reached
+    assert not loader.pin_memory
+    assert resumable_loader(data, list, 4, cuda, seed=0, num_workers=0).pin_memory
 
 
 def test_ema_matches_direct_computation_with_warmup():
