@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from common.config import ConfigError
-from common.distributed import DistInfo
+from common.distributed import DistInfo, default_num_workers
 from tests.helpers import run_fresh_process
 from train.config import RunConfig, parse_config
 from train.data_order import ResumableBatchSampler, resumable_loader
@@ -51,6 +51,7 @@ def test_resumable_sampler_resumes_exactly_and_shards_ranks():
         assert not set(ranks[0][b]) & set(ranks[1][b])
     with pytest.raises(ConfigError, match="smaller than one global batch"):
         ResumableBatchSampler(7, 4, 0, 2, seed=0)
+    assert len(stream(ResumableBatchSampler(8, 4, 1, 2, seed=0), 3)) == 3  # exactly one global batch is enough
 
 
 def test_resumable_sampler_epochs_follow_their_documented_seeds():
@@ -70,7 +71,8 @@ def test_resumable_loader_is_endless_and_pins_memory_for_cuda_only():
     cpu, cuda = (DistInfo(0, 1, 0, torch.device(kind)) for kind in ("cpu", "cuda"))
     loader = resumable_loader(data, list, 4, cpu, seed=0, num_workers=0)
     assert len(loader) == len(loader.batch_sampler) == 1 << 62  # an endless stream: its length is never reached
-    assert not loader.pin_memory
+    assert not loader.pin_memory and loader.num_workers == 0
+    assert resumable_loader(data, list, 4, cpu, seed=0).num_workers == default_num_workers()  # -1: the default
     assert resumable_loader(data, list, 4, cuda, seed=0, num_workers=0).pin_memory
 
 
