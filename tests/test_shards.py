@@ -160,6 +160,9 @@ def test_shard_order_is_disjoint_windowed_and_seeded():
     assert sorted(single) == sorted(set(single)) and len(single) == sum(lengths) // 3 * 3
     with pytest.raises(ConfigError, match="cannot be dealt"):
         ShardLocalBatchSampler(lengths[:2], 2, 1, 0, 3, 0)
+    assert ShardLocalBatchSampler([3, 3], 1, 3, 1, 2, 0).epoch_batches(0) == 1  # a share of one micro-batch is enough
+    with pytest.raises(ConfigError, match="fewer samples than one micro-batch"):
+        ShardLocalBatchSampler([2, 3], 1, 3, 0, 2, 0)
 
 
 def test_shard_order_reads_ahead_each_window_once_in_order():

@@ -520,7 +520,11 @@ def test_hub_id_loads_from_the_hub_cache(tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     for name in ("someone/other", "no-owner"):  # a name that is no folder is a Hub id, with or without an owner
-        with pytest.raises(FileNotFoundError, match="neither a local VQRAE directory nor a reachable Hub repository"):
+        with pytest.raises(FileNotFoundError, match="neither a local VQRAE directory nor a reachable Hub repository "
+                                                    "\\(\\w+: \\S"):  # the cause's type and its first line
+            VQRAE.from_pretrained(name, cache_dir=tmp_path / "cache", local_files_only=True)
+    for name in ("./missing-vqrae", "~/missing-vqrae", "a/b/c"):  # path-like: a missing folder, never a Hub id
+        with pytest.raises(FileNotFoundError, match="not a VQRAE directory \\(no such folder\\)"):
             VQRAE.from_pretrained(name, cache_dir=tmp_path / "cache", local_files_only=True)
 
 
