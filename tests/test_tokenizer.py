@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
 
 from common.config import ConfigError, apply_overrides, from_dict, to_dict
@@ -232,7 +233,10 @@ def test_gradient_checkpointing_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = tiny_model(seed=5)
-        model.set_gradient_checkpointing(ckpt)
+        if ckpt:
+            model.set_gradient_checkpointing()  # on by default
+            flags = [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+            assert flags and all(flags)
         F.mse_loss(model(x).reconstruction, x).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1])
@@ -409,7 +413,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         model.decode(torch.full((1, 64), 512))
     with pytest.raises(ValueError, match="out of range"):
         model.decode(torch.full((1, 64), -1))
-    for shape in ((1, 63), (1, 1, 8, 8)):
+    for shape in ((1, 63), (1, 65), (64,), (1, 1, 8, 8), (1, 64, 1, 1)):
         with pytest.raises(ValueError, match="must have shape \\(B, 64\\)"):
             model.decode(torch.zeros(shape, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
@@ -426,13 +430,22 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         VQRAE.from_pretrained(tmp_path / "missing")
     model.save_pretrained(tmp_path / "other")
     record = json.loads((tmp_path / "other" / "config.json").read_text())
-    (tmp_path / "other" / "config.json").write_text(json.dumps({**record, "model_type": "llava"}))
-    with pytest.raises(ConfigError, match="not a VQRAE config"):
-        VQRAE.from_pretrained(tmp_path / "other")
+    for model_type in ("llava", "whisper", None):  # names sorting before and after "vqrae", and none
+        (tmp_path / "other" / "config.json").write_text(json.dumps({**record, "model_type": model_type}))
+        with pytest.raises(ConfigError, match="not a VQRAE config"):
+            VQRAE.from_pretrained(tmp_path / "other")
     record["quantizer"]["codebook_size"] = 256  # weights of a 512-code model under a 256-code config
     (tmp_path / "other" / "config.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match="cannot load the VQRAE weights of .*size mismatch"):
         VQRAE.from_pretrained(tmp_path / "other")
+    model.save_pretrained(tmp_path / "partial")
+    weights = load_file(tmp_path / "partial" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "decoder.head.bias"}, tmp_path / "partial" / "model.safetensors")
+    with pytest.raises(ValueError, match="cannot load the VQRAE weights of .*Missing key.*decoder.head.bias"):
+        VQRAE.from_pretrained(tmp_path / "partial")
+    (tmp_path / "partial" / "model.safetensors").unlink()  # a config alone is no VQRAE folder
+    with pytest.raises(FileNotFoundError, match="not a VQRAE directory"):
+        VQRAE.from_pretrained(tmp_path / "partial")
     with pytest.raises(FileNotFoundError, match="encoder weights directory"):
         VQRAE.from_pretrained_encoder(get_preset("tiny"), tmp_path / "missing")
     assert apply_overrides(get_preset("tiny"), ["quantizer.beta=0.5"]).quantizer.beta == 0.5
@@ -497,6 +510,7 @@ def test_auto_attention_never_picks_flash_for_fp32_weights(monkeypatch):
 
 def test_frozen_encoder_stays_in_eval_mode():
     model = tiny_model()
+    assert model.train().encoder.training  # a new model's encoder is not frozen
     model.freeze_encoder()
     model.train()
     assert not model.encoder.training and not any(m.training for m in model.encoder.modules())
@@ -521,7 +535,7 @@ def test_hub_id_loads_from_the_hub_cache(tmp_path, monkeypatch):
         assert torch.equal(v, loaded.state_dict()[k]), k
     for name in ("someone/other", "no-owner"):  # a name that is no folder is a Hub id, with or without an owner
         with pytest.raises(FileNotFoundError, match="neither a local VQRAE directory nor a reachable Hub repository "
-                                                    "\\(\\w+: \\S"):  # the cause's type and its first line
+                                                    "\\(\\w+: \\w"):  # the cause's type and its first line
             VQRAE.from_pretrained(name, cache_dir=tmp_path / "cache", local_files_only=True)
     for name in ("./missing-vqrae", "~/missing-vqrae", "a/b/c"):  # path-like: a missing folder, never a Hub id
         with pytest.raises(FileNotFoundError, match="not a VQRAE directory \\(no such folder\\)"):

@@ -74,6 +74,8 @@ def test_resumable_loader_is_endless_and_pins_memory_for_cuda_only():
     assert not loader.pin_memory and loader.num_workers == 0
     assert resumable_loader(data, list, 4, cpu, seed=0).num_workers == default_num_workers()  # -1: the default
     assert resumable_loader(data, list, 4, cuda, seed=0, num_workers=0).pin_memory
+    assert not resumable_loader(data, list, 4, DistInfo(0, 1, 0, torch.device("mps")), seed=0).pin_memory
+    assert resumable_loader(data, list, 4, cpu, seed=0, num_workers=1).num_workers == 1
 
 
 def test_ema_matches_direct_computation_with_warmup():
