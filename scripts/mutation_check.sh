@@ -74,9 +74,10 @@ for module in "${modules[@]}"; do
     config=$(realpath "$OUT")/$name.toml
     # the unmutated tree must pass, or every mutant would count as killed; its time sets the mutants' time limit (a
     # mutant that loops forever is stopped after 10x the unmutated run, at least a minute, and counts as killed)
+    tests="$python -m pytest -x -q -p no:cacheprovider -m 'not slow' $paths$selection"  # what every mutant runs
     start=$(date +%s)
-    (cd "$tree" && eval "DS_ACCELERATOR=cpu $python -m pytest -x -q -p no:cacheprovider -m 'not slow' $paths$selection" \
-        > /dev/null) || { echo "error: the tests of $module fail on the unmutated tree" >&2; exit 2; }
+    (cd "$tree" && eval "DS_ACCELERATOR=cpu $tests" > /dev/null) ||
+        { echo "error: the tests of $module fail on the unmutated tree" >&2; exit 2; }
     limit=$(( ($(date +%s) - start) * 10 ))
     [ "$limit" -lt 60 ] && limit=60
     cat > "$config" << EOF
@@ -84,7 +85,7 @@ for module in "${modules[@]}"; do
 module-path = "$module"
 timeout = $limit.0
 excluded-modules = []
-test-command = "$python -m pytest -x -q -p no:cacheprovider -m 'not slow' $paths$selection"
+test-command = "$tests"
 
 [cosmic-ray.distributor]
 name = "local"

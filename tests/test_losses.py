@@ -86,8 +86,8 @@ def test_lpips_loads_torchvision_vgg_file(tmp_path, capsys):
         assert torch.equal(param, vgg.features.get_parameter(name.split(".", 1)[1])), name
     shipped = torch.load(Path(lpips_package.__file__).parent / "weights/v0.1/vgg.pth", map_location="cpu",
                          weights_only=True)
-    state = lpips.state_dict()  # the five linear heads are the package's trained ones
-    assert len(shipped) == 5 and all(torch.equal(state[k], shipped[k]) for k in shipped)
+    heads = lpips.state_dict()  # the five linear heads are the package's trained ones
+    assert len(shipped) == 5 and all(torch.equal(heads[k], shipped[k]) for k in shipped)
     assert not any(p.requires_grad for p in lpips.parameters())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert lpips(x, x).abs().max().item() < 1e-6
