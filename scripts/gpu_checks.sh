@@ -7,9 +7,9 @@
 #   bash scripts/gpu_checks.sh generate:300 tests   # NAME:SECONDS replaces that section's time limit
 #
 # Sections, most important first: generate (sampler vs baselines, transformers' static cache + compile among them),
-# tokenizer (training step MFU, stage 2, SigLIP2-so400m at 256 px, batch 32, bf16, checkpointing off and on), tests
-# (the CUDA tests), trainers (both trainers on CUDA, bf16, ZeRO-2, a few dozen steps on the shapes world: tokenizer stage 1 -> stage 2
-# -> generator), understanding (stage 1 at ZeRO-2 then stage 2 at ZeRO-3, bf16, from the trainers' export),
+# tokenizer (training step MFU, stage 2, SigLIP2-so400m at 256 px, batch 32, bf16, checkpointing off and on), tests (the
+# CUDA tests), trainers (both trainers on CUDA, bf16, ZeRO-2, a few dozen steps on the shapes world: tokenizer stage 1
+# -> stage 2 -> generator), understanding (stage 1 at ZeRO-2 then stage 2 at ZeRO-3, bf16, from the trainers' export),
 # quantizer (nearest-code search), generate_compile (generate with our decode step torch.compile'd too),
 # tokenizer_compile (the tokenizer step torch.compile'd).
 # Needs torch, torchvision, transformers (the version in constraints.txt), lpips, deepspeed (trainers only), pyyaml,
