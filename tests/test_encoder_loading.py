@@ -3,6 +3,8 @@ checkpoint's, wherever the checkpoint stores it (a tower, a dual encoder, an Int
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -80,3 +82,55 @@ def test_missing_tower_tensors_are_one_error_naming_them(tmp_path):
     (tmp_path / "empty" / "config.json").write_text((tmp_path / "ivl" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="holds no weights"):
         load_pretrained_encoder(tmp_path / "empty")
+
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def vision_tower(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    return model.model.vision_tower if kind == "internvl" else model.vision_model
+
+
+@pytest.mark.parametrize("layer", [-1, -2])
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_loaded_features_are_the_checkpoints_hidden_states_on_its_normalisation(tmp_path, kind, layer):
+    """Each family's features = the saved model's own vision tower, run unpruned on the image normalised with the
+    preprocessor's mean and std: hidden_states[feature_layer] without the prefix (CLS) tokens."""
+    torch.manual_seed(0)
+    saved = BUILDERS[kind]().eval()
+    saved.save_pretrained(tmp_path / kind)
+    (tmp_path / kind / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}))
+    encoder = load_pretrained_encoder(tmp_path / kind, EncoderConfig(feature_layer=layer)).eval()
+    assert (encoder.cfg.image_mean, encoder.cfg.image_std) == (CLIP_MEAN, CLIP_STD)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    normalised = ((x + 1) / 2 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    tower = vision_tower(saved, kind)
+    seen = {}
+    encoder.tower.register_forward_pre_hook(lambda _, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        if kind == "siglip2":  # NaFlex: (row, col, channel) patches, the grid and a mask of one entry per patch
+            from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+            patches = torch.stack([convert_image_to_patches(image, 4) for image in normalised])
+            hidden = tower(pixel_values=patches, spatial_shapes=torch.tensor([[4, 4]] * 2),
+                           pixel_attention_mask=torch.ones(2, 16, dtype=torch.long), output_hidden_states=True)
+        else:
+            hidden = tower(pixel_values=normalised, output_hidden_states=True)
+        features = encoder(x)
+    prefix = 1 if kind in ("clip", "internvl") else 0
+    assert hidden.hidden_states[layer].shape[1] == prefix + 16
+    torch.testing.assert_close(features, hidden.hidden_states[layer][:, prefix:])
+    if kind == "siglip2":
+        assert seen["pixel_attention_mask"].shape == (2, 16) and seen["spatial_shapes"].tolist() == [[4, 4]] * 2
+
+
+def test_a_preprocessor_without_both_statistics_leaves_the_configs(tmp_path):
+    """Normalisation is read from preprocessor_config.json only when it has both image_mean and image_std."""
+    torch.manual_seed(0)
+    siglip().save_pretrained(tmp_path / "s")
+    default = EncoderConfig(image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6))
+    for only in ({"image_mean": list(CLIP_MEAN)}, {"image_std": list(CLIP_STD)}, {}):
+        (tmp_path / "s" / "preprocessor_config.json").write_text(json.dumps(only))
+        encoder = load_pretrained_encoder(tmp_path / "s", default)
+        assert (encoder.cfg.image_mean, encoder.cfg.image_std) == (default.image_mean, default.image_std), only

@@ -43,7 +43,7 @@ def weights(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("feature_layer", [-1, -2])
+@pytest.mark.parametrize("feature_layer", [-1, -2, -3])
 def test_features_equal_timms_own_intermediates(weights, feature_layer):
     encoder = load_pretrained_encoder(weights, config(feature_layer).encoder).eval()
     reference = timm_reference()
@@ -114,6 +114,11 @@ def test_refusals_are_one_line(weights, tmp_path):
         VQRAE(dataclasses.replace(config(), encoder=EncoderConfig(tower={**TOWER, "model_name": "vit_nothing"})))
     with pytest.raises(ConfigError, match="feature_layer must be in \\[-3, -1\\]"):
         VQRAE(config(feature_layer=-4))
+    from tokenizer.encoder import VisionEncoder
+
+    for layer in (-4, 0):  # the encoder's own check, for a config not validated as a whole
+        with pytest.raises(ConfigError, match="feature_layer must be in \\[-3, -1\\]"):
+            VisionEncoder(EncoderConfig(tower=dict(TOWER), feature_layer=layer))
     from llm.understanding import vision_tower
 
     with pytest.raises(ConfigError, match="timm tower .* no transformers vision-model class"):

@@ -288,10 +288,10 @@ def test_features_are_the_hidden_states_llava_reads(layer):
         assert not torch.allclose(out.hidden_states[-1], out.last_hidden_state)  # the norm would have mattered
 
 
-@pytest.mark.parametrize("model_type", ["dinov2", "dinov2_with_registers"])
+@pytest.mark.parametrize("model_type", ["dinov2", "dinov2_with_registers", "vit"])
 @pytest.mark.parametrize("layer", [-1, -2])
 def test_generic_tower_features_are_its_hidden_states(model_type, layer):
-    """A tower with no family entry (here HF DINOv2, with and without registers) is read through
+    """A tower with no family entry (here HF DINOv2, with and without registers, and ViT) is read through
     output_hidden_states: features = hidden_states[feature_layer] with the prefix tokens (CLS, registers) removed."""
     from transformers import AutoConfig, AutoModel
 
@@ -310,6 +310,29 @@ def test_generic_tower_features_are_its_hidden_states(model_type, layer):
     assert hidden[layer].shape[1] == prefix + 16
     torch.testing.assert_close(feats, hidden[layer][:, prefix:])
     assert not torch.allclose(hidden[-1], hidden[-2])  # the layer chosen matters
+
+
+def test_an_unknown_tower_model_type_is_one_config_error():
+    tower = {"model_type": "no_such_tower", "hidden_size": 32, "patch_size": 8, "image_size": 32}
+    with pytest.raises(ConfigError, match="encoder.tower: unknown transformers model_type 'no_such_tower'"):
+        VisionEncoder(dataclasses.replace(get_preset("tiny").encoder, tower=tower))
+
+
+def test_generic_tower_reads_a_non_square_grid():
+    """N = (H / p) * (W / p) patch tokens for a tower that takes any image size (here DINOv2 on 32 x 48)."""
+    from transformers import AutoConfig, AutoModel
+
+    tower = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "patch_size": 8, "image_size": 32}
+    torch.manual_seed(3)
+    encoder = VisionEncoder(dataclasses.replace(get_preset("tiny").encoder, tower=tower, feature_layer=-1)).eval()
+    reference = AutoModel.from_config(AutoConfig.for_model(**tower)).eval()
+    reference.load_state_dict(encoder.tower.state_dict())
+    x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        hidden = reference(pixel_values=x * encoder.scale + encoder.shift, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(encoder(x), hidden[-1][:, 1:])  # 1 CLS + 4 x 6 patches
+    assert hidden[-1].shape[1] == 1 + 24
 
 
 def test_old_format_exports_are_refused(tmp_path):

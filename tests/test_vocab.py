@@ -1,5 +1,6 @@
 """Text tokenizer, vocabulary expansion and the generation sequence format."""
 
+import dataclasses
 import json
 
 import pytest
@@ -25,6 +26,7 @@ from llm.vocab import (
     build_prompt_ids,
     build_sequence,
     build_tiny_qwen3,
+    caption_problem,
     code_token,
     codebook_rows,
     expand_vocabulary,
@@ -114,6 +116,11 @@ def test_codebook_init_is_a_scaled_linear_map_of_the_codebook(tok_dir):
     assert torch.allclose(rows[2], rows[0] + 3 * rows[1], atol=1e-5) and torch.equal(rows[3], rows[4])
     assert not torch.allclose(rows[0], rows[1])
     assert torch.equal(rows, codebook_rows(codebook, text_rows, seed=0))  # deterministic for a seed
+    gaussian = torch.randn(24, text_rows.shape[1], generator=torch.Generator().manual_seed(0))
+    expected = codebook @ gaussian
+    expected *= text_rows.norm(dim=1).mean() / expected.norm(dim=1).mean()
+    torch.testing.assert_close(rows, expected)  # the codebook through a seeded Gaussian map, at the text rows' norm
+    torch.testing.assert_close(codebook_rows(codebook * 1e-4, text_rows), rows)  # whatever the codebook's scale
     assert not torch.allclose(rows, codebook_rows(codebook, text_rows, seed=1))
     out_rows = model.get_output_embeddings().weight[vocab.code_offset : vocab.code_end]
     assert torch.allclose(out_rows, text_out.mean(0).expand_as(out_rows), atol=1e-6)  # untied head: mean
@@ -138,6 +145,32 @@ def test_expansion_errors_and_pad_fallback(tok_dir, tmp_path):
     nopad.pad_token = None
     vocab = expand_vocabulary(build_tiny_qwen3(nopad), nopad, 8)
     assert nopad.pad_token == PAD_FALLBACK and vocab.pad_id == nopad.convert_tokens_to_ids(PAD_FALLBACK)
+
+
+def test_expansion_arguments_padding_and_token_names(tok_dir):
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok)
+    with pytest.raises(ValueError, match="codebook_size must be positive, got 0"):
+        expand_vocabulary(model, tok, 0)
+    with pytest.raises(ValueError, match="only it accepts one"):  # a codebook is refused by the mean init
+        expand_vocabulary(model, tok, 16, init="mean", codebook=torch.zeros(16, 4))
+    with pytest.raises(ValueError, match=r"shape \(16, D\)"):  # one row per code, no more
+        expand_vocabulary(model, tok, 16, init="codebook", codebook=torch.zeros(17, 4))
+    vocab = expand_vocabulary(model, tok, 100)  # rows padded to the next multiple of 64 by default
+    assert vocab.embedding_rows % 64 == 0 and vocab.code_end <= vocab.embedding_rows < vocab.code_end + 64
+    assert model.get_input_embeddings().weight.shape[0] == vocab.embedding_rows
+    # code names: zero-padded to 5 digits, wider only past 99999 codes
+    assert [code_token(42, k) for k in (100, 16384, 100000)] == ["<|img_00042|>"] * 3
+    assert code_token(42, 100001) == "<|img_000042|>"
+
+
+def test_captions_holding_image_or_special_token_strings_are_named(tok_dir):
+    tok = fresh(tok_dir)
+    assert caption_problem("a photo of a red square", tok) is None
+    assert caption_problem(3, tok) == "captions must be strings, got int"
+    assert caption_problem("a <|img_00007|> square", tok) == "caption contains the image token string '<|img_00007|>'"
+    for special in tok.all_special_tokens:
+        assert caption_problem(f"a red {special} square", tok) == f"caption contains the special token string {special!r}"
 
 
 def test_real_qwen3_directory_round_trip(tok_dir, tmp_path):
@@ -177,8 +210,9 @@ def test_image_vocab_mapping_and_json(tmp_path):
     assert vocab.is_code(torch.tensor([99, 100, 109, 110])).tolist() == [False, True, True, False]
     with pytest.raises(ValueError, match="not image codes"):
         vocab.token_to_code(torch.tensor([100, 110]))
-    with pytest.raises(ValueError, match=r"\[0, 10\)"):
-        vocab.code_to_token(torch.tensor([10]))
+    for outside in (10, 11, -1):
+        with pytest.raises(ValueError, match=r"\[0, 10\)"):
+            vocab.code_to_token(torch.tensor([outside]))
     vocab.save(tmp_path)
     assert json.loads((tmp_path / VOCAB_FILE).read_text())["code_offset"] == 100
     assert ImageVocab.load(tmp_path) == vocab
@@ -190,6 +224,14 @@ def test_image_vocab_mapping_and_json(tmp_path):
     with pytest.raises(ValueError, match="rows"):
         ImageVocab(codebook_size=10, code_offset=120, image_start_id=98, image_end_id=99, pad_id=1,
                    text_vocab_size=98, embedding_rows=128)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vocab.code_offset = 0
+    ImageVocab(codebook_size=1, code_offset=0, image_start_id=1, image_end_id=2, pad_id=3, text_vocab_size=0,
+               embedding_rows=1)  # the smallest: specials right after the one code
+    for size, offset in ((0, 100), (10, -1)):
+        with pytest.raises(ValueError, match="invalid ImageVocab"):
+            ImageVocab(codebook_size=size, code_offset=offset, image_start_id=98, image_end_id=99, pad_id=1,
+                       text_vocab_size=98, embedding_rows=128)
 
 
 # ----------------------------------------------------------------------------------------------- sequences
@@ -232,8 +274,9 @@ def test_unconditional_prompts(expanded):
         tok, blue, vocab, template="chat")
     assert unconditional_prompt_ids(tok, chat, vocab, "empty", "chat") == build_prompt_ids(tok, "", "chat")
     assert unconditional_prompt_ids(tok, plain, vocab, "empty") == []
-    with pytest.raises(ValueError, match="unconditional mode"):
-        unconditional_prompt_ids(tok, plain, vocab, "null")
+    for mode in ("null", "zeros"):  # sorting before and after "pad"
+        with pytest.raises(ValueError, match="unconditional mode"):
+            unconditional_prompt_ids(tok, plain, vocab, mode)
 
 
 def test_sequence_layout_and_labels_match_the_models_loss(expanded):
