@@ -16,9 +16,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-# torchvision vgg16.features index ranges that make up lpips' five VGG slices
-_LPIPS_VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
-
 
 def build_lpips(vgg_path: str | Path | None, allow_random: bool = False) -> nn.Module:
     """LPIPS-VGG (the `lpips` package) with its VGG16 backbone read from a local file; frozen, eval mode.
@@ -44,7 +41,7 @@ def build_lpips(vgg_path: str | Path | None, allow_random: bool = False) -> nn.M
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS VGG16 weights file {path} not found")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model.net.load_state_dict(_lpips_backbone_state(state, path), strict=True)
+        model.net.load_state_dict(_lpips_backbone_state(state, model.net, path), strict=True)
     else:
         log.warning("LPIPS uses a RANDOM VGG16 backbone (loss.allow_random_lpips=true): perceptual loss is not "
                     "meaningful; give loss.lpips_vgg_path for real training")
@@ -52,22 +49,16 @@ def build_lpips(vgg_path: str | Path | None, allow_random: bool = False) -> nn.M
     return model
 
 
-def _lpips_backbone_state(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Map a torchvision vgg16 or LPIPS state dict onto lpips' sliced VGG backbone."""
+def _lpips_backbone_state(state: dict[str, torch.Tensor], backbone: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Map a torchvision vgg16 or LPIPS state dict onto lpips' sliced VGG backbone, whose slices keep torchvision's
+    layer numbers (`sliceK.N.weight` is `features.N.weight`); a tensor the file lacks is left for the strict load to
+    name."""
     if any(k.startswith("net.slice") for k in state):
         return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.slice")}
-    out = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] != "features":
-            continue
-        index = int(parts[1])
-        for slice_no, (lo, hi) in enumerate(_LPIPS_VGG_SLICES, start=1):
-            if lo <= index < hi:
-                out[f"slice{slice_no}.{index}.{parts[2]}"] = value
-    if not out:
+    if not any(k.startswith("features.") for k in state):
         raise ValueError(f"{path} holds neither a torchvision vgg16 nor an LPIPS state dict")
-    return out
+    torchvision_keys = {key: "features." + key.split(".", 1)[1] for key in backbone.state_dict()}
+    return {key: state[source] for key, source in torchvision_keys.items() if source in state}
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
