@@ -48,6 +48,11 @@ class _Handler(SimpleHTTPRequestHandler):
                     time.sleep(ahead)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's 5 drops the SYNs of a burst of parallel fetches: 1 s retransmit stalls
+
+
 class ShardServer:
     """Serve `root` on 127.0.0.1 (a free port) in a background thread; a context manager.
 
@@ -64,8 +69,7 @@ class ShardServer:
         self.requests: collections.Counter[str] = collections.Counter()
         handler = type("Handler", (_Handler,), {"latency_s": latency_s, "bytes_per_s": mbit_s * 1e6 / 8,
                                                 "fail": frozenset(fail), "requests": self.requests})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
