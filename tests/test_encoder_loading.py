@@ -3,6 +3,7 @@ checkpoint's, wherever the checkpoint stores it (a tower, a dual encoder, an Int
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,13 +18,14 @@ from transformers import (
     Siglip2Model,
     SiglipConfig,
     SiglipModel,
+    SiglipVisionConfig,
 )
 
 from tokenizer import VQRAE, EncoderConfig, get_preset
 from tokenizer.encoder import load_pretrained_encoder
 
 TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 99}
-VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+VISION = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
           "patch_size": 4}
 
 
@@ -123,6 +125,40 @@ def test_loaded_features_are_the_checkpoints_hidden_states_on_its_normalisation(
     torch.testing.assert_close(features, hidden.hidden_states[layer][:, prefix:])
     if kind == "siglip2":
         assert seen["pixel_attention_mask"].shape == (2, 16) and seen["spatial_shapes"].tolist() == [[4, 4]] * 2
+        assert seen["spatial_shapes"].dtype == torch.long  # as Siglip2ImageProcessor gives it
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_the_pruned_tower_holds_only_what_the_features_use(tmp_path, kind):
+    """Loading drops the layers past feature_layer, the final norm and the pooling heads: every tensor left gets a
+    gradient from the features, and the encoder's state is its tower's alone (the normalisation is config)."""
+    torch.manual_seed(0)
+    BUILDERS[kind]().save_pretrained(tmp_path / kind)
+    encoder = load_pretrained_encoder(tmp_path / kind, EncoderConfig(feature_layer=-2)).requires_grad_(True)
+    encoder(torch.rand(2, 3, 16, 16) * 2 - 1).square().sum().backward()
+    assert [name for name, p in encoder.tower.named_parameters() if p.grad is None] == []
+    assert set(encoder.state_dict()) == {f"tower.{key}" for key in encoder.tower.state_dict()}
+
+
+def test_tower_dict_is_the_architecture_with_its_sizes_explicit():
+    from tokenizer.encoder import _NON_ARCH_KEYS, FAMILIES, tower_dict
+
+    config = SiglipVisionConfig(num_hidden_layers=3, torch_dtype="bfloat16", architectures=["SiglipVisionModel"])
+    tower = tower_dict(config)
+    assert tower["model_type"] == "siglip_vision_model" and tower["num_hidden_layers"] == 3
+    assert not set(tower) & set(_NON_ARCH_KEYS), set(tower) & set(_NON_ARCH_KEYS)
+    for key in ("hidden_size", "patch_size", "image_size"):  # at transformers' defaults: written all the same
+        assert tower[key] == getattr(config, key)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FAMILIES["clip_vision_model"].prefix_tokens = 0
+
+
+def test_the_directory_decides_the_tower_whatever_the_passed_config(tmp_path):
+    torch.manual_seed(0)
+    siglip().save_pretrained(tmp_path / "siglip")
+    passed = EncoderConfig(tower={"model_type": "vit", "hidden_size": 8}, feature_layer=-2)  # sorts after "timm"
+    encoder = load_pretrained_encoder(tmp_path / "siglip", passed)
+    assert encoder.cfg.model_type == "siglip_vision_model" and encoder.cfg.feature_layer == -2
 
 
 def test_a_preprocessor_without_both_statistics_leaves_the_configs(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import sys
 
 import pytest
 import timm
@@ -41,6 +43,16 @@ def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("timm") / "dinov2-tiny.safetensors"
     save_file({k: v.contiguous() for k, v in timm_reference().state_dict().items()}, str(path))
     return path
+
+
+def test_a_tower_read_from_json_loads_the_same(weights):
+    """A config read from a file holds its strings by value (json makes new objects, never the interned literals)."""
+    tower = json.loads(json.dumps(TOWER))
+    assert tower["model_type"] == "timm" and tower["model_type"] is not sys.intern("timm")
+    x = torch.rand(1, 3, 28, 28) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_pretrained_encoder(weights, EncoderConfig(tower=tower)).eval()(x),
+                                   load_pretrained_encoder(weights, config().encoder).eval()(x))
 
 
 @pytest.mark.parametrize("feature_layer", [-1, -2, -3])
@@ -110,6 +122,9 @@ def test_refusals_are_one_line(weights, tmp_path):
     with pytest.raises(ValueError, match="does not fit .*blocks.2") as e:
         load_pretrained_encoder(tmp_path / "cut.safetensors", cfg)
     assert "\n" not in str(e.value)
+    for name in ("", 5):
+        with pytest.raises(ConfigError, match="needs a 'model_name'"):
+            VQRAE(dataclasses.replace(config(), encoder=EncoderConfig(tower={**TOWER, "model_name": name})))
     with pytest.raises(ConfigError, match="timm has no model"):
         VQRAE(dataclasses.replace(config(), encoder=EncoderConfig(tower={**TOWER, "model_name": "vit_nothing"})))
     with pytest.raises(ConfigError, match="feature_layer must be in \\[-3, -1\\]"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -233,6 +234,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = tiny_model(seed=5)
+        model.encoder.tower.embeddings.requires_grad_(False)  # the first layer's input then needs no gradient
         if ckpt:
             model.set_gradient_checkpointing()  # on by default
             flags = [m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")]
@@ -529,6 +531,19 @@ def test_auto_attention_never_picks_flash_for_fp32_weights(monkeypatch):
     assert tower._attn_implementation == layers._attn_implementation == "flash_attention_2"
     model.float()
     assert tower._attn_implementation == layers._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_flash_attention_needs_the_package_and_a_gpu(monkeypatch, installed):
+    from tokenizer import encoder
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: (object() if installed else None) if name == "flash_attn" else find_spec(name, *args))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert encoder.flash_attention_available() is installed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert encoder.flash_attention_available() is False
 
 
 def test_frozen_encoder_stays_in_eval_mode():

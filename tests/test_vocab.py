@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -127,6 +129,51 @@ def test_codebook_init_is_a_scaled_linear_map_of_the_codebook(tok_dir):
     assert vocab.init == "codebook"
 
 
+def test_a_one_code_vocabulary_and_the_tokenizer_check(tok_dir):
+    tok = fresh(tok_dir)
+    vocab = expand_vocabulary(build_tiny_qwen3(tok), tok, 1)
+    assert vocab.code_range == (len(tok) - 1, len(tok)) and tok.convert_tokens_to_ids(code_token(0, 1)) == len(tok) - 1
+    vocab.check_tokenizer(tok)  # its first and last code are the same token
+    # image tokens are special: a decode that skips special tokens (the chat's streamer) keeps only the text
+    ids = [*tok("a red square")["input_ids"], vocab.image_start_id, vocab.code_offset, vocab.image_end_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "a red square"
+    for pad in (vocab.pad_id - 1, vocab.pad_id + 1):
+        with pytest.raises(ValueError, match="does not match the image vocabulary"):
+            dataclasses.replace(vocab, pad_id=pad).check_tokenizer(tok)
+
+
+def test_a_checkpoints_padding_rows_are_kept_and_an_untied_head_found_wherever_it_lies(tok_dir):
+    """A checkpoint with more rows than tokens (Qwen's 151936 for 151669) keeps them; an untied head is told from a
+    tied one by identity, not by where its memory lies."""
+    tok = fresh(tok_dir)
+    text = len(tok)
+    model = build_tiny_qwen3(tok, tie_word_embeddings=False, vocab_size=text + 300)
+    out_first = torch.randn(2 * (text + 300), 64)  # the head's rows at the lower address
+    model.get_output_embeddings().weight = torch.nn.Parameter(out_first[: text + 300])
+    model.get_input_embeddings().weight = torch.nn.Parameter(out_first[text + 300 :])
+    w_out = model.get_output_embeddings().weight.detach().clone()
+    vocab = expand_vocabulary(model, tok, 16)
+    rows = -(-(text + 300) // 64) * 64  # all of the checkpoint's rows, padded to a multiple of 64
+    assert vocab.embedding_rows == rows == model.get_input_embeddings().weight.shape[0]
+    out = model.get_output_embeddings().weight[text:]
+    assert torch.allclose(out, w_out[:text].mean(0).expand_as(out), atol=1e-6)
+
+
+def test_codebook_init_of_a_tied_model_is_its_output_rows_too(tok_dir):
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok, tie_word_embeddings=True)
+    text_rows = model.get_input_embeddings().weight[: len(tok)].detach().clone()
+    codebook = torch.randn(300, 24)  # past 256: sizes compared by value
+    vocab = expand_vocabulary(model, tok, 300, init="codebook", codebook=codebook)
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    rows = model.get_output_embeddings().weight[vocab.code_offset : vocab.code_end]
+    assert torch.equal(rows, codebook_rows(codebook, text_rows))  # not reset to the mean as an untied head's
+    dead = codebook_rows(torch.zeros(4, 24), text_rows)  # a codebook of zeros gives zero rows, not NaN
+    assert torch.equal(dead, torch.zeros(4, text_rows.shape[1]))
+    default = build_tiny_qwen3(tok)  # tied, as Qwen3-0.6B
+    assert default.get_output_embeddings().weight is default.get_input_embeddings().weight
+
+
 def test_expansion_errors_and_pad_fallback(tok_dir, tmp_path):
     tok = fresh(tok_dir)
     model = build_tiny_qwen3(tok)
@@ -146,16 +193,36 @@ def test_expansion_errors_and_pad_fallback(tok_dir, tmp_path):
     vocab = expand_vocabulary(build_tiny_qwen3(nopad), nopad, 8)
     assert nopad.pad_token == PAD_FALLBACK and vocab.pad_id == nopad.convert_tokens_to_ids(PAD_FALLBACK)
 
+    # ids read back from JSON (ints past 256 are then other objects) still match the tokenizer
+    big = fresh(tok_dir)
+    big.pad_token = big.convert_ids_to_tokens(300)
+    vocab = expand_vocabulary(build_tiny_qwen3(big), big, 8)
+    vocab.save(tmp_path)
+    assert vocab.pad_id == 300
+    ImageVocab.load(tmp_path).check_tokenizer(big)
+
+    # a tokenizer that already holds one of the code names cannot give the codes contiguous ids
+    clash = fresh(tok_dir)
+    clash.add_tokens(["<|img_00003|>"])
+    with pytest.raises(RuntimeError, match="contiguous ids"):
+        expand_vocabulary(build_tiny_qwen3(clash), clash, 16)
+
 
 def test_expansion_arguments_padding_and_token_names(tok_dir):
     tok = fresh(tok_dir)
     model = build_tiny_qwen3(tok)
-    with pytest.raises(ValueError, match="codebook_size must be positive, got 0"):
-        expand_vocabulary(model, tok, 0)
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=f"codebook_size must be positive, got {size}"):
+            expand_vocabulary(model, tok, size)
     with pytest.raises(ValueError, match="only it accepts one"):  # a codebook is refused by the mean init
         expand_vocabulary(model, tok, 16, init="mean", codebook=torch.zeros(16, 4))
     with pytest.raises(ValueError, match=r"shape \(16, D\)"):  # one row per code, no more
         expand_vocabulary(model, tok, 16, init="codebook", codebook=torch.zeros(17, 4))
+    for shape in ((16,), (16, 4, 1)):  # a matrix
+        with pytest.raises(ValueError, match=rf"shape \(16, D\), got {re.escape(str(shape))}"):
+            expand_vocabulary(model, tok, 16, init="codebook", codebook=torch.zeros(shape))
+    with pytest.raises(ValueError, match=f"{len(tok) - 1} embedding rows but the tokenizer {len(tok)} tokens"):
+        expand_vocabulary(build_tiny_qwen3(tok, vocab_size=len(tok) - 1), tok, 16)
     vocab = expand_vocabulary(model, tok, 100)  # rows padded to the next multiple of 64 by default
     assert vocab.embedding_rows % 64 == 0 and vocab.code_end <= vocab.embedding_rows < vocab.code_end + 64
     assert model.get_input_embeddings().weight.shape[0] == vocab.embedding_rows
@@ -207,7 +274,7 @@ def test_image_vocab_mapping_and_json(tmp_path):
     codes = torch.tensor([[0, 9], [3, 4]])
     assert torch.equal(vocab.code_to_token(codes), codes + 100)
     assert torch.equal(vocab.token_to_code(vocab.code_to_token(codes)), codes)
-    assert vocab.is_code(torch.tensor([99, 100, 109, 110])).tolist() == [False, True, True, False]
+    assert vocab.is_code(torch.tensor([99, 100, 109, 110, 111])).tolist() == [False, True, True, False, False]
     with pytest.raises(ValueError, match="not image codes"):
         vocab.token_to_code(torch.tensor([100, 110]))
     for outside in (10, 11, -1):
@@ -218,9 +285,10 @@ def test_image_vocab_mapping_and_json(tmp_path):
     assert ImageVocab.load(tmp_path) == vocab
     with pytest.raises(FileNotFoundError, match=VOCAB_FILE):
         ImageVocab.load(tmp_path / "missing")
-    with pytest.raises(ValueError, match="inside the code id range"):
-        ImageVocab(codebook_size=10, code_offset=100, image_start_id=105, image_end_id=99, pad_id=1,
-                   text_vocab_size=98, embedding_rows=128)
+    for inside in (100, 105):
+        with pytest.raises(ValueError, match="inside the code id range"):
+            ImageVocab(codebook_size=10, code_offset=100, image_start_id=inside, image_end_id=99, pad_id=1,
+                       text_vocab_size=98, embedding_rows=128)
     with pytest.raises(ValueError, match="rows"):
         ImageVocab(codebook_size=10, code_offset=120, image_start_id=98, image_end_id=99, pad_id=1,
                    text_vocab_size=98, embedding_rows=128)
@@ -228,7 +296,7 @@ def test_image_vocab_mapping_and_json(tmp_path):
         vocab.code_offset = 0
     ImageVocab(codebook_size=1, code_offset=0, image_start_id=1, image_end_id=2, pad_id=3, text_vocab_size=0,
                embedding_rows=1)  # the smallest: specials right after the one code
-    for size, offset in ((0, 100), (10, -1)):
+    for size, offset in ((0, 100), (-1, 100), (10, -1)):
         with pytest.raises(ValueError, match="invalid ImageVocab"):
             ImageVocab(codebook_size=size, code_offset=offset, image_start_id=98, image_end_id=99, pad_id=1,
                        text_vocab_size=98, embedding_rows=128)
@@ -254,8 +322,9 @@ def test_prompt_templates(expanded, tok_dir, tmp_path):
     plain_tok = train_text_tokenizer(CAPTIONS, tmp_path / "nochat", vocab_size=300, chat_template=None)
     assert tok.decode(build_prompt_ids(plain_tok, caption, "chat")) != chat
     assert plain_tok.decode(build_prompt_ids(plain_tok, caption, "chat")) == FALLBACK_CHAT.format(caption=caption)
-    with pytest.raises(ValueError, match="template"):
-        build_prompt_ids(tok, caption, "alpaca")
+    for template in ("alpaca", "vicuna"):  # sorting before and after "plain"
+        with pytest.raises(ValueError, match="template"):
+            build_prompt_ids(tok, caption, template)
 
 
 def test_unconditional_prompts(expanded):
@@ -274,9 +343,37 @@ def test_unconditional_prompts(expanded):
         tok, blue, vocab, template="chat")
     assert unconditional_prompt_ids(tok, chat, vocab, "empty", "chat") == build_prompt_ids(tok, "", "chat")
     assert unconditional_prompt_ids(tok, plain, vocab, "empty") == []
-    for mode in ("null", "zeros"):  # sorting before and after "pad"
+    for mode in ("blank", "null", "zeros"):  # sorting before "empty", between, after "pad"
         with pytest.raises(ValueError, match="unconditional mode"):
             unconditional_prompt_ids(tok, plain, vocab, mode)
+
+
+def test_the_tokenizer_check_reads_the_codes(expanded):
+    tok, _, vocab = expanded
+    vocab.check_tokenizer(tok)
+    shifted = dataclasses.replace(vocab, code_offset=vocab.code_offset + 1)  # markers and pad where they are
+    assert shifted.code_end <= shifted.embedding_rows
+    with pytest.raises(ValueError, match="does not match the image vocabulary"):
+        shifted.check_tokenizer(tok)
+
+
+def test_options_read_from_a_config_are_compared_by_value(expanded, tok_dir):
+    """Strings built at run time (a YAML value, a CLI flag) are equal to, never the same object as, the literals."""
+    tok, _, vocab = expanded
+    chat, plain, pad, empty = ("".join(parts) for parts in (("ch", "at"), ("pl", "ain"), ("p", "ad"), ("em", "pty")))
+    assert chat == "chat" and chat is not sys.intern("chat")
+    prompt = build_prompt_ids(tok, CAPTIONS[0], chat)
+    assert prompt == build_prompt_ids(tok, CAPTIONS[0], "chat")
+    assert build_prompt_ids(tok, CAPTIONS[0], plain) == build_prompt_ids(tok, CAPTIONS[0], "plain")
+    assert unconditional_prompt_ids(tok, prompt, vocab, pad, chat) == unconditional_prompt_ids(tok, prompt, vocab)
+    assert unconditional_prompt_ids(tok, prompt, vocab, empty, chat) == build_prompt_ids(tok, "", "chat")
+    fresh_tok = fresh(tok_dir)
+    model = build_tiny_qwen3(fresh_tok)
+    codebook = torch.randn(8, 4)
+    text_rows = model.get_input_embeddings().weight[: len(fresh_tok)].detach().clone()
+    new = expand_vocabulary(model, fresh_tok, 8, init="".join(("code", "book")), codebook=codebook)
+    rows = model.get_input_embeddings().weight[new.code_offset : new.code_end]
+    assert new.init == "codebook" and torch.equal(rows, codebook_rows(codebook, text_rows))
 
 
 def test_sequence_layout_and_labels_match_the_models_loss(expanded):

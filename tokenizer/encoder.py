@@ -39,8 +39,9 @@ class TowerFamily:
 
     Args:
         layers: dotted path of the tower's ModuleList of transformer layers.
-        final_norm: dotted path of a norm the tower applies to `last_hidden_state` after its last layer (None if
-            none); VQRAE never applies it (features are hidden states, as LLaVA reads them), so it is removed.
+        final_norm: dotted path of the norm the tower applies after its last layer, to `last_hidden_state` or (CLIP)
+            to the pooled CLS token (None if none); VQRAE never applies it (features are hidden states, as LLaVA
+            reads them), so it is replaced by an identity.
         prefix_tokens: tokens before the patch tokens in the output (a CLS token: 1).
         naflex: the tower takes flattened patches + `spatial_shapes` (SigLIP2 NaFlex) instead of an image.
         unused: dotted paths of modules VQRAE never runs (pooling heads), removed at build time.
@@ -57,7 +58,7 @@ FAMILIES: dict[str, TowerFamily] = {
     "siglip_vision_model": TowerFamily("encoder.layers", "post_layernorm", unused=("head",)),
     "siglip2_vision_model": TowerFamily("encoder.layers", "post_layernorm", naflex=True, unused=("head",)),
     "internvl_vision": TowerFamily("encoder.layer", "layernorm", prefix_tokens=1),
-    "clip_vision_model": TowerFamily("encoder.layers", None, prefix_tokens=1),
+    "clip_vision_model": TowerFamily("encoder.layers", "post_layernorm", prefix_tokens=1),
 }
 
 
