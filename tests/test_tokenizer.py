@@ -538,8 +538,13 @@ def test_flash_attention_needs_the_package_and_a_gpu(monkeypatch, installed):
     from tokenizer import encoder
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: (object() if installed else None) if name == "flash_attn" else find_spec(name, *args))
+
+    def fake_find_spec(name, *args):
+        if name == "flash_attn":
+            return object() if installed else None
+        return find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert encoder.flash_attention_available() is installed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
