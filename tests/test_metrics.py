@@ -1,8 +1,11 @@
 """Metrics against independent references: scikit-image PSNR/SSIM, scipy's sqrtm Frechet distance, numpy
 mean/cov, pytorch-fid's own InceptionV3 class, and direct usage counts."""
 
+import argparse
+import json
 import math
 import multiprocessing
+import re
 
 import numpy as np
 import pytest
@@ -71,8 +74,22 @@ def test_ssim_properties_and_errors():
     assert ssim(a[0], b[0]).shape == ()
     with pytest.raises(ValueError, match="win_size"):
         ssim(a[..., :6, :6], b[..., :6, :6])
-    with pytest.raises(ValueError, match="same shape|one shape"):
-        ssim(a, b[:1])
+    for x, y in ((a, b[:1]), (a[:1], b)):
+        with pytest.raises(ValueError, match="same shape|one shape"):
+            ssim(x, y)
+    torch.testing.assert_close(ssim(a, b), ssim(a, b, data_range=1.0), rtol=0, atol=0)  # images in [0, 1] by default
+    torch.testing.assert_close(psnr(a, b), psnr(a, b, data_range=1.0), rtol=0, atol=0)
+    for even in (2, 4):
+        with pytest.raises(ValueError, match=f"odd .* got {even} for"):
+            ssim(a, b, win_size=even)
+    with pytest.raises(ValueError, match=r"got 7 for \(5, 6\)$"):  # the message names the image's (H, W)
+        ssim(a[..., :5, :6], b[..., :5, :6])
+    with pytest.raises(ValueError, match=r"got 7 for \(5, 9\)$"):  # one side too short is enough
+        ssim(a[..., :5, :9], b[..., :5, :9])
+    for odd in (3, 9):  # every odd window up to the image side is accepted, multiples of 3 included
+        expected = [structural_similarity(_hwc(x), _hwc(y), channel_axis=-1, data_range=1.0, win_size=odd)
+                    for x, y in zip(a, b)]
+        np.testing.assert_allclose(ssim(a, b, win_size=odd).numpy(), expected, rtol=0, atol=1e-5)
 
 
 def _scipy_frechet(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -115,6 +132,19 @@ def test_frechet_distance_closed_form_and_singular_covariances():
         frechet_distance(mu1, s1, mu2[:3], s2)
 
 
+def test_frechet_distance_refuses_every_mismatched_shape():
+    rng = np.random.default_rng(0)
+    d = 4
+    mu, sigma = rng.normal(size=d), np.eye(d)
+    wider = np.eye(d + 1)
+    for args in ((mu[None], sigma, mu, sigma),  # a (1, D) mean is not a (D,) one
+                 (mu, sigma, np.append(mu, 0.0), sigma),  # a longer second mean
+                 (mu, wider, mu, sigma), (mu, sigma, mu, wider),  # larger covariances on either side
+                 (mu, sigma[:, :3], mu, sigma), (mu, sigma, mu, sigma[:3])):
+        with pytest.raises(ValueError, match="do not match"):
+            frechet_distance(*args)
+
+
 def test_feature_stats_match_numpy_and_merge(tmp_path):
     rng = np.random.default_rng(0)
     features = rng.normal(loc=0.5, size=(300, 24)).astype(np.float32)
@@ -139,6 +169,33 @@ def test_feature_stats_match_numpy_and_merge(tmp_path):
         FeatureStats(3).mean_cov()
     with pytest.raises(FileNotFoundError):
         load_fid_stats(tmp_path / "missing.npz")
+
+
+def test_feature_stats_errors(tmp_path):
+    stats = FeatureStats(3)
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        stats.update(torch.zeros(3))  # 1-D
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        stats.update(torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        stats.update(torch.zeros(2, 4))  # more columns than the dimension
+    stats.update(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="at least 2 features .* have 1"):  # one feature has no covariance
+        stats.mean_cov()
+    stats.update(torch.tensor([[1.0, 2.0, 3.0]]))
+    mu, cov = stats.mean_cov()  # two features are enough
+    np.testing.assert_allclose(cov, np.cov(np.array([[1.0, 1, 1], [1, 2, 3]]), rowvar=False))
+    wide = FeatureStats(json.loads("300"))
+    wide.update(torch.zeros(2, 300))  # a dimension past the small-integer cache
+    big = json.loads("300")  # an int built at run time: another object than the literal 300 below
+    FeatureStats(big).merge(FeatureStats(300))
+    for smaller, larger in ((3, 8), (8, 3)):
+        with pytest.raises(ValueError, match="cannot merge"):
+            FeatureStats(larger).merge(FeatureStats(smaller))
+    for present in ("mu", "sigma"):  # a statistics file with only one of the two arrays
+        np.savez(tmp_path / f"{present}.npz", **{present: np.zeros(3)})
+        with pytest.raises(ValueError, match="expected arrays 'mu' and 'sigma'"):
+            load_fid_stats(tmp_path / f"{present}.npz")
 
 
 def _all_reduce_worker(rank: int, init_file: str, queue) -> None:
@@ -192,10 +249,24 @@ def test_code_usage_extremes_and_errors():
     assert single.entropy() == 0.0 and single.utilisation() == 0.0
     single.update(torch.full((5,), 3))
     assert single.utilisation() == 1 / 8 and single.perplexity() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        single.update(torch.tensor([8]))
+    for past in (8, 9):
+        with pytest.raises(ValueError, match=r"\[0, 8\)"):
+            single.update(torch.tensor([past]))
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         single.update(torch.tensor([-1]))
+    stats = FeatureStats(2)
+    stats.update(torch.ones(3, 2))
+    stats.all_reduce()  # not distributed: a no-op
+    assert stats.count == 3
+    before = single.counts.clone()
+    single.update(torch.empty(0, dtype=torch.long))  # an empty batch changes nothing
+    single.all_reduce()  # not distributed: a no-op
+    assert torch.equal(single.counts, before) and not torch.distributed.is_initialized()
+    big = json.loads("300")  # an int built at run time: another object than the literal 300 below
+    CodeUsage(big).merge(CodeUsage(300))
+    for smaller, larger in ((8, 16), (16, 8)):
+        with pytest.raises(ValueError, match="cannot merge"):
+            CodeUsage(larger).merge(CodeUsage(smaller))
 
 
 def test_resize_bilinear_tf1_samples_without_half_pixel_shift():
@@ -206,6 +277,10 @@ def test_resize_bilinear_tf1_samples_without_half_pixel_shift():
     expected_row0 = torch.tensor([0.0, 5.0, 10.0, 10.0])
     torch.testing.assert_close(up[0, 0, 0], expected_row0)
     torch.testing.assert_close(up[0, 0, :, 0], expected_row0 * 2)
+    # a longer, non-linear row: output i samples input i / 2, between its two nearest pixels
+    row = torch.tensor([0.0, 1.0, 4.0, 9.0])
+    wide = resize_bilinear_tf1(row.view(1, 1, 1, 4).expand(1, 1, 2, 4), 8)  # not square: each axis its own scale
+    torch.testing.assert_close(wide[0, 0, 0], torch.tensor([0.0, 0.5, 1.0, 2.5, 4.0, 6.5, 9.0, 9.0]))
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +313,57 @@ def uint8_images():
     return torch.randint(0, 256, (2, 3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
 
 
+def test_inception_checkpoint_layouts(tmp_path, inception_weights, extractor, uint8_images):
+    """A state dict wrapped as {"state_dict": ...} loads the same; a pickle holding anything but tensors and plain
+    containers is never unpickled (weights_only), even around the right tensors."""
+    _, state = inception_weights
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": state}, wrapped)
+    loaded = InceptionFeatureExtractor.from_file(wrapped)
+    torch.testing.assert_close(loaded(uint8_images), extractor(uint8_images), rtol=0, atol=0)
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1.0)}, pickled)
+    with pytest.raises(ValueError, match="cannot read Inception weights"):
+        InceptionFeatureExtractor.from_file(pickled)
+
+
+def _pytorch_fid_input(images: torch.Tensor) -> torch.Tensor:
+    """pytorch-fid's InceptionV3 input: x / 255, torch bilinear resize to 299 (no corner alignment), 2x - 1."""
+    return torch.nn.functional.interpolate(images.float() / 255, size=(299, 299), mode="bilinear",
+                                           align_corners=False) * 2 - 1
+
+
+def _torch_fidelity_input(images: torch.Tensor) -> torch.Tensor:
+    """torch-fidelity's input: TensorFlow-1 bilinear resize of the 0..255 values to 299, then (x - 128) / 128."""
+    return (resize_bilinear_tf1(images.float(), 299) - 128) / 128
+
+
+@pytest.mark.parametrize("preprocessing, reference", [("pytorch-fid", _pytorch_fid_input),
+                                                      ("torch-fidelity", _torch_fidelity_input)])
+def test_inception_input_follows_each_preprocessing(inception_weights, extractor, uint8_images, preprocessing,
+                                                    reference):
+    """The network sees exactly the documented (B, 3, 299, 299) input, whichever way the name was built; the
+    extractor is frozen."""
+    name = "-".join(preprocessing.split("-"))  # a name read at run time: another object than the module's literal
+    models = [InceptionFeatureExtractor.from_file(inception_weights[0], preprocessing=name)]
+    models += [extractor] if preprocessing == "pytorch-fid" else []  # the default
+    for model in models:
+        inputs = _network_inputs(model, uint8_images)
+        assert len(inputs) == 1 and inputs[0].shape == (2, 3, 299, 299)
+        torch.testing.assert_close(inputs[0], reference(uint8_images), rtol=0, atol=1e-5)
+        assert not any(p.requires_grad for p in model.parameters())  # frozen: no gradients, no optimizer state
+
+
+def _network_inputs(model: InceptionFeatureExtractor, images: torch.Tensor) -> list[torch.Tensor]:
+    inputs = []
+    hook = model.net.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    try:
+        model(images)
+    finally:
+        hook.remove()
+    return inputs
+
+
 def test_inception_features_shape_determinism_batch_invariance(extractor, uint8_images):
     features = extractor(uint8_images)
     assert features.shape == (2, 2048) and features.dtype == torch.float32
@@ -268,7 +394,7 @@ def test_torch_fidelity_preprocessing_differs_slightly(inception_weights, extrac
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, but such files exist
-def test_inception_loading_errors(tmp_path, extractor):
+def test_inception_loading_errors(tmp_path, inception_weights, extractor):
     with pytest.raises(FileNotFoundError, match="Inception weights not found"):
         InceptionFeatureExtractor.from_file(tmp_path / "missing.pth")
     wrong = tmp_path / "wrong.pth"
@@ -277,13 +403,28 @@ def test_inception_loading_errors(tmp_path, extractor):
         InceptionFeatureExtractor.from_file(wrong)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read Inception weights"):
+    try:
+        torch.load(garbage, weights_only=True)
+    except Exception as err:  # the reason named is the first line of torch's own error
+        reason = str(err).splitlines()[0]
+    with pytest.raises(ValueError, match=f"cannot read Inception weights .* as a state dict: {re.escape(reason)}$"):
         InceptionFeatureExtractor.from_file(garbage)
+    _, state = inception_weights
+    names = sorted(state)
+    renamed = {**{k: v for k, v in state.items() if k not in names[:4]}, **{f"extra.{i}": state[k] for i, k in
+                                                                             enumerate(names[:4])}}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(ValueError, match=re.escape(f"4 missing keys {names[:3]}, 4 unexpected keys "
+                                                   f"{['extra.0', 'extra.1', 'extra.2']}")):
+        InceptionFeatureExtractor.from_file(tmp_path / "renamed.pth")
     scripted = tmp_path / "inception-2015-12-05.pt"
     torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), scripted)
     with pytest.raises(ValueError, match="TorchScript archive"):
         InceptionFeatureExtractor.from_file(scripted)
     with pytest.raises(ValueError, match="uint8"):
         extractor(torch.rand(1, 3, 32, 32))
+    for shape in ((1, 3, 32, 32, 1), (3, 32, 32), (3, 3, 32), (1, 4, 32, 32), (1, 1, 32, 32)):
+        with pytest.raises(ValueError, match=r"expected uint8 \(B, 3, H, W\)"):
+            extractor(torch.zeros(shape, dtype=torch.uint8))
     with pytest.raises(ValueError, match="unknown preprocessing"):
         InceptionFeatureExtractor(preprocessing="clean-fid")

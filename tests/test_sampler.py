@@ -4,6 +4,7 @@ generate on a tiny random Qwen3."""
 import argparse
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from data.shapes import shapes_world_tokenizer
 from llm.fused import attended_columns
 from llm.sampler import (
+    BACKENDS,
     PRESETS,
     CodeRangeLogitsProcessor,
     Engine,
@@ -113,6 +115,7 @@ def test_top_k_mask_against_rank_rule_and_transformers():
         assert torch.equal(ours, TopKLogitsWarper(k)(None, x.clone()))
         assert (top_k_mask(x, k).sum(-1) == k).all()
     assert top_k_mask(x, 0).all() and top_k_mask(x, 40).all() and top_k_mask(x, 1000).all()
+    assert top_k_mask(x, -1).all()  # k <= 0 is off
     assert torch.equal(top_k_mask(x.view(2, 3, 40), 5), top_k_mask(x, 5).view(2, 3, 40))  # along the last dim
 
 
@@ -147,6 +150,11 @@ def test_top_p_mask_against_smallest_set_rule_and_transformers():
     assert top_p_mask(tied, 1e-9)[0].tolist() == [True, False, False, False]
     assert top_p_mask(torch.tensor([[1.0, 1.0, 0.0]]), 1e-9)[0].tolist() == [True, True, False]
     assert top_p_mask(x, 1.0).all()
+    assert torch.equal(top_p_mask(x, 0.0), top_k_mask(x, 1))  # the argmax alone, even at p = 0
+    halves = torch.tensor([[0.0, -math.log(2), -math.log(2)]])  # probabilities exactly 1/2, 1/4, 1/4
+    assert top_p_mask(halves, 0.5)[0].tolist() == [True, False, False]  # the argmax reaches p = 1/2 exactly
+    # p = 1 keeps even the codes whose probability float32 rounds away (the mass before them reads exactly 1)
+    assert top_p_mask(torch.tensor([[0.0, -30.0, -60.0, -90.0]]), 1.0).all()
     assert torch.equal(top_p_mask(x.view(20, 10, 12), 0.5), top_p_mask(x, 0.5).view(20, 10, 12))  # the last dim
 
 
@@ -155,8 +163,11 @@ def test_restrict_to_codes():
                        text_vocab_size=4, embedding_rows=16)
     logits = torch.arange(32.0).view(2, 16)
     assert restrict_to_codes(logits, vocab).tolist() == [[6, 7, 8, 9], [22, 23, 24, 25]]
-    with pytest.raises(ValueError, match="columns"):
-        restrict_to_codes(logits[:, :8], vocab)
+    for short in (logits[:, :8], logits[None, :, :8]):  # (R, V) or (B, N, V)
+        with pytest.raises(ValueError, match="logits have 8 columns, fewer than the code range end 10"):
+            restrict_to_codes(short, vocab)
+    assert restrict_to_codes(logits[:, :10], vocab).tolist() == [[6, 7, 8, 9], [22, 23, 24, 25]]  # exactly enough
+    assert torch.equal(restrict_to_codes(logits.expand(3, 2, 16), vocab), logits[:, 6:10].expand(3, 2, 4))  # (B, N, V)
 
 
 def test_sample_codes_distribution_support_and_streams():
@@ -189,8 +200,17 @@ def test_image_streams_depend_only_on_seed_and_image():
     assert np.array_equal(image_uniforms(5, [7, 3], 40), table[[2, 0]])  # in another batch order
     assert not np.array_equal(image_uniforms(6, [3], 40)[0], table[0])
     assert not np.array_equal(table[0], table[1])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="image ids must be non-negative, got -1"):
         image_uniforms(5, [-1], 4)
+
+
+def test_image_streams_are_the_documented_draws():
+    """Row r is (k + 1/2) / 2^32 for the 32-bit integers k of SeedSequence((0x1A6E5, seed, image)): the midpoints of
+    2^32 equal cells, never 0 or 1; images drawn with an earlier release keep their codes."""
+    for seed, image in ((0, 0), (5, 3), (2**40, 123456)):
+        k = np.random.default_rng(np.random.SeedSequence((0x1A6E5, seed, image))).integers(0, 2**32, size=64,
+                                                                                          dtype=np.uint64)
+        np.testing.assert_array_equal(image_uniforms(seed, [image], 64)[0], (k + 0.5) / 2**32)
 
 
 def test_sampling_config_validation_and_record():
@@ -198,13 +218,19 @@ def test_sampling_config_validation_and_record():
     record = cfg.to_dict()
     assert set(record) == {"cfg_scale", "temperature", "top_k", "top_p", "seed", "backend", "cuda_graph", "compile"}
     assert SamplingConfig(**record) == cfg
-    assert PRESETS["llamagen"].cfg_scale == 7.5 and PRESETS["llamagen"].top_k == 1000
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a config recorded with outputs cannot change afterwards
+        cfg.seed = 4
+    llamagen = PRESETS["llamagen"]  # LlamaGen's sample_t2i.py: cfg 7.5, temperature 1, top-k 1000, top-p 1
+    assert (llamagen.cfg_scale, llamagen.temperature, llamagen.top_k, llamagen.top_p) == (7.5, 1.0, 1000, 1.0)
     janus = PRESETS["janus"]  # Janus's generation script: cfg_weight 5, temperature 1, neither top-k nor top-p
     assert (janus.cfg_scale, janus.temperature, janus.top_k, janus.top_p) == (5.0, 1.0, 0, 1.0)
     assert (PRESETS["greedy"].cfg_scale, PRESETS["greedy"].temperature) == (1.0, 0.0)
-    for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"backend": "vllm"},
-                {"cfg_scale": float("nan")}, {"temperature": float("nan")}, {"temperature": float("inf")},
-                {"top_k": 2.0}, {"top_k": True}, {"top_p": float("nan")}, {"seed": -1}, {"seed": 1.5}):
+    assert SamplingConfig().to_dict() == {"cfg_scale": 5.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
+                                          "backend": "fused", "cuda_graph": True, "compile": False}  # Janus's
+    for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": -0.5}, {"top_p": 1.5},
+                {"backend": "vllm"}, {"cfg_scale": float("nan")}, {"temperature": float("nan")},
+                {"temperature": float("inf")}, {"top_k": 2.0}, {"top_k": True}, {"top_p": float("nan")},
+                {"seed": -1}, {"seed": 1.5}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 
@@ -333,6 +359,8 @@ def test_engine_input_errors(setup):
         engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond[:1])
     with pytest.raises(ValueError, match="unconditional"):
         engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond + uncond[:1])
+    with pytest.raises(ValueError, match="unconditional"):  # any scale but 1 guides, below 1 too
+        engine.generate(prompts, N, SamplingConfig(cfg_scale=0.5))
     with pytest.raises(ValueError, match="num_tokens"):
         engine.generate(prompts, 0, greedy())
     with pytest.raises(ValueError, match="token ids"):
@@ -342,9 +370,109 @@ def test_engine_input_errors(setup):
             engine.generate([[3, token]], N, greedy())
     with pytest.raises(ValueError, match="empty"):
         engine.generate([], N, greedy())
+    for ids in ([0, 1, 2], [0, 1, 2, 3, 4]):
+        with pytest.raises(ValueError, match=f"image_ids has {len(ids)} entries for 4 prompts"):
+            engine.generate(prompts, N, greedy(), image_ids=ids)
+    assert engine.generate([[0, 3]], 2, greedy()).shape == (1, 2)  # token id 0 is a token
+    rows = model.get_input_embeddings().weight.shape[0]
+    exact = ImageVocab(**{**vocab.__dict__, "codebook_size": rows - vocab.code_offset})  # codes end at the last row
+    assert Engine(model, exact).vocab.code_end == rows
+    with pytest.raises(ValueError, match=f"model has {rows} embedding rows but the image codes end at id {rows + 1}"):
+        Engine(model, ImageVocab(**{**vocab.__dict__, "codebook_size": rows - vocab.code_offset + 1,
+                                    "embedding_rows": rows + 1}))  # a vocabulary of another, larger model
     with pytest.raises(ValueError, match="different model"):
         generate_codes(model, vocab, prompts, N, greedy(), engine=Engine(model, ImageVocab(**{
             **vocab.__dict__, "codebook_size": 8})))
+    equal_vocab = ImageVocab(**vocab.__dict__)  # an equal vocabulary (e.g. read back from image_vocab.json) is fine
+    assert torch.equal(generate_codes(model, equal_vocab, prompts, N, greedy(), engine=engine),
+                       engine.generate(prompts, N, greedy()))
+
+
+def test_one_code_and_the_too_long_message(setup):
+    _, model, vocab, prompts, _ = setup
+    engine = Engine(model, vocab)
+    assert torch.equal(engine.generate(prompts, 1, greedy()), engine.generate(prompts, N, greedy())[:, :1])
+    limit = model.config.max_position_embeddings
+    prompt = prompts[0]
+    message = (f"a prompt of {len(prompt)} tokens + <|image_start|> + {limit} codes needs {len(prompt) + 1 + limit} "
+               "positions")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.generate([prompt], limit, greedy())
+    fits = limit - len(prompt) - 1  # prompt + <|image_start|> + codes fill every position exactly
+    assert engine.generate([prompt], fits, greedy()).shape == (1, fits)
+
+
+def test_engine_cache_shapes_and_steps(setup, monkeypatch):
+    """KV caches are keyed by (rows, length rounded up to 64), reused across calls, the 4 latest kept; each eager step
+    attends to exactly the columns written so far; compile=False never compiles."""
+    _, model, vocab, prompts, _ = setup
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called with compile=False"))
+    engine = Engine(model, vocab)
+    width = max(len(p) for p in prompts) + 1  # prompts + <|image_start|>, left-padded to the longest
+    for rows in range(1, 6):
+        engine.generate(prompts[:rows] if rows <= len(prompts) else prompts + prompts[: rows - len(prompts)], N,
+                        greedy())
+    length = -(-(width + N) // 64) * 64
+    assert length == 64 and list(engine.caches) == [(rows, length) for rows in (2, 3, 4, 5)]
+    kept = engine.caches[(4, length)]
+    engine.generate(prompts, N, greedy())
+    assert engine.caches[(4, length)] is kept and len(engine.caches) == 4
+    engine.generate(prompts, 64 - width + 1, greedy())  # one column past 64: the next multiple
+    assert (4, 128) in engine.caches
+    seen = []
+    monkeypatch.setattr("llm.sampler.attended_columns",
+                        lambda written, *a, **k: seen.append(written) or attended_columns(written, *a, **k))
+    engine.generate(prompts, N, greedy())
+    assert seen == list(range(width + 1, width + N))
+
+
+def test_backend_chosen_by_value_and_compile_plumbing(setup, monkeypatch):
+    """A backend name built at run time (read from a config) picks the fused engine; compile=True runs the decode
+    step through one torch.compile(dynamic=False), kept for later calls, over the whole cache."""
+    _, model, vocab, prompts, _ = setup
+    engine = Engine(model, vocab)
+    engine.generate(prompts, 4, greedy(backend="".join(["fu", "sed"])))
+    assert engine.decoder is not None and engine.caches
+    compiles, steps = [], []
+
+    def fake_compile(fn, **options):
+        compiles.append(options)
+
+        def compiled(cache, kv_len):
+            steps.append(kv_len)
+            return fn(cache, kv_len)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    eager = engine.generate(prompts, N, greedy())
+    for _ in range(2):
+        assert torch.equal(engine.generate(prompts, N, greedy(compile=True)), eager)
+    length = next(iter(engine.caches))[1]
+    assert compiles == [{"dynamic": False}] and steps == [length] * 2 * (N - 1)
+
+
+def test_hf_backend_calls(setup):
+    """The transformers backend computes the head at the last position only, and each step's attention mask covers
+    exactly the cached and the new tokens."""
+    _, model, vocab, prompts, _ = setup
+    head_positions, masks = [], []
+
+    def record_inputs(module, args, kwargs):
+        cached = kwargs["cache"].get_seq_length()
+        masks.append((kwargs["attention_mask"].shape[1], cached + kwargs["input_ids"].shape[1]))
+
+    hooks = [model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_positions.append(out.shape[1])),
+             model.register_forward_pre_hook(record_inputs, with_kwargs=True)]
+    try:
+        Engine(model, vocab).generate(prompts, 4, greedy(backend="hf"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert head_positions == [1] * 4
+    for backend in BACKENDS:  # no autograd graph is built, whatever the weights require
+        _, logits = Engine(model, vocab).generate(prompts, 2, greedy(backend=backend), return_logits=True)
+        assert not logits.requires_grad
+    assert len(masks) == 4 and all(width == expected for width, expected in masks)
 
 
 def test_chat_template_and_empty_unconditional(setup):
@@ -415,7 +543,8 @@ def _zero2_check() -> None:
     prompts = [build_prompt_ids(tok, c) for c in CAPTIONS[:2]]
     cfg = greedy()
     sampler.generate(prompts, 8, cfg)  # builds the fused copies of the initial weights
-    ids = torch.tensor([image_prefix_ids(prompts[0], vocab) + list(range(vocab.code_offset, vocab.code_offset + 8))] * 2)
+    codes = list(range(vocab.code_offset, vocab.code_offset + 8))
+    ids = torch.tensor([image_prefix_ids(prompts[0], vocab) + codes] * 2)
     for _ in range(3):
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
@@ -490,6 +619,7 @@ def test_cuda_graph_matches_eager_and_generate(setup):
     try:
         engine = Engine(gpu, vocab)
         graphed, logits = engine.generate(prompts, N, greedy(), return_logits=True)
+        assert not engine._graphs_failed and any(cache.graphs for cache in engine.caches.values())  # captured
         eager, eager_logits = engine.generate(prompts, N, greedy(cuda_graph=False), return_logits=True)
         assert torch.equal(graphed, eager)
         assert torch.allclose(logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
