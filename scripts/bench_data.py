@@ -43,7 +43,7 @@ def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace,
     mp.set_start_method("fork", force=True)  # DataLoader workers as under a launcher (a spawned rank would spawn them)
     start = time.perf_counter()
     dataset = build_image_dataset(f"{kind}:{spec}", ImageTransform(32, "center"),
-                                  shards=ShardOptions(cache_dir=cache, window=args.window))
+                                  shards=ShardOptions(cache_dir=cache, window=args.window, read_ahead=args.read_ahead))
     loader = resumable_loader(dataset, collate_images, args.batch, DistInfo(rank, world, rank, torch.device("cpu")),
                               seed=0, num_workers=args.workers)
     batches = iter(loader)
@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
     parser.add_argument("--http-workers", type=int, default=4, help="DataLoader workers per rank over HTTP")
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--read-ahead", type=int, default=ShardOptions.read_ahead,
+                        help="windows fetched ahead (ShardOptions.read_ahead)")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
     args = parser.parse_args()
@@ -97,7 +99,8 @@ def main() -> None:
             write_index(sorted(glob.glob(str(folder / "*.tar"))), folder / SHARD_INDEX)
         size_mb = sum(p.stat().st_size for p in folder.glob("*.tar")) / 1e6
         print(f"{shards} shards x {per_shard} images ({size_mb:.0f} MB), micro-batch {args.batch}, "
-              f"{args.batches} micro-batches timed per rank, window {args.window}", flush=True)
+              f"{args.batches} micro-batches timed per rank, window {args.window}, read-ahead {args.read_ahead}",
+              flush=True)
         http_name = f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s"
         with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
             cases = [("scan (today's reader), local", str(folder), "tar", args.workers),
