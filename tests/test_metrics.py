@@ -185,10 +185,11 @@ def test_feature_stats_errors(tmp_path):
     stats.update(torch.tensor([[1.0, 2.0, 3.0]]))
     mu, cov = stats.mean_cov()  # two features are enough
     np.testing.assert_allclose(cov, np.cov(np.array([[1.0, 1, 1], [1, 2, 3]]), rowvar=False))
-    wide = FeatureStats(json.loads("300"))
-    wide.update(torch.zeros(2, 300))  # a dimension past the small-integer cache
     big = json.loads("300")  # an int built at run time: another object than the literal 300 below
+    FeatureStats(big).update(torch.zeros(2, 300))  # a dimension past the small-integer cache
     FeatureStats(big).merge(FeatureStats(300))
+    stats.all_reduce()  # not distributed: a no-op
+    assert stats.count == 2
     for smaller, larger in ((3, 8), (8, 3)):
         with pytest.raises(ValueError, match="cannot merge"):
             FeatureStats(larger).merge(FeatureStats(smaller))
@@ -254,10 +255,6 @@ def test_code_usage_extremes_and_errors():
             single.update(torch.tensor([past]))
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         single.update(torch.tensor([-1]))
-    stats = FeatureStats(2)
-    stats.update(torch.ones(3, 2))
-    stats.all_reduce()  # not distributed: a no-op
-    assert stats.count == 3
     before = single.counts.clone()
     single.update(torch.empty(0, dtype=torch.long))  # an empty batch changes nothing
     single.all_reduce()  # not distributed: a no-op
@@ -411,8 +408,9 @@ def test_inception_loading_errors(tmp_path, inception_weights, extractor):
         InceptionFeatureExtractor.from_file(garbage)
     _, state = inception_weights
     names = sorted(state)
-    renamed = {**{k: v for k, v in state.items() if k not in names[:4]}, **{f"extra.{i}": state[k] for i, k in
-                                                                             enumerate(names[:4])}}
+    renamed = dict(state)
+    for i, name in enumerate(names[:4]):
+        renamed[f"extra.{i}"] = renamed.pop(name)
     torch.save(renamed, tmp_path / "renamed.pth")
     with pytest.raises(ValueError, match=re.escape(f"4 missing keys {names[:3]}, 4 unexpected keys "
                                                    f"{['extra.0', 'extra.1', 'extra.2']}")):

@@ -410,8 +410,7 @@ def test_engine_cache_shapes_and_steps(setup, monkeypatch):
     engine = Engine(model, vocab)
     width = max(len(p) for p in prompts) + 1  # prompts + <|image_start|>, left-padded to the longest
     for rows in range(1, 6):
-        engine.generate(prompts[:rows] if rows <= len(prompts) else prompts + prompts[: rows - len(prompts)], N,
-                        greedy())
+        engine.generate((prompts * 2)[:rows], N, greedy())
     length = -(-(width + N) // 64) * 64
     assert length == 64 and list(engine.caches) == [(rows, length) for rows in (2, 3, 4, 5)]
     kept = engine.caches[(4, length)]
@@ -469,10 +468,10 @@ def test_hf_backend_calls(setup):
         for hook in hooks:
             hook.remove()
     assert head_positions == [1] * 4
+    assert len(masks) == 4 and all(width == expected for width, expected in masks)
     for backend in BACKENDS:  # no autograd graph is built, whatever the weights require
         _, logits = Engine(model, vocab).generate(prompts, 2, greedy(backend=backend), return_logits=True)
         assert not logits.requires_grad
-    assert len(masks) == 4 and all(width == expected for width, expected in masks)
 
 
 def test_chat_template_and_empty_unconditional(setup):
