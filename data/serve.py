@@ -19,10 +19,16 @@ from pathlib import Path
 
 
 class _Handler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as object stores
+    disable_nagle_algorithm = True  # headers and body go out in separate writes: Nagle would hold the body back
     latency_s = 0.0
     bytes_per_s = 0.0  # per request; 0: no cap
     fail: frozenset[str] = frozenset()  # paths answered with 503
-    requests: collections.Counter[str]  # requests per "METHOD /path"
+    requests: collections.Counter[str]  # requests per "METHOD /path"; "connections": connections accepted
+
+    def setup(self) -> None:
+        self.requests["connections"] += 1
+        super().setup()
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
@@ -40,12 +46,12 @@ class _Handler(SimpleHTTPRequestHandler):
         chunk = 64 << 10
         start, sent = time.monotonic(), 0
         while block := source.read(chunk):
-            outputfile.write(block)
             sent += len(block)
-            if self.bytes_per_s:
+            if self.bytes_per_s:  # a block leaves when the cap allows its last byte
                 ahead = sent / self.bytes_per_s - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
+            outputfile.write(block)
 
 
 class _Server(ThreadingHTTPServer):
@@ -61,14 +67,18 @@ class ShardServer:
         latency_s: added before every response.
         mbit_s: bandwidth cap per request in Mbit/s (0: none).
         fail: URL paths ("/000001.tar") answered with 503 Service Unavailable.
+        idle_s: a kept-alive connection idle this long is closed (None: never), as object stores do.
 
-    `requests` counts the requests per "METHOD /path" ("GET /000001.tar").
+    `requests` counts the requests per "METHOD /path" ("GET /000001.tar") and, under "connections", the connections
+    accepted (HTTP/1.1: a client may send many requests on one).
     """
 
-    def __init__(self, root: str | Path, latency_s: float = 0.0, mbit_s: float = 0.0, fail: tuple[str, ...] = ()):
+    def __init__(self, root: str | Path, latency_s: float = 0.0, mbit_s: float = 0.0, fail: tuple[str, ...] = (),
+                 idle_s: float | None = None):
         self.requests: collections.Counter[str] = collections.Counter()
         handler = type("Handler", (_Handler,), {"latency_s": latency_s, "bytes_per_s": mbit_s * 1e6 / 8,
-                                                "fail": frozenset(fail), "requests": self.requests})
+                                                "fail": frozenset(fail), "requests": self.requests,
+                                                "timeout": idle_s})
         self.httpd = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

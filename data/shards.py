@@ -29,12 +29,11 @@ import shutil
 import tarfile
 import threading
 import time
-import urllib.request
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import braceexpand
@@ -44,6 +43,7 @@ from wids import wids as wids_core  # group_by_key, splitname: the grouping of m
 from wids.wids_specs import urldir, urlmerge
 
 from common.files import write_atomic
+from common.http import http_get
 from data.images import (
     SHARD_INDEX,
     TAR_IMAGE_EXTS,
@@ -73,6 +73,7 @@ class ShardOptions:
         max_open: open shard readers kept per process.
         read_ahead: windows fetched ahead of the one being read (by the process running the data order).
         fetch_threads: shards fetched at once, ahead and for one micro-batch (each per process).
+        keep_alive: reuse each fetch thread's HTTP(S) connection to a host (off: a new connection per shard).
     """
 
     window: int = 8
@@ -84,6 +85,7 @@ class ShardOptions:
     max_open: int = 16
     read_ahead: int = 2
     fetch_threads: int = 16
+    keep_alive: bool = True
 
     def __post_init__(self):
         if min(self.window, self.retries, self.max_open, self.fetch_threads) < 1 or self.read_ahead < 0:
@@ -115,14 +117,26 @@ def expand_urls(spec: str) -> list[str]:
     return list(braceexpand.braceexpand(spec))
 
 
-def _open(url: str, options: ShardOptions) -> Any:
-    """A binary read stream of `url`: HTTP(S) through the standard library (one GET; a third of fsspec's HTTP
-    cost per request, measured by scripts/bench_data.py), every other scheme through fsspec (s3:// needs s3fs,
-    gs:// gcsfs, ...)."""
+def _open(url: str, options: ShardOptions) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """A binary read stream of `url`, as a context manager: HTTP(S) through the standard library on keep-alive
+    connections (`common.http`; a connection per request through urllib cost a third of fsspec's CPU per request,
+    and keep-alive halves the server's, measured by scripts/bench_data.py), every other scheme through fsspec (s3://
+    needs s3fs, gs:// gcsfs, ...)."""
     if urlparse(url).scheme in ("http", "https"):
-        request = urllib.request.Request(url, headers={"User-Agent": "vqrae-shards"})
-        return urllib.request.urlopen(request, timeout=options.timeout_s)
+        return http_get(url, options.timeout_s, keep_alive=options.keep_alive)
     return fsspec.open(url, "rb").open()
+
+
+class _Counted:
+    """A read stream that counts the bytes read through it (an HTTP response cannot tell its position)."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.bytes = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes += len(data)
+        return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,13 +147,13 @@ def count_samples(url: str, options: ShardOptions | None = None) -> tuple[int, i
     """(samples, bytes) of one shard, read once as a stream; samples are wids' groups of consecutive members that
     share a key, the grouping the reader uses."""
     options = options or ShardOptions()
-    stream = open(local_path(url), "rb") if not is_remote(url) else _open(url, options)
-    with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        names = [m.name for m in tar if m.isfile()]
-        while stream.read(1 << 20):  # the reader stops at the first end-of-archive block; the file goes on
+    with open(local_path(url), "rb") if not is_remote(url) else _open(url, options) as stream:
+        counted = _Counted(stream)
+        with tarfile.open(fileobj=counted, mode="r|") as tar:
+            names = [m.name for m in tar if m.isfile()]
+        while counted.read(1 << 20):  # the reader stops at the first end-of-archive block; the file goes on
             pass
-        size = stream.tell()
-    return len(wids_core.group_by_key(names)), size
+    return len(wids_core.group_by_key(names)), counted.bytes
 
 
 def write_index(urls: list[str], path: str | Path, threads: int = 16, relative: bool = True) -> dict[str, Any]:
@@ -180,8 +194,7 @@ def read_index(spec: str) -> tuple[list[str], list[int], list[int]]:
         index_url = urlmerge(urldir(wanted[0]), SHARD_INDEX) if is_remote(wanted[0]) else \
             os.path.join(os.path.dirname(wanted[0]) or ".", SHARD_INDEX)
     try:
-        stream = _open(index_url, ShardOptions()) if is_remote(index_url) else open(local_path(index_url), "rb")
-        with stream:
+        with _open(index_url, ShardOptions()) if is_remote(index_url) else open(local_path(index_url), "rb") as stream:
             index = json.loads(stream.read())
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard index at {index_url}: write one once with "
@@ -234,6 +247,10 @@ class ShardCache:
     def path(self, url: str) -> Path:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return self.root / f"{digest}-{os.path.basename(urlparse(url).path) or 'shard.tar'}"
+
+    def cached(self, url: str) -> bool:
+        """True for a local shard, or a remote one whose copy is in the cache."""
+        return not is_remote(url) or self.path(url).exists()
 
     def get(self, url: str, size: int = -1, retries: int | None = None) -> str:
         """A readable local file holding shard `url` (checked against the index's byte size when known).
@@ -426,8 +443,9 @@ class ShardDataset(ImageDataset):
         """A micro-batch (what DataLoader's batched fetch calls): the shards it needs are fetched in parallel first,
         so a batch spread over a window of remote shards waits for about one round trip, not one per shard."""
         needed = {self.locate(epoch_and_index(k)[1])[0] for k in keys}
-        missing = sorted(s for s in needed if s not in self._open and s not in self._failed)
-        if len(missing) > 1 and any(is_remote(self.urls[s]) for s in missing):
+        missing = sorted(s for s in needed if s not in self._open and s not in self._failed and
+                         not self._cache.cached(self.urls[s]))
+        if len(missing) > 1:
             for future in [self._threads().submit(self._local, s) for s in missing]:
                 with contextlib.suppress(SkipSample):
                     future.result()

@@ -6,9 +6,10 @@ and served over loopback HTTP with an added per-request latency and a bandwidth 
 
 Each case runs its ranks as concurrent processes, each reading its own shard of the trainers' data order
 (`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a fresh
-cache. Measured per case: time to the first batch (dataset construction included: today's reader scans every
+cache under --out. Measured per case: time to the first batch (dataset construction included: today's reader scans every
 tar header first) and images/s over the next --batches micro-batches of every rank together. Baselines in the same
-run: today's reader on local disk ("scan"), and the indexed reader on local disk for the HTTP cases' share.
+run: today's reader on local disk ("scan"), the indexed reader on local disk for the HTTP cases' share, and over
+HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) against the default's kept connections.
 The data is written once under --out (the shapes world, resumable) and kept. The server shares this machine's cores
 with the readers (a real object store does not).
 """
@@ -43,7 +44,8 @@ def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace,
     mp.set_start_method("fork", force=True)  # DataLoader workers as under a launcher (a spawned rank would spawn them)
     start = time.perf_counter()
     dataset = build_image_dataset(f"{kind}:{spec}", ImageTransform(32, "center"),
-                                  shards=ShardOptions(cache_dir=cache, window=args.window, read_ahead=args.read_ahead))
+                                  shards=ShardOptions(cache_dir=cache, window=args.window, read_ahead=args.read_ahead,
+                                                      keep_alive=args.keep_alive))
     loader = resumable_loader(dataset, collate_images, args.batch, DistInfo(rank, world, rank, torch.device("cpu")),
                               seed=0, num_workers=args.workers)
     batches = iter(loader)
@@ -58,7 +60,7 @@ def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace,
 def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict[str, float]:
     """(seconds to the first batch, slowest rank; images/s of all ranks together)."""
     ctx = mp.get_context("spawn")
-    queue, cache = ctx.Queue(), tempfile.mkdtemp(prefix="bench-cache-")
+    queue, cache = ctx.Queue(), tempfile.mkdtemp(prefix="cache-", dir=args.out)  # beside the data, as ~/.cache
     try:
         procs = [ctx.Process(target=_rank, args=(spec, kind, r, world, args, cache, queue)) for r in range(world)]
         for p in procs:
@@ -103,15 +105,18 @@ def main() -> None:
               flush=True)
         http_name = f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s"
         with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
-            cases = [("scan (today's reader), local", str(folder), "tar", args.workers),
-                     ("indexed, local", str(folder), "shards", args.workers),
-                     (http_name, f"{server.url}/{SHARD_INDEX}", "shards", args.workers),
-                     (http_name, f"{server.url}/{SHARD_INDEX}", "shards", args.http_workers)]
+            index = f"{server.url}/{SHARD_INDEX}"
+            cases = [("scan (today's reader), local", str(folder), "tar", args.workers, True),
+                     ("indexed, local", str(folder), "shards", args.workers, True),
+                     (f"{http_name}, a connection per shard", index, "shards", args.workers, False),
+                     (http_name, index, "shards", args.workers, True),
+                     (http_name, index, "shards", args.http_workers, True)]
             for world in (1, 2):
-                for name, spec, kind, workers in cases:
-                    result = run_case(spec, kind, world, argparse.Namespace(**{**vars(args), "workers": workers}))
+                for name, spec, kind, workers, keep_alive in cases:
+                    settings = {**vars(args), "workers": workers, "keep_alive": keep_alive}
+                    result = run_case(spec, kind, world, argparse.Namespace(**settings))
                     rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers, **result})
-                    print(f"  {name:<40} ranks {world}  workers {workers}: first batch "
+                    print(f"  {name:<64} ranks {world}  workers {workers}: first batch "
                           f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s", flush=True)
 
     print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | first batch vs scan "

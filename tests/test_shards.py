@@ -70,6 +70,8 @@ def test_index_counts_a_shards_bytes_to_its_end(tmp_path, blocks):
     path = tmp_path / "000000.tar"
     write_tar_shard(path, [("a.json", b"x" * 512 * blocks)])
     assert count_samples(str(path)) == (1, os.path.getsize(path))
+    with ShardServer(tmp_path) as server:  # a stream that cannot tell its position
+        assert count_samples(f"{server.url}/000000.tar") == (1, os.path.getsize(path))
 
 
 def test_samples_equal_the_local_tar_readers(shards):
