@@ -1,7 +1,7 @@
 """HTTP(S) GET over keep-alive connections: each thread keeps one open connection per host and reuses it, so a stream
 of small downloads (shards of a few MB or less) pays one TCP (and TLS) handshake per host and thread rather than one
-per file. Redirects are followed; a URL that a configured proxy ($http_proxy, $https_proxy, not $no_proxy) must
-carry goes through urllib instead, as does every request when keep-alive is off.
+per file. Redirects are followed; a URL that a configured proxy ($http_proxy, $https_proxy, not $no_proxy; read
+once per process and host:port) must carry goes through urllib instead, as does every request when keep-alive is off.
 
     with http_get("https://host/shards/000000.tar", timeout_s=300) as response:
         shutil.copyfileobj(response, file)
@@ -10,6 +10,7 @@ carry goes through urllib instead, as does every request when keep-alive is off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import os
 import threading
@@ -51,7 +52,14 @@ _CONNECTIONS = _Connections()
 
 def _proxied(url: str) -> bool:
     parts = urlsplit(url)
-    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+    return _proxied_host(parts.scheme, parts.netloc)
+
+
+@functools.lru_cache(maxsize=1024)
+def _proxied_host(scheme: str, netloc: str) -> bool:
+    """Whether the environment's proxy settings send requests to this host:port through a proxy: read once per
+    process and host:port (reading the environment costs more CPU than the request for a small download)."""
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(netloc)
 
 
 def _request(url: str, timeout_s: float) -> tuple[tuple[str, str], Connection, http.client.HTTPResponse]:

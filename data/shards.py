@@ -99,6 +99,19 @@ class ShardOptions:
                     Path.home() / ".cache" / "vqrae" / "shards")
 
 
+def _check_size(actual: int, size: int) -> None:
+    if size >= 0 and actual != size:
+        raise ValueError(f"{actual} bytes, the index says {size}")
+
+
+def _same_file(file: Any, path: Path) -> bool:
+    """Whether the open `file` is still the file at `path` (not renamed away or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class ShardUnavailable(OSError):
     """A shard that could not be fetched after every try."""
 
@@ -269,15 +282,23 @@ class ShardCache:
             os.utime(dest)  # its place in the eviction order
             return str(dest)
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(dest.with_name(f".{dest.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one download per machine; the others wait, then find it
-            try:
-                if not dest.exists():
-                    self._retry(url, lambda: self._download(url, dest, size), tries)
-                    self._added(dest)
-            finally:  # explicitly: a process forked meanwhile holds a copy of this descriptor, and closing
-                fcntl.flock(lock, fcntl.LOCK_UN)  # ours alone would leave the lock held by that copy
-        return str(dest)
+        part = dest.with_name(f".{dest.name}.part")  # the download, and the lock that makes it one per machine
+        while True:
+            with open(part, "a+b") as file:
+                fcntl.flock(file, fcntl.LOCK_EX)  # the others wait, then find the shard
+                try:
+                    ours = _same_file(file, part)
+                    if dest.exists():
+                        if ours:  # a file no download needs: made by a process that came after the rename
+                            os.unlink(part)
+                        return str(dest)
+                    if ours:
+                        self._retry(url, lambda: self._download(url, file, part, dest, size), tries)
+                        self._added(dest)
+                        return str(dest)
+                finally:  # explicitly: a process forked meanwhile holds a copy of this descriptor, and closing
+                    fcntl.flock(file, fcntl.LOCK_UN)  # ours alone would leave the lock held by that copy
+            # the file we waited on was renamed into place or removed meanwhile: lock the one at `part` now
 
     def _added(self, dest: Path) -> None:
         if self._pid != os.getpid():  # a forked copy: a lock held by another thread at the fork stays held
@@ -303,21 +324,21 @@ class ShardCache:
 
     @staticmethod
     def _check_local(path: str, size: int) -> str:
-        actual = os.path.getsize(path)  # FileNotFoundError for a missing shard
-        if size >= 0 and actual != size:
-            raise ValueError(f"{actual} bytes, the index says {size}")
+        _check_size(os.path.getsize(path), size)  # FileNotFoundError for a missing shard
         return path
 
-    def _download(self, url: str, dest: Path, size: int) -> None:
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    def _download(self, url: str, file: Any, part: Path, dest: Path, size: int) -> None:
+        file.seek(0)
+        file.truncate()
         try:
-            with _open(url, self.options) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            self._check_local(str(tmp), size)  # a short read is a failed try
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            with _open(url, self.options) as src:
+                shutil.copyfileobj(src, file, 1 << 20)
+            file.flush()
+            _check_size(os.fstat(file.fileno()).st_size, size)  # a short read is a failed try
+        except BaseException:
+            file.truncate(0)  # nothing half-fetched stays on disk
+            raise
+        os.replace(part, dest)
 
     def _evict(self, keep: Path) -> None:
         files = []

@@ -10,6 +10,9 @@ cache under --out. Measured per case: time to the first batch (dataset construct
 tar header first) and images/s over the next --batches micro-batches of every rank together. Baselines in the same
 run: today's reader on local disk ("scan"), the indexed reader on local disk for the HTTP cases' share, and over
 HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) against the default's kept connections.
+"CPU ms/image" is the CPU time of the ranks and their DataLoader workers per image read (not the server's). Then, per
+layout, the CPU cost of one shard's fetch, for the reader and for the server (in a process of its own): 2,000 shards
+fetched as the read-ahead does, from ShardOptions.fetch_threads threads.
 The data is written once under --out (the shapes world, resumable) and kept. The server shares this machine's cores
 with the readers (a real object store does not).
 """
@@ -21,20 +24,23 @@ import glob
 import json
 import multiprocessing as mp
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
+import psutil
 import torch
 
 from common.distributed import DistInfo
 from data.images import SHARD_INDEX, build_image_dataset, collate_images
 from data.serve import ShardServer
 from data.shapes_export import export_world
-from data.shards import ShardOptions, write_index
+from data.shards import ShardCache, ShardOptions, read_index, write_index
 from data.transforms import ImageTransform
 from train.data_order import resumable_loader
 
@@ -51,10 +57,17 @@ def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace,
     batches = iter(loader)
     next(batches)
     first = time.perf_counter() - start
+    processes = [psutil.Process(), *psutil.Process().children()]  # this rank and its DataLoader workers
+    cpu = sum(_cpu_s(p) for p in processes)
     begin, images = time.perf_counter(), 0
     for _, batch in zip(range(args.batches), batches):
         images += batch["pixel_values"].shape[0]
-    out.put((first, images, time.perf_counter() - begin))
+    out.put((first, images, time.perf_counter() - begin, sum(_cpu_s(p) for p in processes) - cpu))
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict[str, float]:
@@ -72,7 +85,31 @@ def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict
         shutil.rmtree(cache, ignore_errors=True)
     first = max(r[0] for r in results)
     rate = sum(r[1] for r in results) / max(r[2] for r in results)
-    return {"first_batch_s": first, "images_per_s": rate}
+    return {"first_batch_s": first, "images_per_s": rate, "cpu_ms_per_image": 1e3 * sum(r[3] for r in results) /
+            sum(r[1] for r in results)}
+
+
+def request_cost(folder: Path, keep_alive: bool, args: argparse.Namespace, shards: int = 2000) -> tuple[float, float]:
+    """CPU ms per shard of the reader's fetches (ShardCache.get from `ShardOptions.fetch_threads` threads, as the
+    read-ahead runs them) and of the server, which runs here in a process of its own."""
+    server = subprocess.Popen([sys.executable, "-m", "data.serve", str(folder), "--latency-ms", str(args.latency_ms),
+                               "--mbit-s", str(args.mbit_s)], cwd=Path(__file__).resolve().parents[1],
+                              stdout=subprocess.PIPE, text=True)
+    cache = tempfile.mkdtemp(prefix="cache-", dir=args.out)
+    try:
+        url = server.stdout.readline().split(" at ")[-1].strip()
+        options = ShardOptions(cache_dir=cache, keep_alive=keep_alive)
+        urls, _, sizes = read_index(f"{url}/{SHARD_INDEX}")
+        shards = min(shards, len(urls))
+        fetch, served = ShardCache(options), psutil.Process(server.pid)
+        mine, theirs = time.process_time(), _cpu_s(served)
+        with ThreadPoolExecutor(options.fetch_threads) as pool:
+            list(pool.map(fetch.get, urls[:shards], sizes[:shards]))
+        return 1e3 * (time.process_time() - mine) / shards, 1e3 * (_cpu_s(served) - theirs) / shards
+    finally:
+        server.terminate()
+        server.wait()
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def main() -> None:
@@ -91,7 +128,7 @@ def main() -> None:
     parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
     args = parser.parse_args()
 
-    rows = []
+    rows, costs = [], []
     for layout in args.layouts.split(","):
         shards, per_shard = (int(x) for x in layout.split("x"))
         world_dir = args.out / f"world-{shards}x{per_shard}"
@@ -117,20 +154,32 @@ def main() -> None:
                     result = run_case(spec, kind, world, argparse.Namespace(**settings))
                     rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers, **result})
                     print(f"  {name:<64} ranks {world}  workers {workers}: first batch "
-                          f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s", flush=True)
+                          f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s, "
+                          f"{result['cpu_ms_per_image']:.3f} CPU ms/image", flush=True)
+        for keep_alive in (False, True):
+            client, served = request_cost(folder, keep_alive, args)
+            costs.append({"layout": layout, "keep_alive": keep_alive, "reader_ms": client, "server_ms": served})
+            print(f"  fetches, {'kept connections' if keep_alive else 'a connection per shard'}: CPU ms per shard: "
+                  f"reader {client:.2f}, server {served:.2f}", flush=True)
 
-    print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | first batch vs scan "
-          "| images/s vs indexed, local |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | CPU ms/image "
+          "| first batch vs scan | images/s vs indexed, local |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         same = [r for r in rows if r["layout"] == row["layout"] and r["ranks"] == row["ranks"]]
         scan = next(r for r in same if r["reader"].startswith("scan"))
         local = next(r for r in same if r["reader"] == "indexed, local")
         print(f"| {row['layout']} | {row['reader']} | {row['ranks']} | {row['workers']} | {row['first_batch_s']:.2f} "
-              f"| {row['images_per_s']:.0f} | {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster "
+              f"| {row['images_per_s']:.0f} | {row['cpu_ms_per_image']:.3f} "
+              f"| {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster "
               f"| {row['images_per_s'] / local['images_per_s']:.0%} |")
+    print("\n| shards x images | connections | reader CPU ms/shard | server CPU ms/shard |")
+    print("|---|---|---|---|")
+    for cost in costs:
+        print(f"| {cost['layout']} | {'kept' if cost['keep_alive'] else 'one per shard'} | {cost['reader_ms']:.2f} "
+              f"| {cost['server_ms']:.2f} |")
     (args.out / "bench_data.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
-                                                          "rows": rows}, indent=2))
+                                                          "rows": rows, "request_cost": costs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -127,6 +128,29 @@ def test_http_shards_are_the_local_samples_and_each_is_fetched_once(shards, tmp_
     assert again["meta"]["__key__"] == local[7]["meta"]["__key__"]
     gets = {p: n for p, n in server.requests.items() if p.startswith("GET") and p.endswith(".tar")}
     assert gets == {f"GET /{i:06d}.tar": 1 for i in range(SHARDS)}  # two workers, two readers: one download each
+
+
+def _fetch_all(url: str, cache: str, barrier) -> None:
+    dataset = ShardDataset(url, options=ShardOptions(cache_dir=cache))
+    barrier.wait()
+    with ThreadPoolExecutor(4) as pool:  # four threads of each process after every shard at once
+        assert all(pool.map(lambda s: dataset._local(s), [s for s in range(SHARDS) for _ in range(4)]))
+
+
+def test_racing_processes_and_threads_fetch_each_shard_once(shards, tmp_path):
+    ctx = torch.multiprocessing.get_context("fork")
+    with ShardServer(shards, latency_s=0.02) as server:
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_fetch_all, args=(f"{server.url}/shardindex.json", str(tmp_path), barrier))
+                 for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert {p: n for p, n in server.requests.items() if p.endswith(".tar")} == \
+        {f"GET /{i:06d}.tar": 1 for i in range(SHARDS)}
+    assert sorted(p.name.split("-", 1)[1] for p in tmp_path.iterdir()) == [f"{i:06d}.tar" for i in range(SHARDS)]
 
 
 def test_shard_order_is_disjoint_windowed_and_seeded():
