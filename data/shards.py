@@ -131,10 +131,12 @@ def expand_urls(spec: str) -> list[str]:
 
 
 def _open(url: str, options: ShardOptions) -> contextlib.AbstractContextManager[IO[bytes]]:
-    """A binary read stream of `url`, as a context manager: HTTP(S) through the standard library on keep-alive
-    connections (`common.http`; a connection per request through urllib cost a third of fsspec's CPU per request,
-    and keep-alive halves the server's, measured by scripts/bench_data.py), every other scheme through fsspec (s3://
-    needs s3fs, gs:// gcsfs, ...)."""
+    """A binary read stream of `url`, as a context manager: a local path or file:// URL opened in place, HTTP(S)
+    through the standard library on keep-alive connections (`common.http`; a connection per request through urllib
+    cost a third of fsspec's CPU per request, and keep-alive halves the server's, measured by scripts/bench_data.py),
+    every other scheme through fsspec (s3:// needs s3fs, gs:// gcsfs, ...)."""
+    if not is_remote(url):
+        return open(local_path(url), "rb")
     if urlparse(url).scheme in ("http", "https"):
         return http_get(url, options.timeout_s, keep_alive=options.keep_alive)
     return fsspec.open(url, "rb").open()
@@ -160,7 +162,7 @@ def count_samples(url: str, options: ShardOptions | None = None) -> tuple[int, i
     """(samples, bytes) of one shard, read once as a stream; samples are wids' groups of consecutive members that
     share a key, the grouping the reader uses."""
     options = options or ShardOptions()
-    with open(local_path(url), "rb") if not is_remote(url) else _open(url, options) as stream:
+    with _open(url, options) as stream:
         counted = _Counted(stream)
         with tarfile.open(fileobj=counted, mode="r|") as tar:
             names = [m.name for m in tar if m.isfile()]
@@ -207,7 +209,7 @@ def read_index(spec: str) -> tuple[list[str], list[int], list[int]]:
         index_url = urlmerge(urldir(wanted[0]), SHARD_INDEX) if is_remote(wanted[0]) else \
             os.path.join(os.path.dirname(wanted[0]) or ".", SHARD_INDEX)
     try:
-        with _open(index_url, ShardOptions()) if is_remote(index_url) else open(local_path(index_url), "rb") as stream:
+        with _open(index_url, ShardOptions()) as stream:
             index = json.loads(stream.read())
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard index at {index_url}: write one once with "

@@ -134,7 +134,7 @@ def _fetch_all(url: str, cache: str, barrier) -> None:
     dataset = ShardDataset(url, options=ShardOptions(cache_dir=cache))
     barrier.wait()
     with ThreadPoolExecutor(4) as pool:  # four threads of each process after every shard at once
-        assert all(pool.map(lambda s: dataset._local(s), [s for s in range(SHARDS) for _ in range(4)]))
+        assert all(pool.map(dataset._local, [s for s in range(SHARDS) for _ in range(4)]))
 
 
 def test_racing_processes_and_threads_fetch_each_shard_once(shards, tmp_path):
