@@ -30,7 +30,8 @@ import tarfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -43,7 +44,7 @@ from wids import wids as wids_core  # group_by_key, splitname: the grouping of m
 from wids.wids_specs import urldir, urlmerge
 
 from common.files import write_atomic
-from common.http import http_get
+from common.http import http_get, http_get_all
 from data.images import (
     SHARD_INDEX,
     TAR_IMAGE_EXTS,
@@ -72,8 +73,12 @@ class ShardOptions:
         timeout_s: an HTTP(S) try fails when the connection or a read waits longer than this.
         max_open: open shard readers kept per process.
         read_ahead: windows fetched ahead of the one being read (by the process running the data order).
-        fetch_threads: shards fetched at once, ahead and for one micro-batch (each per process).
-        keep_alive: reuse each fetch thread's HTTP(S) connection to a host (off: a new connection per shard).
+        fetch_threads: threads fetching at once, ahead and for one micro-batch, each a shard or a group (per process).
+        keep_alive: reuse each fetch thread's HTTP(S) connections to a host (off: a new connection per shard).
+        group_mb: HTTP(S) shards of a known size are requested together by one thread, up to this many MB and
+            `fetch_threads` shards a group (`common.http.http_get_all`: one wait and one thread woken per group, which
+            is most of a small shard's fetch cost); larger shards, and every shard without keep_alive or on another
+            scheme, are fetched one per thread. 0: every shard alone.
     """
 
     window: int = 8
@@ -86,13 +91,14 @@ class ShardOptions:
     read_ahead: int = 2
     fetch_threads: int = 16
     keep_alive: bool = True
+    group_mb: float = 4.0
 
     def __post_init__(self):
         if min(self.window, self.retries, self.max_open, self.fetch_threads) < 1 or self.read_ahead < 0:
             raise ValueError(f"window, retries, max_open and fetch_threads must be >= 1 and read_ahead >= 0, got "
                              f"{self.window}, {self.retries}, {self.max_open}, {self.fetch_threads}, {self.read_ahead}")
-        if self.cache_gb <= 0 or self.backoff_s < 0 or self.timeout_s <= 0:
-            raise ValueError("cache_gb and timeout_s must be > 0 and backoff_s >= 0")
+        if self.cache_gb <= 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.group_mb < 0:
+            raise ValueError("cache_gb and timeout_s must be > 0, backoff_s and group_mb >= 0")
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir or os.environ.get("VQRAE_SHARD_CACHE", "") or
@@ -130,6 +136,10 @@ def expand_urls(spec: str) -> list[str]:
     return list(braceexpand.braceexpand(spec))
 
 
+def is_http(url: str) -> bool:
+    return urlparse(url).scheme in ("http", "https")
+
+
 def _open(url: str, options: ShardOptions) -> contextlib.AbstractContextManager[IO[bytes]]:
     """A binary read stream of `url`, as a context manager: a local path or file:// URL opened in place, HTTP(S)
     through the standard library on keep-alive connections (`common.http`; a connection per request through urllib
@@ -137,7 +147,7 @@ def _open(url: str, options: ShardOptions) -> contextlib.AbstractContextManager[
     every other scheme through fsspec (s3:// needs s3fs, gs:// gcsfs, ...)."""
     if not is_remote(url):
         return open(local_path(url), "rb")
-    if urlparse(url).scheme in ("http", "https"):
+    if is_http(url):
         return http_get(url, options.timeout_s, keep_alive=options.keep_alive)
     return fsspec.open(url, "rb").open()
 
@@ -242,10 +252,12 @@ class ShardCache:
 
     The budget is kept by a scan of the cache folder, which each process repeats after it has added 1/64 of the
     budget since its last scan (a scan per download would cost O(cached shards) each), so the folder may pass the
-    budget by that much per downloading process between scans.
+    budget by that much per downloading process between scans. The eviction order is the files' modification
+    times, which a use of a shard moves forward when it is more than TOUCH_S old.
     """
 
     SCAN_SHARE = 64
+    TOUCH_S = 60.0  # a cached shard's use moves it in the eviction order to this precision (a write per read costs)
 
     def __init__(self, options: ShardOptions):
         self.options = options
@@ -280,24 +292,63 @@ class ShardCache:
         if not is_remote(url):
             return self._retry(url, lambda: self._check_local(local_path(url), size), tries)
         dest = self.path(url)
-        if dest.exists():
-            os.utime(dest)  # its place in the eviction order
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - dest.stat().st_mtime > self.TOUCH_S:
+                os.utime(dest)  # its place in the eviction order
             return str(dest)
+        with self._claim(dest, wait=True) as file:
+            if file is not None:
+                self._retry(url, lambda: self._download(url, file, dest, size), tries)
+                self._added(dest)
+        return str(dest)
+
+    def fetch_all(self, urls: list[str], sizes: list[int]) -> None:
+        """Fetch these remote shards into the cache, one try each, the HTTP(S) ones together when keep_alive is on
+        (`http_get_all`: one wait and one thread woken for the lot). A shard that another process or thread is
+        fetching meanwhile is left to it, a failed one to `get`, which retries."""
+        with contextlib.ExitStack() as claims:
+            claimed = {}
+            for url, size in zip(urls, sizes):
+                dest = self.path(url)
+                if not dest.exists() and (file := claims.enter_context(self._claim(dest, wait=False))) is not None:
+                    claimed[url] = (file, dest, size)
+
+            def fill(url: str, src: IO[bytes]) -> None:
+                file, dest, size = claimed[url]
+                self._fill(src, file, dest, size)
+                self._added(dest)
+
+            together = [u for u in claimed if self.options.keep_alive and is_http(u)]
+            if together:
+                http_get_all(together, self.options.timeout_s, fill)
+            for url in claimed.keys() - set(together):
+                with contextlib.suppress(Exception), _open(url, self.options) as src:
+                    fill(url, src)
+
+    @contextlib.contextmanager
+    def _claim(self, dest: Path, wait: bool) -> Iterator[IO[bytes] | None]:
+        """The partial download of `dest`, locked: this process's to fill and rename into place, or None when the
+        shard is in place already (or, unless `wait`, when another process or thread holds the lock). The lock makes
+        one download per machine; the partial file is the lock, so none is left behind per shard."""
         self.root.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(f".{dest.name}.part")  # the download, and the lock that makes it one per machine
+        part = dest.with_name(f".{dest.name}.part")
         while True:
             with open(part, "a+b") as file:
-                fcntl.flock(file, fcntl.LOCK_EX)  # the others wait, then find the shard
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another one is fetching it
+                    yield None
+                    return
                 try:
                     ours = _same_file(file, part)
                     if dest.exists():
                         if ours:  # a file no download needs: made by a process that came after the rename
                             os.unlink(part)
-                        return str(dest)
+                        yield None
+                        return
                     if ours:
-                        self._retry(url, lambda: self._download(url, file, part, dest, size), tries)
-                        self._added(dest)
-                        return str(dest)
+                        yield file
+                        return
                 finally:  # explicitly: a process forked meanwhile holds a copy of this descriptor, and closing
                     fcntl.flock(file, fcntl.LOCK_UN)  # ours alone would leave the lock held by that copy
             # the file we waited on was renamed into place or removed meanwhile: lock the one at `part` now
@@ -329,18 +380,24 @@ class ShardCache:
         _check_size(os.path.getsize(path), size)  # FileNotFoundError for a missing shard
         return path
 
-    def _download(self, url: str, file: Any, part: Path, dest: Path, size: int) -> None:
+    def _download(self, url: str, file: IO[bytes], dest: Path, size: int) -> None:
+        with _open(url, self.options) as src:
+            self._fill(src, file, dest, size)
+
+    @staticmethod
+    def _fill(src: IO[bytes], file: IO[bytes], dest: Path, size: int) -> None:
+        """Copy `src` into the claimed partial `file` and rename it to `dest`; a short or failed copy leaves the
+        partial file empty."""
         file.seek(0)
         file.truncate()
         try:
-            with _open(url, self.options) as src:
-                shutil.copyfileobj(src, file, 1 << 20)
+            shutil.copyfileobj(src, file, 1 << 20)
             file.flush()
             _check_size(os.fstat(file.fileno()).st_size, size)  # a short read is a failed try
         except BaseException:
             file.truncate(0)  # nothing half-fetched stays on disk
             raise
-        os.replace(part, dest)
+        os.replace(file.name, dest)
 
     def _evict(self, keep: Path) -> None:
         files = []
@@ -452,15 +509,35 @@ class ShardDataset(ImageDataset):
             self._pool = ThreadPoolExecutor(max_workers=self.options.fetch_threads, thread_name_prefix="shard-fetch")
         return self._pool
 
-    def read_ahead(self, shards: list[int]) -> None:
-        """Start fetching these remote shards into the cache in the background (one try each: a failure is retried,
-        with backoff, by the reader that needs the shard). Called by the data order in the process that runs it."""
+    def _groups(self, shards: list[int]) -> list[list[int]]:
+        """`shards` cut, in order, into the groups fetched together (see `ShardOptions.group_mb`)."""
+        budget, groups, room = self.options.group_mb * 1e6, [], -1.0
+        for s in shards:
+            size = self.shard_sizes[s]
+            together = budget > 0 and self.options.keep_alive and is_http(self.urls[s]) and 0 <= size <= budget
+            if together and groups and len(groups[-1]) < self.options.fetch_threads and size <= room:
+                groups[-1].append(s)
+                room -= size
+            else:
+                groups.append([s])
+                room = budget - size if together else -1.0
+        return groups
+
+    def _fetch(self, shards: list[int]) -> list[Future]:
+        """Start fetching these shards (the remote ones not failed) into the cache on this process's fetch threads,
+        a group per thread, one try each."""
         remote = [s for s in shards if is_remote(self.urls[s]) and s not in self._failed]
-        if not remote:
-            return
-        for s in remote:
-            future = self._threads().submit(self._cache.get, self.urls[s], self.shard_sizes[s], 1)
+        return [self._threads().submit(self._cache.fetch_all, [self.urls[s] for s in group],
+                                       [self.shard_sizes[s] for s in group]) for group in self._groups(remote)]
+
+    def read_ahead(self, shards: list[int]) -> list[Future]:
+        """Start fetching these remote shards into the cache in the background (one try each: a failure is retried,
+        with backoff, by the reader that needs the shard); the fetches' futures. Called by the data order in the
+        process that runs it."""
+        futures = self._fetch(shards)
+        for future in futures:
             future.add_done_callback(lambda f: f.exception())  # consumed: the reader reports failures
+        return futures
 
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any] | None]:
         """A micro-batch (what DataLoader's batched fetch calls): the shards it needs are fetched in parallel first,
@@ -469,8 +546,8 @@ class ShardDataset(ImageDataset):
         missing = sorted(s for s in needed if s not in self._open and s not in self._failed and
                          not self._cache.cached(self.urls[s]))
         if len(missing) > 1:
-            for future in [self._threads().submit(self._local, s) for s in missing]:
-                with contextlib.suppress(SkipSample):
+            for future in self._fetch(missing):
+                with contextlib.suppress(Exception):  # a shard that failed is tried again, and reported, when read
                     future.result()
         return [self[k] for k in keys]
 

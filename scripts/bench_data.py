@@ -9,10 +9,12 @@ Each case runs its ranks as concurrent processes, each reading its own shard of 
 cache under --out. Measured per case: time to the first batch (dataset construction included: today's reader scans every
 tar header first) and images/s over the next --batches micro-batches of every rank together. Baselines in the same
 run: today's reader on local disk ("scan"), the indexed reader on local disk for the HTTP cases' share, and over
-HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) against the default's kept connections.
+HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) and with kept connections but a thread per
+shard (`ShardOptions(group_mb=0)`) against the default's groups of requests on kept connections.
 "CPU ms/image" is the CPU time of the ranks and their DataLoader workers per image read (not the server's). Then, per
 layout, the CPU cost of one shard's fetch, for the reader and for the server (in a process of its own): 2,000 shards
-fetched as the read-ahead does, from ShardOptions.fetch_threads threads.
+fetched as the read-ahead does, --window shards a call (`ShardDataset.read_ahead`: one group of requests per call for
+small shards, see `ShardOptions.group_mb`), on ShardOptions.fetch_threads threads.
 The data is written once under --out (the shapes world, resumable) and kept. The server shares this machine's cores
 with the readers (a real object store does not).
 """
@@ -20,6 +22,7 @@ with the readers (a real object store does not).
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import multiprocessing as mp
@@ -28,8 +31,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
@@ -40,9 +44,13 @@ from common.distributed import DistInfo
 from data.images import SHARD_INDEX, build_image_dataset, collate_images
 from data.serve import ShardServer
 from data.shapes_export import export_world
-from data.shards import ShardCache, ShardOptions, read_index, write_index
+from data.shards import ShardDataset, ShardOptions, write_index
 from data.transforms import ImageTransform
 from train.data_order import resumable_loader
+
+FETCHES = [("a connection per shard", {"keep_alive": False, "group_mb": 0.0}),  # (name, ShardOptions fields)
+           ("kept connections, a thread per shard", {"keep_alive": True, "group_mb": 0.0}),
+           ("kept connections, a group per window", {"keep_alive": True, "group_mb": ShardOptions.group_mb})]
 
 
 def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace, cache: str, out: mp.Queue) -> None:
@@ -51,7 +59,7 @@ def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace,
     start = time.perf_counter()
     dataset = build_image_dataset(f"{kind}:{spec}", ImageTransform(32, "center"),
                                   shards=ShardOptions(cache_dir=cache, window=args.window, read_ahead=args.read_ahead,
-                                                      keep_alive=args.keep_alive))
+                                                      keep_alive=args.keep_alive, group_mb=args.group_mb))
     loader = resumable_loader(dataset, collate_images, args.batch, DistInfo(rank, world, rank, torch.device("cpu")),
                               seed=0, num_workers=args.workers)
     batches = iter(loader)
@@ -89,22 +97,25 @@ def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict
             sum(r[1] for r in results)}
 
 
-def request_cost(folder: Path, keep_alive: bool, args: argparse.Namespace, shards: int = 2000) -> tuple[float, float]:
-    """CPU ms per shard of the reader's fetches (ShardCache.get from `ShardOptions.fetch_threads` threads, as the
-    read-ahead runs them) and of the server, which runs here in a process of its own."""
+def request_cost(folder: Path, options: dict[str, Any], args: argparse.Namespace, shards: int = 2000
+                 ) -> tuple[float, float]:
+    """CPU ms per shard of the reader's fetches (`ShardDataset.read_ahead`, a window at a time, as the data order
+    calls it, --read-ahead + 1 windows in flight) and of the server, which runs here in a process of its own."""
     server = subprocess.Popen([sys.executable, "-m", "data.serve", str(folder), "--latency-ms", str(args.latency_ms),
                                "--mbit-s", str(args.mbit_s)], cwd=Path(__file__).resolve().parents[1],
                               stdout=subprocess.PIPE, text=True)
     cache = tempfile.mkdtemp(prefix="cache-", dir=args.out)
     try:
         url = server.stdout.readline().split(" at ")[-1].strip()
-        options = ShardOptions(cache_dir=cache, keep_alive=keep_alive)
-        urls, _, sizes = read_index(f"{url}/{SHARD_INDEX}")
-        shards = min(shards, len(urls))
-        fetch, served = ShardCache(options), psutil.Process(server.pid)
+        dataset = ShardDataset(f"{url}/{SHARD_INDEX}", options=ShardOptions(cache_dir=cache, **options))
+        shards, served = min(shards, len(dataset.urls)), psutil.Process(server.pid)
         mine, theirs = time.process_time(), _cpu_s(served)
-        with ThreadPoolExecutor(options.fetch_threads) as pool:
-            list(pool.map(fetch.get, urls[:shards], sizes[:shards]))
+        in_flight: collections.deque[list[Future]] = collections.deque()
+        for w in range(0, shards, args.window):  # the window being read and the read-ahead's: in flight at once
+            in_flight.append(dataset.read_ahead(list(range(w, min(w + args.window, shards)))))
+            while len(in_flight) > args.read_ahead or w + args.window >= shards and in_flight:
+                for future in in_flight.popleft():
+                    future.result()
         return 1e3 * (time.process_time() - mine) / shards, 1e3 * (_cpu_s(served) - theirs) / shards
     finally:
         server.terminate()
@@ -143,24 +154,24 @@ def main() -> None:
         http_name = f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s"
         with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
             index = f"{server.url}/{SHARD_INDEX}"
-            cases = [("scan (today's reader), local", str(folder), "tar", args.workers, True),
-                     ("indexed, local", str(folder), "shards", args.workers, True),
-                     (f"{http_name}, a connection per shard", index, "shards", args.workers, False),
-                     (http_name, index, "shards", args.workers, True),
-                     (http_name, index, "shards", args.http_workers, True)]
+            local = {"keep_alive": True, "group_mb": ShardOptions.group_mb}
+            cases = [("scan (today's reader), local", str(folder), "tar", args.workers, local),
+                     ("indexed, local", str(folder), "shards", args.workers, local),
+                     *[(f"{http_name}, {how}", index, "shards", args.workers, options) for how, options in FETCHES[:2]],
+                     (http_name, index, "shards", args.workers, local),
+                     (http_name, index, "shards", args.http_workers, local)]
             for world in (1, 2):
-                for name, spec, kind, workers, keep_alive in cases:
-                    settings = {**vars(args), "workers": workers, "keep_alive": keep_alive}
+                for name, spec, kind, workers, options in cases:
+                    settings = {**vars(args), "workers": workers, **options}
                     result = run_case(spec, kind, world, argparse.Namespace(**settings))
                     rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers, **result})
-                    print(f"  {name:<64} ranks {world}  workers {workers}: first batch "
+                    print(f"  {name:<80} ranks {world}  workers {workers}: first batch "
                           f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s, "
                           f"{result['cpu_ms_per_image']:.3f} CPU ms/image", flush=True)
-        for keep_alive in (False, True):
-            client, served = request_cost(folder, keep_alive, args)
-            costs.append({"layout": layout, "keep_alive": keep_alive, "reader_ms": client, "server_ms": served})
-            print(f"  fetches, {'kept connections' if keep_alive else 'a connection per shard'}: CPU ms per shard: "
-                  f"reader {client:.2f}, server {served:.2f}", flush=True)
+        for how, options in FETCHES:
+            client, served = request_cost(folder, options, args)
+            costs.append({"layout": layout, "fetches": how, "reader_ms": client, "server_ms": served})
+            print(f"  fetches, {how}: CPU ms per shard: reader {client:.2f}, server {served:.2f}", flush=True)
 
     print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | CPU ms/image "
           "| first batch vs scan | images/s vs indexed, local |")
@@ -173,10 +184,10 @@ def main() -> None:
               f"| {row['images_per_s']:.0f} | {row['cpu_ms_per_image']:.3f} "
               f"| {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster "
               f"| {row['images_per_s'] / local['images_per_s']:.0%} |")
-    print("\n| shards x images | connections | reader CPU ms/shard | server CPU ms/shard |")
+    print("\n| shards x images | fetches | reader CPU ms/shard | server CPU ms/shard |")
     print("|---|---|---|---|")
     for cost in costs:
-        print(f"| {cost['layout']} | {'kept' if cost['keep_alive'] else 'one per shard'} | {cost['reader_ms']:.2f} "
+        print(f"| {cost['layout']} | {cost['fetches']} | {cost['reader_ms']:.2f} "
               f"| {cost['server_ms']:.2f} |")
     (args.out / "bench_data.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                                           "rows": rows, "request_cost": costs}, indent=2))

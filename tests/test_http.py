@@ -1,6 +1,7 @@
 """HTTP GET on keep-alive connections (common.http) against the loopback server: one connection per thread and host,
 a connection the server closed while idle replaced, redirects followed on the same connection, errors raised with
-their status, a forked process on its own connection, a proxy honoured through urllib."""
+their status, a forked process on its own connection, a proxy honoured through urllib; a group of requests sent at
+once on kept connections, with the same redirects, errors and replaced connections."""
 
 import multiprocessing as mp
 import threading
@@ -9,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from common.http import http_get
+from common.http import http_get, http_get_all
 from data.serve import ShardServer
 
 
@@ -66,6 +67,42 @@ def test_redirects_are_followed_and_errors_raised(folder):
         assert server.requests["connections"] == 3  # the redirect's kept; each error's closed by the server
 
 
+def _reader(bodies: dict[str, bytes], fail: str = ""):
+    def read(url: str, response) -> None:
+        if url == fail:
+            raise ValueError("unreadable")
+        bodies[url] = response.read()
+    return read
+
+
+def test_a_group_is_sent_at_once_on_connections_kept_for_the_next(folder):
+    with ShardServer(folder, latency_s=0.3) as server:
+        urls = [f"{server.url}/{i}.bin" for i in range(4)]
+        bodies: dict[str, bytes] = {}
+        start = time.perf_counter()
+        assert http_get_all(urls, 10, _reader(bodies)) == {}
+        assert time.perf_counter() - start < 0.9  # one after another: 4 x 0.3 s
+        assert list(bodies.items()) == [(u, bytes([i]) * (1000 + i)) for i, u in enumerate(urls)]  # in order
+        assert server.requests["connections"] == 4
+        assert http_get_all(urls[::-1], 10, _reader(bodies)) == {} and _get(urls[0]) == bytes([0]) * 1000
+        assert server.requests["connections"] == 4 and server.requests["GET /0.bin"] == 3
+
+
+def test_a_group_follows_redirects_reports_failures_and_replaces_closed_connections(folder):
+    with ShardServer(folder, fail=("/2.bin",), idle_s=0.2) as server:
+        url = f"{server.url}/{{}}".format
+        assert _get(url("0.bin")) == bytes([0]) * 1000
+        time.sleep(0.5)  # the server has closed the kept connection
+        bodies: dict[str, bytes] = {}
+        names = ["0.bin", "sub", "2.bin", "missing.bin", "3.bin", "1.bin"]
+        failed = http_get_all([url(n) for n in names], 10, _reader(bodies, fail=url("3.bin")))
+        assert {u: getattr(e, "code", str(e)) for u, e in failed.items()} == \
+            {url("2.bin"): 503, url("missing.bin"): 404, url("3.bin"): "unreadable"}
+        assert bodies[url("0.bin")] == bytes([0]) * 1000 and bodies[url("1.bin")] == bytes([1]) * 1001
+        assert b"Directory listing" in bodies[url("sub")]  # 301 to /sub/
+        assert server.requests["GET /0.bin"] == 2 and server.requests["GET /sub/"] == 1
+
+
 def _child(url: str, queue) -> None:
     queue.put(_get(url))
 
@@ -90,3 +127,6 @@ def test_a_configured_proxy_carries_the_request(folder, monkeypatch):
         with pytest.raises(urllib.error.HTTPError, match="404"):  # the proxy gets the absolute URL: not a file
             _get(f"{server.url}/0.bin")
         assert proxy.requests[f"GET {server.url}/0.bin"] == 1 and server.requests["connections"] == 0
+        failed = http_get_all([f"{server.url}/1.bin"], 10, _reader({}))
+        assert [e.code for e in failed.values()] == [404]
+        assert proxy.requests[f"GET {server.url}/1.bin"] == 1 and server.requests["connections"] == 0

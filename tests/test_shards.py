@@ -1,7 +1,8 @@
 """Indexed shards, local and served over loopback HTTP: the index, start-up that reads no shard, samples equal to
-the local tar reader's, one download per shard per machine, the shard-local order (ranks and workers disjoint,
-windows, the same order for the same seed), a killed reader resumed without a sample seen twice or skipped,
-corrupt members and shards, an unreachable shard retried then skipped, and the cache budget."""
+the local tar reader's, one download per shard per machine, small HTTP shards fetched in groups, the shard-local
+order (ranks and workers disjoint, windows, the same order for the same seed), a killed reader resumed without a
+sample seen twice or skipped, corrupt members and shards, an unreachable shard retried then skipped, the cache budget
+and its eviction order."""
 
 import io
 import json
@@ -13,6 +14,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,18 +132,20 @@ def test_http_shards_are_the_local_samples_and_each_is_fetched_once(shards, tmp_
     assert gets == {f"GET /{i:06d}.tar": 1 for i in range(SHARDS)}  # two workers, two readers: one download each
 
 
-def _fetch_all(url: str, cache: str, barrier) -> None:
+def _race(url: str, cache: str, barrier) -> None:
     dataset = ShardDataset(url, options=ShardOptions(cache_dir=cache))
     barrier.wait()
-    with ThreadPoolExecutor(4) as pool:  # four threads of each process after every shard at once
-        assert all(pool.map(dataset._local, [s for s in range(SHARDS) for _ in range(4)]))
+    with ThreadPoolExecutor(4) as pool:  # four threads of each process after every shard at once, two of them a group
+        groups = [pool.submit(dataset._cache.fetch_all, dataset.urls, dataset.shard_sizes) for _ in range(2)]
+        assert all(pool.map(dataset._local, [s for s in range(SHARDS) for _ in range(2)]))
+        assert [g.result() for g in groups] == [None, None]
 
 
 def test_racing_processes_and_threads_fetch_each_shard_once(shards, tmp_path):
     ctx = torch.multiprocessing.get_context("fork")
     with ShardServer(shards, latency_s=0.02) as server:
         barrier = ctx.Barrier(3)
-        procs = [ctx.Process(target=_fetch_all, args=(f"{server.url}/shardindex.json", str(tmp_path), barrier))
+        procs = [ctx.Process(target=_race, args=(f"{server.url}/shardindex.json", str(tmp_path), barrier))
                  for _ in range(3)]
         for p in procs:
             p.start()
@@ -151,6 +155,27 @@ def test_racing_processes_and_threads_fetch_each_shard_once(shards, tmp_path):
     assert {p: n for p, n in server.requests.items() if p.endswith(".tar")} == \
         {f"GET /{i:06d}.tar": 1 for i in range(SHARDS)}
     assert sorted(p.name.split("-", 1)[1] for p in tmp_path.iterdir()) == [f"{i:06d}.tar" for i in range(SHARDS)]
+
+
+@pytest.mark.parametrize("group_mb,count", [(0.0, 8), (0.03, 8), (0.07, 4), (1.0, 3)])  # shards of 30,720 bytes
+def test_small_http_shards_are_fetched_in_groups_within_the_budget(shards, tmp_path, group_mb, count):
+    with ShardServer(shards) as server:
+        dataset = ShardDataset(f"{server.url}/shardindex.json",
+                               options=ShardOptions(cache_dir=str(tmp_path), group_mb=group_mb, fetch_threads=3))
+        order = [5, 0, 3, 1, 7, 2, 6, 4]
+        groups = dataset._groups(order)
+        assert [s for g in groups for s in g] == order
+        budget, size = group_mb * 1e6, lambda g: sum(dataset.shard_sizes[s] for s in g)
+        assert all(len(g) == 1 or (len(g) <= 3 and size(g) <= budget) for g in groups)
+        assert all(len(g) == 3 or size(g) + dataset.shard_sizes[h[0]] > budget for g, h in zip(groups, groups[1:]))
+        assert len(groups) == count
+        for group in groups:  # on this thread, one after another
+            dataset._cache.fetch_all([dataset.urls[s] for s in group], [dataset.shard_sizes[s] for s in group])
+        assert sorted(p.name.split("-", 1)[1] for p in tmp_path.iterdir()) == [f"{i:06d}.tar" for i in range(SHARDS)]
+        assert server.requests["connections"] == max(len(g) for g in groups)  # a group's connections, then kept
+    for options in (ShardOptions(keep_alive=False), ShardOptions(group_mb=1.0)):  # a connection per shard; local
+        dataset = ShardDataset(f"{server.url}/shardindex.json" if not options.keep_alive else shards, options=options)
+        assert dataset._groups(order) == [[s] for s in order]
 
 
 def test_shard_order_is_disjoint_windowed_and_seeded():
@@ -319,6 +344,18 @@ def test_cache_keeps_to_its_budget(shards, tmp_path):
             time.sleep(0.01)  # distinct modification times
     cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert cached == ["000002.tar", "000003.tar"]  # the two most recent fit in 2.5 shards
+
+
+def test_a_use_moves_a_shard_in_the_eviction_order_once_it_is_older_than_touch_s(shards, tmp_path):
+    cache = ShardCache(ShardOptions(cache_dir=str(tmp_path)))
+    with ShardServer(shards) as server:
+        old, recent = (Path(cache.get(f"{server.url}/{i:06d}.tar")) for i in (0, 1))
+        now = time.time()
+        os.utime(old, (now - 2 * cache.TOUCH_S,) * 2)
+        os.utime(recent, (now - cache.TOUCH_S / 2,) * 2)
+        assert [cache.get(f"{server.url}/{i:06d}.tar") for i in (0, 1)] == [str(old), str(recent)]
+        assert server.requests["GET /000000.tar"] == server.requests["GET /000001.tar"] == 1
+    assert old.stat().st_mtime >= now and recent.stat().st_mtime == pytest.approx(now - cache.TOUCH_S / 2)
 
 
 def test_read_index_rejects_a_malformed_index(tmp_path):
