@@ -5,9 +5,10 @@ Start-up reads one file, the shard index (wids' format, `{"wids_version": 1, "sh
 O(samples). Samples are then addressed by a global index like any map-style dataset, which keeps the trainers'
 exact, resumable data order (`train.data_order.ShardLocalBatchSampler` reads shards in windows, so a rank reads
 mostly sequentially). A remote shard is copied whole into a local cache when the data order reaches the window
-before its own (read-ahead), or when one of its samples is read (one download per machine: the processes of a node
-share the cache under a file lock); its tar headers are scanned there once per process, its members read by byte
-offset and grouped into samples by wids' rule, and cached shards are evicted least-recently-used past a size budget.
+before its own (read-ahead; a window's small HTTP(S) shards as one group of requests), or when one of its samples is
+read (one download per machine: the processes of a node share the cache under a file lock); its tar headers are
+scanned there once per process, its members read by byte offset and grouped into samples by wids' rule, and cached
+shards are evicted least-recently-used past a size budget.
 
 A shard that cannot be fetched is retried with exponential backoff, then skipped (its samples return None and are
 counted by `collate_images` as skipped) after `ShardOptions.retries` tries; a corrupt shard, or one whose sample
@@ -457,6 +458,7 @@ class ShardDataset(ImageDataset):
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()  # shard -> its local file, least recent first
         self._failed: set[int] = set()
         self._pool: ThreadPoolExecutor | None = None  # this process's fetches: read-ahead, a micro-batch's shards
+        self._pool_pid = os.getpid()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -505,8 +507,11 @@ class ShardDataset(ImageDataset):
         return opened
 
     def _threads(self) -> ThreadPoolExecutor:
-        if self._pool is None:
+        """This process's fetch threads (a forked DataLoader worker inherits the parent's pool without its threads:
+        work handed to it would never run)."""
+        if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(max_workers=self.options.fetch_threads, thread_name_prefix="shard-fetch")
+            self._pool_pid = os.getpid()
         return self._pool
 
     def _groups(self, shards: list[int]) -> list[list[int]]:

@@ -132,6 +132,18 @@ def test_http_shards_are_the_local_samples_and_each_is_fetched_once(shards, tmp_
     assert gets == {f"GET /{i:06d}.tar": 1 for i in range(SHARDS)}  # two workers, two readers: one download each
 
 
+def test_a_worker_forked_after_the_read_ahead_fetches_on_threads_of_its_own(shards, tmp_path):
+    with ShardServer(shards) as server:
+        dataset = ShardDataset(f"{server.url}/shardindex.json", ImageTransform(32, "center"),
+                               options=ShardOptions(cache_dir=str(tmp_path)))
+        assert all(f.result() is None for f in dataset.read_ahead([0, 1]))  # the parent's fetch threads exist
+        keys = [2 * PER_SHARD, 3 * PER_SHARD, 4 * PER_SHARD]  # three shards not in the cache: fetched in the worker
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=[keys], num_workers=1, collate_fn=collate_images,
+                                             multiprocessing_context="fork", timeout=30)
+        batch = next(iter(loader))
+    assert [m["__key__"] for m in batch["meta"]] == [f"{k:08d}" for k in keys]
+
+
 def _race(url: str, cache: str, barrier) -> None:
     dataset = ShardDataset(url, options=ShardOptions(cache_dir=cache))
     barrier.wait()
