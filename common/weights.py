@@ -58,6 +58,31 @@ def find_prefix(wanted: Iterable[str], available: Iterable[str], prefer: str = "
     return max(candidates, key=lambda p: (candidates[p], bool(prefer) and prefer in p, -len(p)))
 
 
+def in_loaded_layout(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`state` with its keys renamed to the layout transformers gives `module`'s class when it loads a checkpoint.
+
+    Checkpoints keep the layout they were written in (`save_pretrained` writes the original one), which transformers 5
+    renames on load for some classes (its checkpoint conversion mapping: ViT's "encoder.layer.0.attention.attention.
+    query" is "layers.0.attention.q_proj"); this applies those renamings, with transformers' own functions, to every
+    key (a prefix such as "vision_model." is kept). A key a WeightConverter would merge or split (DINOv2's SwiGLU
+    "mlp.weights_in") is refused with one ValueError, as this is a rename, not a conversion.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(module)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    renamed = {}
+    for key, tensor in state.items():
+        new, converter = rename_source_key(key, renamings, converters)
+        if converter is not None:
+            raise ValueError(f"{source}: tensor {key} needs transformers' weight conversion {converter!r} (a merge or "
+                             f"split, not a rename), which this loader does not do")
+        renamed[new] = tensor
+    return renamed
+
+
 def load_exactly(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, prefer: str = "") -> str:
     """Load `module`'s whole state from `state` (keys under one prefix, found by `find_prefix`), strictly: a
     missing tensor or a shape mismatch is a ValueError naming it. Tensors outside the module (e.g. a language model

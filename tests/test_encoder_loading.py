@@ -1,5 +1,6 @@
 """Pretrained vision towers load exactly from transformers-format folders: every tensor of the tower equal to the
-checkpoint's, wherever the checkpoint stores it (a tower, a dual encoder, an InternVL model), or one clear error."""
+checkpoint's, wherever the checkpoint stores it (a tower, a dual encoder, an InternVL model) and in whichever layout
+(the one transformers renames on load), or one clear error."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     CLIPConfig,
     CLIPModel,
+    Dinov2Config,
+    Dinov2Model,
     InternVLConfig,
     InternVLForConditionalGeneration,
     Siglip2Config,
@@ -19,6 +22,8 @@ from transformers import (
     SiglipConfig,
     SiglipModel,
     SiglipVisionConfig,
+    ViTConfig,
+    ViTModel,
 )
 
 from tokenizer import VQRAE, EncoderConfig, get_preset
@@ -170,3 +175,34 @@ def test_a_preprocessor_without_both_statistics_leaves_the_configs(tmp_path):
         (tmp_path / "s" / "preprocessor_config.json").write_text(json.dumps(only))
         encoder = load_pretrained_encoder(tmp_path / "s", default)
         assert (encoder.cfg.image_mean, encoder.cfg.image_std) == (default.image_mean, default.image_std), only
+
+
+RENAMED = {"vit": lambda **kw: ViTModel(ViTConfig(**VISION, image_size=16, **kw)),
+           "dinov2": lambda **kw: Dinov2Model(Dinov2Config(**VISION, image_size=16, **kw))}
+
+
+@pytest.mark.parametrize("layer", [-1, -2])
+@pytest.mark.parametrize("kind", RENAMED)
+def test_a_tower_transformers_renames_on_load_loads_from_the_layout_it_was_saved_in(tmp_path, kind, layer):
+    """save_pretrained writes ViT and DINOv2 in the original layout ("encoder.layer.0.attention.attention.query"),
+    which transformers 5 renames when it loads them: the loaded tower holds every tensor of the saved model, and its
+    features are the saved model's hidden states without the CLS token."""
+    torch.manual_seed(0)
+    saved = RENAMED[kind]().eval()
+    saved.save_pretrained(tmp_path / kind)
+    own = saved.state_dict()
+    assert set(load_file(str(tmp_path / kind / "model.safetensors"))) != set(own)  # another layout on disk
+    encoder = load_pretrained_encoder(tmp_path / kind, EncoderConfig(feature_layer=layer)).eval()
+    tower = encoder.tower.state_dict()
+    assert set(tower) == set(own) and all(torch.equal(value, own[key]) for key, value in tower.items())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (encoder.cfg.image_mean, encoder.cfg.image_std))
+    with torch.no_grad():
+        hidden = saved(pixel_values=((x + 1) / 2 - mean) / std, output_hidden_states=True).hidden_states[layer]
+        torch.testing.assert_close(encoder(x), hidden[:, 1:])
+
+
+def test_a_tensor_transformers_would_convert_is_one_error(tmp_path):
+    RENAMED["dinov2"](use_swiglu_ffn=True).save_pretrained(tmp_path / "swiglu")  # mlp.weights_in: split on load
+    with pytest.raises(ValueError, match=r"encoder\.layer\.0\.mlp\.weights_in\.(weight|bias) needs .*conversion"):
+        load_pretrained_encoder(tmp_path / "swiglu")

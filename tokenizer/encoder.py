@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from common.config import ConfigError
-from common.weights import load_exactly, read_state_dict
+from common.weights import in_loaded_layout, load_exactly, read_state_dict
 from tokenizer.config import EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,7 @@ def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) 
         image_std=tuple(mean_std[1]), attn_implementation=cfg.attn_implementation,
     )
     tower = AutoModel.from_config(tower_config(loaded))
-    prefix = load_exactly(tower, read_state_dict(path), f"encoder weights {path}", prefer="vision")
+    source = f"encoder weights {path}"
+    prefix = load_exactly(tower, in_loaded_layout(tower, read_state_dict(path), source), source, prefer="vision")
     log.info("loaded %s vision tower from %s (keys under %r)", vision.model_type, path, prefix)
     return VisionEncoder(loaded, tower=tower)
