@@ -384,7 +384,7 @@ def build_image_dataset(
         path_or_spec: the path, "kind:path", a list of shards, or {"kind": ..., "path": ...}.
         transform: see `ImageDataset`.
         seed: see `ImageDataset`.
-        shards: `data.shards.ShardOptions` for indexed shards (None: the defaults).
+        shards: `data.shard_cache.ShardOptions` for indexed shards (None: the defaults).
     """
     if isinstance(path_or_spec, dict):
         unknown = set(path_or_spec) - {"kind", "path"}

@@ -191,7 +191,7 @@ class ShardConversationDataset(ConversationDataset):
     Args:
         spec: the shard index, a folder holding it, or a shard URL / brace pattern (`data.shards.read_index`).
         processor, num_image_tokens, template, max_length: see `ConversationDataset`.
-        options: `data.shards.ShardOptions` (None: the defaults).
+        options: `data.shard_cache.ShardOptions` (None: the defaults).
     """
 
     def __init__(self, spec: str | Path, processor: Any, num_image_tokens: int, template: str = "chat",

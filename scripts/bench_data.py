@@ -44,7 +44,8 @@ from common.distributed import DistInfo
 from data.images import SHARD_INDEX, build_image_dataset, collate_images
 from data.serve import ShardServer
 from data.shapes_export import export_world
-from data.shards import ShardDataset, ShardOptions, write_index
+from data.shard_cache import ShardOptions
+from data.shards import ShardDataset, write_index
 from data.transforms import ImageTransform
 from train.data_order import resumable_loader
 

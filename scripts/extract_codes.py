@@ -27,7 +27,7 @@ from common.distributed import all_reduce, barrier, default_num_workers, init_di
 from common.files import write_atomic
 from data.codes import CHUNK_SIZE, complete_chunks, ensure_manifest, extract_codes
 from data.images import build_image_dataset
-from data.shards import ShardOptions
+from data.shard_cache import ShardOptions
 from data.transforms import ImageTransform
 from tokenizer import VQRAE
 

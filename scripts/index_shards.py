@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from common.cli import reported_errors
 from data.images import SHARD_INDEX
-from data.shards import expand_urls, is_remote, write_index
+from data.shard_cache import expand_urls, is_remote
+from data.shards import write_index
 
 
 def main() -> None:

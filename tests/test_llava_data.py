@@ -23,7 +23,8 @@ from data.llava import (
 from data.serve import ShardServer
 from data.shapes import shapes_world_tokenizer
 from data.shapes_export import export_llava
-from data.shards import ShardOptions, write_index
+from data.shard_cache import ShardOptions
+from data.shards import write_index
 from data.tar_files import write_tar_shard
 from llm.understanding import build_processor
 from tokenizer import VQRAE, get_preset

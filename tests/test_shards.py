@@ -25,7 +25,8 @@ from common.distributed import DistInfo
 from data.images import TarShardDataset, build_image_dataset, collate_images
 from data.serve import ShardServer
 from data.shapes_export import export_world
-from data.shards import ShardCache, ShardDataset, ShardOptions, ShardUnavailable, read_index, write_index
+from data.shard_cache import ShardCache, ShardOptions, ShardUnavailable
+from data.shards import ShardDataset, read_index, write_index
 from data.transforms import ImageTransform
 from train.data_order import ShardLocalBatchSampler, resumable_loader
 
@@ -270,7 +271,8 @@ READER = """
 import sys, torch
 from common.distributed import DistInfo
 from data.images import collate_images
-from data.shards import ShardDataset, ShardOptions
+from data.shard_cache import ShardOptions
+from data.shards import ShardDataset
 from data.transforms import ImageTransform
 from train.data_order import resumable_loader
 url, cache, start, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]

@@ -31,7 +31,7 @@ from data.codes import CHUNK_SIZE, CodeDataset, ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.sequences import CaptionCodeSequences, collate_sequences
 from data.shapes import world_texts
-from data.shards import ShardOptions
+from data.shard_cache import ShardOptions
 from data.transforms import ImageTransform
 from llm.generator import LMConfig, build_lm, save_text_side
 from tokenizer import VQRAE

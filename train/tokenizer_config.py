@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, from_dict, merge_dicts, to_dict
-from data.shards import ShardOptions
+from data.shard_cache import ShardOptions
 from tokenizer.config import DecoderConfig, EncoderConfig, QuantizerConfig, VQRAEConfig, get_preset
 from tokenizer.discriminator import DiscriminatorConfig
 from tokenizer.model import is_vqrae_export, read_config_dict

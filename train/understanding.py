@@ -37,7 +37,7 @@ from common.distributed import DistInfo, barrier
 from common.weights import load_exactly
 from data.llava import SKIP_REASONS, ConversationDataset, ShardConversationDataset, collate_llava, read_conversations
 from data.shapes import question_texts, world_texts
-from data.shards import ShardOptions
+from data.shard_cache import ShardOptions
 from llm.lm import causal_lm
 from llm.understanding import SHORT_ANSWER, build_llava, is_llava_export, load_llava, lora_config
 from llm.vocab import IGNORE_INDEX
