@@ -142,10 +142,12 @@ class ShardCache:
         self.options = options
         self.root = options.cache_path()
         self._unscanned: int | None = None  # bytes this process added since its last scan (None: no scan yet)
+        self._dests: dict[str, str | None] = {}  # see dest()
         self._pid, self._guard = os.getpid(), threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_guard"} | {"_pid": -1}  # a new lock over there
+        state = {k: v for k, v in self.__dict__.items() if k != "_guard"}  # a new lock over there
+        return state | {"_pid": -1, "_dests": {}}  # remembered paths are remade on use
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _guard=threading.Lock())
@@ -154,9 +156,19 @@ class ShardCache:
         digest = hashlib.sha1(url.encode()).hexdigest()[:16]
         return self.root / f"{digest}-{os.path.basename(urlparse(url).path) or 'shard.tar'}"
 
+    def dest(self, url: str) -> str | None:
+        """The cache file of shard `url`, None for a local shard (used in place); remembered, as a shard is asked for
+        at each use."""
+        try:
+            return self._dests[url]
+        except KeyError:
+            dest = self._dests[url] = str(self.path(url)) if is_remote(url) else None
+            return dest
+
     def cached(self, url: str) -> bool:
         """True for a local shard, or a remote one whose copy is in the cache."""
-        return not is_remote(url) or self.path(url).exists()
+        dest = self.dest(url)
+        return dest is None or os.path.exists(dest)
 
     def get(self, url: str, size: int = -1, retries: int | None = None) -> str:
         """A readable local file holding shard `url` (checked against the index's byte size when known).
@@ -168,18 +180,17 @@ class ShardCache:
             ShardUnavailable: after the last failed try.
         """
         tries = retries or self.options.retries
-        if not is_remote(url):
+        dest = self.dest(url)
+        if dest is None:
             return self._retry(url, lambda: self._check_local(local_path(url), size), tries)
-        dest = self.path(url)
         with contextlib.suppress(FileNotFoundError):
-            if time.time() - dest.stat().st_mtime > self.TOUCH_S:
+            if time.time() - os.stat(dest).st_mtime > self.TOUCH_S:
                 os.utime(dest)  # its place in the eviction order
-            return str(dest)
+            return dest
         with self._claim(dest, wait=True) as file:
             if file is not None:
-                self._retry(url, lambda: self._download(url, file, dest, size), tries)
-                self._added(dest)
-        return str(dest)
+                self._added(dest, self._retry(url, lambda: self._download(url, file, dest, size), tries))
+        return dest
 
     def fetch_all(self, urls: list[str], sizes: list[int]) -> None:
         """Fetch these remote shards into the cache, one try each, the HTTP(S) ones together when keep_alive is on
@@ -188,14 +199,13 @@ class ShardCache:
         with contextlib.ExitStack() as claims:
             claimed = {}
             for url, size in zip(urls, sizes):
-                dest = self.path(url)
-                if not dest.exists() and (file := claims.enter_context(self._claim(dest, wait=False))) is not None:
+                dest = self.dest(url)
+                if not os.path.exists(dest) and (file := claims.enter_context(self._claim(dest, wait=False))) is not None:
                     claimed[url] = (file, dest, size)
 
             def fill(url: str, src: IO[bytes]) -> None:
                 file, dest, size = claimed[url]
-                self._fill(src, file, dest, size)
-                self._added(dest)
+                self._added(dest, self._fill(src, file, dest, size))
 
             together = [u for u in claimed if self.options.keep_alive and is_http(u)]
             if together:
@@ -205,14 +215,14 @@ class ShardCache:
                     fill(url, src)
 
     @contextlib.contextmanager
-    def _claim(self, dest: Path, wait: bool) -> Iterator[IO[bytes] | None]:
+    def _claim(self, dest: str, wait: bool) -> Iterator[IO[bytes] | None]:
         """The partial download of `dest`, locked: this process's to fill and rename into place, or None when the
         shard is in place already (or, unless `wait`, when another process or thread holds the lock). The lock makes
         one download per machine; the partial file is the lock, so none is left behind per shard."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(f".{dest.name}.part")
+        folder, name = os.path.split(dest)
+        part = os.path.join(folder, f".{name}.part")
         while True:
-            with open(part, "a+b") as file:
+            with self._open_part(part) as file:
                 try:
                     fcntl.flock(file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # another one is fetching it
@@ -220,7 +230,7 @@ class ShardCache:
                     return
                 try:
                     ours = _same_file(file, part)
-                    if dest.exists():
+                    if os.path.exists(dest):
                         if ours:  # a file no download needs: made by a process that came after the rename
                             os.unlink(part)
                         yield None
@@ -232,11 +242,19 @@ class ShardCache:
                     fcntl.flock(file, fcntl.LOCK_UN)  # ours alone would leave the lock held by that copy
             # the file we waited on was renamed into place or removed meanwhile: lock the one at `part` now
 
-    def _added(self, dest: Path) -> None:
+    def _open_part(self, part: str) -> IO[bytes]:
+        try:
+            return open(part, "a+b")
+        except FileNotFoundError:  # the folder, made at the first download (or removed since)
+            self.root.mkdir(parents=True, exist_ok=True)
+            return open(part, "a+b")
+
+    def _added(self, dest: str, size: int) -> None:
+        """Account for `size` bytes fetched into `dest`, evicting past the budget when due."""
         if self._pid != os.getpid():  # a forked copy: a lock held by another thread at the fork stays held
             self._pid, self._guard, self._unscanned = os.getpid(), threading.Lock(), None
         with self._guard:
-            self._unscanned = None if self._unscanned is None else self._unscanned + dest.stat().st_size
+            self._unscanned = None if self._unscanned is None else self._unscanned + size
             if self._unscanned is None or self._unscanned > self.options.cache_gb * 2**30 / self.SCAN_SHARE:
                 self._evict(keep=dest)
                 self._unscanned = 0
@@ -259,26 +277,28 @@ class ShardCache:
         _check_size(os.path.getsize(path), size)  # FileNotFoundError for a missing shard
         return path
 
-    def _download(self, url: str, file: IO[bytes], dest: Path, size: int) -> None:
+    def _download(self, url: str, file: IO[bytes], dest: str, size: int) -> int:
         with open_url(url, self.options) as src:
-            self._fill(src, file, dest, size)
+            return self._fill(src, file, dest, size)
 
     @staticmethod
-    def _fill(src: IO[bytes], file: IO[bytes], dest: Path, size: int) -> None:
-        """Copy `src` into the claimed partial `file` and rename it to `dest`; a short or failed copy leaves the
-        partial file empty."""
-        file.seek(0)
-        file.truncate()
+    def _fill(src: IO[bytes], file: IO[bytes], dest: str, size: int) -> int:
+        """Copy `src` into the claimed partial `file` (opened for appending) and rename it to `dest`; its size. A short
+        or failed copy leaves the partial file empty."""
+        if file.seek(0, os.SEEK_END):  # what a process killed mid-download left (truncating an empty file costs)
+            file.truncate(0)
         try:
             shutil.copyfileobj(src, file, 1 << 20)
             file.flush()
-            _check_size(os.fstat(file.fileno()).st_size, size)  # a short read is a failed try
+            fetched = os.fstat(file.fileno()).st_size
+            _check_size(fetched, size)  # a short read is a failed try
         except BaseException:
             file.truncate(0)  # nothing half-fetched stays on disk
             raise
         os.replace(file.name, dest)
+        return fetched
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self, keep: str) -> None:
         files = []
         for entry in os.scandir(self.root):
             if entry.is_file() and not entry.name.startswith("."):  # not the locks and partial downloads
@@ -289,7 +309,7 @@ class ShardCache:
         for _, size, path in sorted(files):
             if total <= budget:
                 break
-            if path != str(keep):
+            if path != keep:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)  # processes that have it open keep reading it
                 total -= size

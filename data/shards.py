@@ -256,7 +256,7 @@ class ShardDataset(ImageDataset):
     def _fetch(self, shards: list[int]) -> list[Future]:
         """Start fetching these shards (the remote ones not failed) into the cache on this process's fetch threads,
         a group per thread, one try each."""
-        remote = [s for s in shards if is_remote(self.urls[s]) and s not in self._failed]
+        remote = [s for s in shards if self._cache.dest(self.urls[s]) is not None and s not in self._failed]
         return [self._threads().submit(self._cache.fetch_all, [self.urls[s] for s in group],
                                        [self.shard_sizes[s] for s in group]) for group in self._groups(remote)]
 

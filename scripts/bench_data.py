@@ -5,9 +5,11 @@ and served over loopback HTTP with an added per-request latency and a bandwidth 
     python scripts/bench_data.py --layouts 1000x10 --latency-ms 50     # smaller, slower store
 
 Each case runs its ranks as concurrent processes, each reading its own shard of the trainers' data order
-(`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a fresh
-cache under --out. Measured per case: time to the first batch (dataset construction included: today's reader scans every
-tar header first) and images/s over the next --batches micro-batches of every rank together. Baselines in the same
+(`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a cache of its own
+under --out (all are removed at the end, not between cases: deleting a case's thousands of cached shards slowed the
+next case's file creation on this machine's disk). Measured per case: time to the first batch (dataset construction
+included: today's reader scans every tar header first) and images/s over the next --batches micro-batches of every
+rank together; every case runs --repeats times, in rounds, and each figure is the median. Baselines in the same
 run: today's reader on local disk ("scan"), the indexed reader on local disk for the HTTP cases' share, and over
 HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) and with kept connections but a thread per
 shard (`ShardOptions(group_mb=0)`) against the default's groups of requests on kept connections.
@@ -27,6 +29,7 @@ import glob
 import json
 import multiprocessing as mp
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,16 +85,13 @@ def _cpu_s(process: psutil.Process) -> float:
 def run_case(spec: str, kind: str, world: int, args: argparse.Namespace) -> dict[str, float]:
     """(seconds to the first batch, slowest rank; images/s of all ranks together)."""
     ctx = mp.get_context("spawn")
-    queue, cache = ctx.Queue(), tempfile.mkdtemp(prefix="cache-", dir=args.out)  # beside the data, as ~/.cache
-    try:
-        procs = [ctx.Process(target=_rank, args=(spec, kind, r, world, args, cache, queue)) for r in range(world)]
-        for p in procs:
-            p.start()
-        results = [queue.get(timeout=1800) for _ in procs]
-        for p in procs:
-            p.join()
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    queue, cache = ctx.Queue(), tempfile.mkdtemp(prefix="case-", dir=args.caches)
+    procs = [ctx.Process(target=_rank, args=(spec, kind, r, world, args, cache, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=1800) for _ in procs]
+    for p in procs:
+        p.join()
     first = max(r[0] for r in results)
     rate = sum(r[1] for r in results) / max(r[2] for r in results)
     return {"first_batch_s": first, "images_per_s": rate, "cpu_ms_per_image": 1e3 * sum(r[3] for r in results) /
@@ -105,7 +105,7 @@ def request_cost(folder: Path, options: dict[str, Any], args: argparse.Namespace
     server = subprocess.Popen([sys.executable, "-m", "data.serve", str(folder), "--latency-ms", str(args.latency_ms),
                                "--mbit-s", str(args.mbit_s)], cwd=Path(__file__).resolve().parents[1],
                               stdout=subprocess.PIPE, text=True)
-    cache = tempfile.mkdtemp(prefix="cache-", dir=args.out)
+    cache = tempfile.mkdtemp(prefix="fetches-", dir=args.caches)
     try:
         url = server.stdout.readline().split(" at ")[-1].strip()
         dataset = ShardDataset(f"{url}/{SHARD_INDEX}", options=ShardOptions(cache_dir=cache, **options))
@@ -121,25 +121,10 @@ def request_cost(folder: Path, options: dict[str, Any], args: argparse.Namespace
     finally:
         server.terminate()
         server.wait()
-        shutil.rmtree(cache, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_data"))
-    parser.add_argument("--layouts", default="10000x10,1000x100",
-                        help="datasets as SHARDSxIMAGES_PER_SHARD, comma-separated (the same images, cut differently)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=100, help="micro-batches timed per rank")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
-    parser.add_argument("--http-workers", type=int, default=4, help="DataLoader workers per rank over HTTP")
-    parser.add_argument("--window", type=int, default=8)
-    parser.add_argument("--read-ahead", type=int, default=ShardOptions.read_ahead,
-                        help="windows fetched ahead (ShardOptions.read_ahead)")
-    parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every case's row and every fetch cost, layout by layout."""
     rows, costs = [], []
     for layout in args.layouts.split(","):
         shards, per_shard = (int(x) for x in layout.split("x"))
@@ -161,18 +146,51 @@ def main() -> None:
                      *[(f"{http_name}, {how}", index, "shards", args.workers, options) for how, options in FETCHES[:2]],
                      (http_name, index, "shards", args.workers, local),
                      (http_name, index, "shards", args.http_workers, local)]
-            for world in (1, 2):
-                for name, spec, kind, workers, options in cases:
-                    settings = {**vars(args), "workers": workers, **options}
-                    result = run_case(spec, kind, world, argparse.Namespace(**settings))
-                    rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers, **result})
-                    print(f"  {name:<80} ranks {world}  workers {workers}: first batch "
-                          f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s, "
-                          f"{result['cpu_ms_per_image']:.3f} CPU ms/image", flush=True)
+            runs: dict[tuple[int, int], list[dict[str, float]]] = collections.defaultdict(list)
+            for repeat in range(args.repeats):  # each round runs every case once: a drift of the machine hits all
+                for world in (1, 2):
+                    for c, (name, spec, kind, workers, options) in enumerate(cases):
+                        settings = {**vars(args), "workers": workers, **options}
+                        result = run_case(spec, kind, world, argparse.Namespace(**settings))
+                        runs[world, c].append(result)
+                        print(f"  {name:<80} ranks {world}  workers {workers}: first batch "
+                              f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s, "
+                              f"{result['cpu_ms_per_image']:.3f} CPU ms/image (round {repeat + 1})", flush=True)
+        for (world, c), results in runs.items():
+            name, _, _, workers, _ = cases[c]
+            rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers,
+                         **{k: statistics.median(r[k] for r in results) for k in results[0]}})
         for how, options in FETCHES:
-            client, served = request_cost(folder, options, args)
+            client, served = (statistics.median(r) for r in zip(*(request_cost(folder, options, args)
+                                                                   for _ in range(args.repeats))))
             costs.append({"layout": layout, "fetches": how, "reader_ms": client, "server_ms": served})
             print(f"  fetches, {how}: CPU ms per shard: reader {client:.2f}, server {served:.2f}", flush=True)
+    return rows, costs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_data"))
+    parser.add_argument("--layouts", default="10000x10,1000x100",
+                        help="datasets as SHARDSxIMAGES_PER_SHARD, comma-separated (the same images, cut differently)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=1000, help="micro-batches timed per rank")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of every case; the tables give each figure's median")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    parser.add_argument("--http-workers", type=int, default=4, help="DataLoader workers per rank over HTTP")
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--read-ahead", type=int, default=ShardOptions.read_ahead,
+                        help="windows fetched ahead (ShardOptions.read_ahead)")
+    parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.caches = Path(tempfile.mkdtemp(prefix="caches-", dir=args.out))  # beside the data, as ~/.cache
+    try:
+        rows, costs = measure(args)
+    finally:  # not between cases: deleting ~100 MB of small files slows the next case's file creation for a while
+        shutil.rmtree(args.caches, ignore_errors=True)
 
     print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | CPU ms/image "
           "| first batch vs scan | images/s vs indexed, local |")

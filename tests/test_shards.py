@@ -334,6 +334,24 @@ def test_corrupt_members_and_shards_are_skipped_and_counted(shards, tmp_path, ca
     assert sum("skipping shard" in r.message and "000003.tar" in r.message for r in caplog.records) == 1
 
 
+def test_a_partial_download_left_by_a_killed_process_is_replaced_in_one_try(shards, tmp_path):
+    options = ShardOptions(cache_dir=str(tmp_path / "cache"), retries=1)
+    cache = ShardCache(options)
+    with ShardServer(shards) as server:
+        urls = [f"{server.url}/{i:06d}.tar" for i in range(3)]
+        for url in urls:  # the partial files (the locks) hold what a download killed midway had written
+            part = Path(cache.dest(url)).with_name(f".{Path(cache.dest(url)).name}.part")
+            part.parent.mkdir(parents=True, exist_ok=True)
+            part.write_bytes(b"x" * 700)
+        assert cache.get(urls[0]) == cache.dest(urls[0])  # one try: a leftover would make it fail
+        cache.fetch_all(urls[1:], [os.path.getsize(shards / f"{i:06d}.tar") for i in (1, 2)])
+        assert all(cache.cached(url) for url in urls)
+        assert all(server.requests[f"GET /{i:06d}.tar"] == 1 for i in range(3))
+    for i, url in enumerate(urls):
+        assert Path(cache.dest(url)).read_bytes() == (shards / f"{i:06d}.tar").read_bytes()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".part")]
+
+
 def test_unreachable_shard_is_retried_with_backoff_then_skipped(shards, tmp_path):
     options = ShardOptions(cache_dir=str(tmp_path / "cache"), retries=3, backoff_s=0.05)
     with ShardServer(shards, fail=("/000002.tar",)) as server:
