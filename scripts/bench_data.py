@@ -7,7 +7,7 @@ and served over loopback HTTP with an added per-request latency and a bandwidth 
 Each case runs its ranks as concurrent processes, each reading its own shard of the trainers' data order
 (`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a cache of its own
 under --out (all are removed at the end, not between cases: deleting a case's thousands of cached shards slowed the
-next case's file creation on this machine's disk). Measured per case: time to the first batch (dataset construction
+next case's file creation on this machine's disk; the defaults need about 15 GB free there). Measured per case: time to the first batch (dataset construction
 included: today's reader scans every tar header first) and images/s over the next --batches micro-batches of every
 rank together; every case runs --repeats times, in rounds, and each figure is the median. Baselines in the same
 run: today's reader on local disk ("scan"), the indexed reader on local disk for the HTTP cases' share, and over
