@@ -80,7 +80,7 @@ def _check_size(actual: int, size: int) -> None:
         raise ValueError(f"{actual} bytes, the index says {size}")
 
 
-def _same_file(file: Any, path: Path) -> bool:
+def _same_file(file: Any, path: str) -> bool:
     """Whether the open `file` is still the file at `path` (not renamed away or replaced)."""
     try:
         return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
@@ -122,9 +122,6 @@ def open_url(url: str, options: ShardOptions) -> contextlib.AbstractContextManag
     return fsspec.open(url, "rb").open()
 
 
-
-
-
 class ShardCache:
     """Local copies of remote shards: fetched once per machine (a file lock serialises the processes), retried with
     backoff, evicted least-recently-used past the budget. Local shards are used in place.
@@ -152,18 +149,24 @@ class ShardCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _guard=threading.Lock())
 
-    def path(self, url: str) -> Path:
-        digest = hashlib.sha1(url.encode()).hexdigest()[:16]
-        return self.root / f"{digest}-{os.path.basename(urlparse(url).path) or 'shard.tar'}"
-
     def dest(self, url: str) -> str | None:
         """The cache file of shard `url`, None for a local shard (used in place); remembered, as a shard is asked for
         at each use."""
         try:
             return self._dests[url]
         except KeyError:
-            dest = self._dests[url] = str(self.path(url)) if is_remote(url) else None
+            dest = None
+            if is_remote(url):
+                digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+                dest = str(self.root / f"{digest}-{os.path.basename(urlparse(url).path) or 'shard.tar'}")
+            self._dests[url] = dest
             return dest
+
+    @staticmethod
+    def partial(dest: str) -> str:
+        """The partial download of cache file `dest`, which is also its download's lock."""
+        folder, name = os.path.split(dest)
+        return os.path.join(folder, f".{name}.part")
 
     def cached(self, url: str) -> bool:
         """True for a local shard, or a remote one whose copy is in the cache."""
@@ -219,8 +222,7 @@ class ShardCache:
         """The partial download of `dest`, locked: this process's to fill and rename into place, or None when the
         shard is in place already (or, unless `wait`, when another process or thread holds the lock). The lock makes
         one download per machine; the partial file is the lock, so none is left behind per shard."""
-        folder, name = os.path.split(dest)
-        part = os.path.join(folder, f".{name}.part")
+        part = self.partial(dest)
         while True:
             with self._open_part(part) as file:
                 try:

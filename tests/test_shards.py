@@ -340,7 +340,7 @@ def test_a_partial_download_left_by_a_killed_process_is_replaced_in_one_try(shar
     with ShardServer(shards) as server:
         urls = [f"{server.url}/{i:06d}.tar" for i in range(3)]
         for url in urls:  # the partial files (the locks) hold what a download killed midway had written
-            part = Path(cache.dest(url)).with_name(f".{Path(cache.dest(url)).name}.part")
+            part = Path(cache.partial(cache.dest(url)))
             part.parent.mkdir(parents=True, exist_ok=True)
             part.write_bytes(b"x" * 700)
         assert cache.get(urls[0]) == cache.dest(urls[0])  # one try: a leftover would make it fail
