@@ -7,12 +7,15 @@ and served over loopback HTTP with an added per-request latency and a bandwidth 
 Each case runs its ranks as concurrent processes, each reading its own shard of the trainers' data order
 (`train.data_order.resumable_loader`, micro-batches of --batch, --workers DataLoader workers) from a cache of its own
 under --out (all are removed at the end, not between cases: deleting a case's thousands of cached shards slowed the
-next case's file creation on this machine's disk; the defaults need about 15 GB free there). Measured per case: time to the first batch (dataset construction
-included: today's reader scans every tar header first) and images/s over the next --batches micro-batches of every
-rank together; every case runs --repeats times, in rounds, and each figure is the median. Baselines in the same
-run: today's reader on local disk ("scan"), the indexed reader on local disk for the HTTP cases' share, and over
-HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) and with kept connections but a thread per
-shard (`ShardOptions(group_mb=0)`) against the default's groups of requests on kept connections.
+next case's file creation on this machine's disk; the defaults need about 15 GB free there). Measured per case: time
+to the first batch (dataset construction included: today's reader scans every tar header first) and images/s over
+the next --batches micro-batches of every rank together. Every case runs --repeats times, in rounds; each figure is
+the median, and a case's images/s against the indexed local reader's is the median of its rounds' ratios to the same
+round's local run (runs made minutes apart, so the machine's drift cancels more than in a ratio of medians), with
+their range. Baselines in the same run: today's reader on local disk ("scan"), the indexed reader on local disk for
+the HTTP cases' share, and over HTTP with a new connection per shard (`ShardOptions(keep_alive=False)`) and with kept
+connections but a thread per shard (`ShardOptions(group_mb=0)`) against the default's groups of requests on kept
+connections.
 "CPU ms/image" is the CPU time of the ranks and their DataLoader workers per image read (not the server's). Then, per
 layout, the CPU cost of one shard's fetch, for the reader and for the server (in a process of its own): 2,000 shards
 fetched as the read-ahead does, --window shards a call (`ShardDataset.read_ahead`: one group of requests per call for
@@ -52,6 +55,7 @@ from data.shards import ShardDataset, write_index
 from data.transforms import ImageTransform
 from train.data_order import resumable_loader
 
+LOCAL = "indexed, local"  # the case every images/s is compared with
 FETCHES = [("a connection per shard", {"keep_alive": False, "group_mb": 0.0}),  # (name, ShardOptions fields)
            ("kept connections, a thread per shard", {"keep_alive": True, "group_mb": 0.0}),
            ("kept connections, a group per window", {"keep_alive": True, "group_mb": ShardOptions.group_mb})]
@@ -142,7 +146,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
             index = f"{server.url}/{SHARD_INDEX}"
             local = {"keep_alive": True, "group_mb": ShardOptions.group_mb}
             cases = [("scan (today's reader), local", str(folder), "tar", args.workers, local),
-                     ("indexed, local", str(folder), "shards", args.workers, local),
+                     (LOCAL, str(folder), "shards", args.workers, local),
                      *[(f"{http_name}, {how}", index, "shards", args.workers, options) for how, options in FETCHES[:2]],
                      (http_name, index, "shards", args.workers, local),
                      (http_name, index, "shards", args.http_workers, local)]
@@ -158,8 +162,11 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
                               f"{result['cpu_ms_per_image']:.3f} CPU ms/image (round {repeat + 1})", flush=True)
         for (world, c), results in runs.items():
             name, _, _, workers, _ = cases[c]
+            local = runs[world, next(i for i, case in enumerate(cases) if case[0] == LOCAL)]
+            ratios = [r["images_per_s"] / base["images_per_s"] for r, base in zip(results, local)]  # round by round
             rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers,
-                         **{k: statistics.median(r[k] for r in results) for k in results[0]}})
+                         **{k: statistics.median(r[k] for r in results) for k in results[0]},
+                         "vs_local": statistics.median(ratios), "vs_local_range": (min(ratios), max(ratios))})
         for how, options in FETCHES:
             client, served = (statistics.median(r) for r in zip(*(request_cost(folder, options, args)
                                                                    for _ in range(args.repeats))))
@@ -193,16 +200,16 @@ def main() -> None:
         shutil.rmtree(args.caches, ignore_errors=True)
 
     print("\n| shards x images | reader | ranks | workers/rank | first batch (s) | images/s | CPU ms/image "
-          "| first batch vs scan | images/s vs indexed, local |")
+          "| first batch vs scan | images/s vs indexed, local (rounds' range) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        same = [r for r in rows if r["layout"] == row["layout"] and r["ranks"] == row["ranks"]]
-        scan = next(r for r in same if r["reader"].startswith("scan"))
-        local = next(r for r in same if r["reader"] == "indexed, local")
+        scan = next(r for r in rows if r["layout"] == row["layout"] and r["ranks"] == row["ranks"] and
+                    r["reader"].startswith("scan"))
+        low, high = row["vs_local_range"]
         print(f"| {row['layout']} | {row['reader']} | {row['ranks']} | {row['workers']} | {row['first_batch_s']:.2f} "
               f"| {row['images_per_s']:.0f} | {row['cpu_ms_per_image']:.3f} "
               f"| {scan['first_batch_s'] / row['first_batch_s']:.1f}x faster "
-              f"| {row['images_per_s'] / local['images_per_s']:.0%} |")
+              f"| {row['vs_local']:.0%} ({low:.0%}-{high:.0%}) |")
     print("\n| shards x images | fetches | reader CPU ms/shard | server CPU ms/shard |")
     print("|---|---|---|---|")
     for cost in costs:
