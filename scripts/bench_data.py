@@ -162,8 +162,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
                               f"{result['cpu_ms_per_image']:.3f} CPU ms/image (round {repeat + 1})", flush=True)
         for (world, c), results in runs.items():
             name, _, _, workers, _ = cases[c]
-            local = runs[world, next(i for i, case in enumerate(cases) if case[0] == LOCAL)]
-            ratios = [r["images_per_s"] / base["images_per_s"] for r, base in zip(results, local)]  # round by round
+            bases = runs[world, next(i for i, case in enumerate(cases) if case[0] == LOCAL)]  # round by round:
+            ratios = [r["images_per_s"] / base["images_per_s"] for r, base in zip(results, bases)]
             rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers,
                          **{k: statistics.median(r[k] for r in results) for k in results[0]},
                          "vs_local": statistics.median(ratios), "vs_local_range": (min(ratios), max(ratios))})
