@@ -160,9 +160,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
                         print(f"  {name:<80} ranks {world}  workers {workers}: first batch "
                               f"{result['first_batch_s']:7.2f} s, {result['images_per_s']:7.0f} images/s, "
                               f"{result['cpu_ms_per_image']:.3f} CPU ms/image (round {repeat + 1})", flush=True)
+        local_case = next(i for i, case in enumerate(cases) if case[0] == LOCAL)
         for (world, c), results in runs.items():
             name, _, _, workers, _ = cases[c]
-            bases = runs[world, next(i for i, case in enumerate(cases) if case[0] == LOCAL)]  # round by round:
+            bases = runs[world, local_case]  # round by round:
             ratios = [r["images_per_s"] / base["images_per_s"] for r, base in zip(results, bases)]
             rows.append({"layout": layout, "reader": name, "ranks": world, "workers": workers,
                          **{k: statistics.median(r[k] for r in results) for k in results[0]},
