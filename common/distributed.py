@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -97,6 +98,25 @@ def all_gather_objects(items: list[Any]) -> list[Any]:
     parts: list[list[Any] | None] = [None] * world
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def unlink_deepspeed_shm() -> None:
+    """Remove the name of this rank's shared-memory buffer of DeepSpeed's CPU all-reduce, once every rank has mapped
+    its peers' (call it on every rank after `deepspeed.initialize`; it waits for them all).
+
+    With every rank of a job on one machine (the `deepspeed` launcher's LOCAL_SIZE equal to the world size), DeepSpeed's
+    CPU backend maps a 66 MB file per rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>,
+    and never removes it: each CPU run would leave its world size of them in memory until the machine restarts. A
+    removed name keeps its mappings; only a process opening it afterwards would miss it, and each rank opens its
+    peers' while DeepSpeed sets up its backend.
+    """
+    if not dist.is_initialized():
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def shutdown() -> None:

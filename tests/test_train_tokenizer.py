@@ -3,6 +3,7 @@ corrupt-image and non-finite-loss skipping, config errors, export."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -153,8 +154,8 @@ def test_config_errors_are_one_line(world, tmp_path):
 @pytest.mark.parametrize("zero_stage, extra", [(2, "deepspeed.bf16=true"), (3, "model.gradient_checkpointing=true")])
 def test_two_process_zero_smoke(world, tmp_path, zero_stage, extra):
     stage1 = tmp_path / "s1"
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                str(free_port())]
+    port = free_port()
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
     train(*args(world, stage1, "run.steps=4", f"deepspeed.zero_stage={zero_stage}", "deepspeed.micro_batch_size=4",
                 "run.ckpt_every=2", "run.sample_every=2", extra), launcher=launcher)
     assert (stage1 / "samples" / "step_00000002.png").is_file()
@@ -164,6 +165,7 @@ def test_two_process_zero_smoke(world, tmp_path, zero_stage, extra):
     rows = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 5 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert "distill" in rows[-1] and "gan_weight" in rows[-1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")  # DeepSpeed's CPU all-reduce buffers
     before = VQRAE.from_pretrained(stage1 / "export").state_dict()
     after = VQRAE.from_pretrained(stage2 / "export").state_dict()
     key = "encoder.tower.encoder.layers.0.mlp.fc1.weight"

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from common.config import ConfigError, merge_dicts
+from common.distributed import unlink_deepspeed_shm
 
 
 @dataclass
@@ -85,6 +86,7 @@ def build_engine(module: torch.nn.Module, groups: list[dict], optim: OptimConfig
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, optim, total_steps))
     engine, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_json)
+    unlink_deepspeed_shm()
     if compile:
         engine.compile()
     return engine
