@@ -5,66 +5,28 @@ stand-in for an object store in the data benchmark and the tests (nothing outsid
         dataset = ShardDataset(f"{server.url}/shardindex.json")
 
     python -m data.serve runs/shards --latency-ms 20 --mbit-s 200      # until Ctrl-C
+
+It runs on aiohttp's event loop in a thread of its own: an object store's CPU is not the reader's, and on the
+benchmark's machine the server shares the reader's cores, so it should take as little of them as it can (a
+thread per connection, as `http.server`, costs about half as much again per request, most of it in waking the
+threads that wait out the latency).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
-import functools
+import html
 import os
 import threading
-import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import weakref
 from pathlib import Path
+from urllib.parse import unquote
 
+from aiohttp import web
 
-class _Handler(SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as object stores
-    disable_nagle_algorithm = True  # headers and body go out in separate writes: Nagle would hold the body back
-    latency_s = 0.0
-    bytes_per_s = 0.0  # per request; 0: no cap
-    fail: frozenset[str] = frozenset()  # paths answered with 503
-    requests: collections.Counter[str]  # requests per "METHOD /path"; "connections": connections accepted
-
-    def setup(self) -> None:
-        self.requests["connections"] += 1
-        super().setup()
-
-    def log_message(self, format: str, *args: object) -> None:  # quiet
-        pass
-
-    def send_head(self):  # type: ignore[override]
-        path = self.path.split("?")[0]
-        self.requests[f"{self.command} {path}"] += 1
-        time.sleep(self.latency_s)
-        if path in self.fail:
-            self.send_error(503, "unavailable")
-            return None
-        try:  # a file is answered here, without the type and modification-date headers that no shard reader uses
-            file = open(self.translate_path(self.path), "rb")  # (their lookups are ~10% of a request's server CPU)
-        except OSError:  # a folder (its listing, or the redirect to its name with a slash), a missing file
-            return super().send_head()
-        self.send_response(200)
-        self.send_header("Content-Length", str(os.fstat(file.fileno()).st_size))
-        self.end_headers()
-        return file
-
-    def copyfile(self, source, outputfile) -> None:  # type: ignore[override]
-        chunk = 64 << 10
-        start, sent = time.monotonic(), 0
-        while block := source.read(chunk):
-            sent += len(block)
-            if self.bytes_per_s:  # a block leaves when the cap allows its last byte
-                ahead = sent / self.bytes_per_s - (time.monotonic() - start)
-                if ahead > 0:
-                    time.sleep(ahead)
-            outputfile.write(block)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # socketserver's 5 drops the SYNs of a burst of parallel fetches: 1 s retransmit stalls
+BLOCK = 64 << 10  # bytes sent at once under the bandwidth cap
 
 
 class ShardServer:
@@ -77,27 +39,84 @@ class ShardServer:
         fail: URL paths ("/000001.tar") answered with 503 Service Unavailable.
         idle_s: a kept-alive connection idle this long is closed (None: never), as object stores do.
 
-    `requests` counts the requests per "METHOD /path" ("GET /000001.tar") and, under "connections", the connections
-    accepted (HTTP/1.1: a client may send many requests on one).
+    `requests` counts the requests per "METHOD /path" ("GET /000001.tar"; the request target as sent, so a request
+    meant for a proxy counts under its absolute URL and is answered 404) and, under "connections", the connections
+    that sent any (HTTP/1.1: a client may send many requests on one). A folder's URL without its final slash is
+    redirected to it; with it, the folder is listed.
     """
 
     def __init__(self, root: str | Path, latency_s: float = 0.0, mbit_s: float = 0.0, fail: tuple[str, ...] = (),
                  idle_s: float | None = None):
+        self.root, self.latency_s, self.bytes_per_s = Path(root).resolve(), latency_s, mbit_s * 1e6 / 8
+        self.fail = frozenset(fail)
         self.requests: collections.Counter[str] = collections.Counter()
-        handler = type("Handler", (_Handler,), {"latency_s": latency_s, "bytes_per_s": mbit_s * 1e6 / 8,
-                                                "fail": frozenset(fail), "requests": self.requests,
-                                                "timeout": idle_s})
-        self.httpd = _Server(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        app = web.Application()
+        app.router.add_get("/{path:.*}", self._answer)  # and HEAD
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=1e9 if idle_s is None else idle_s)
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._runner.setup())
+        self._loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024).start())
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def __enter__(self) -> ShardServer:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+    def _file(self, path: str) -> Path | None:
+        """The file or folder that the URL path names inside root, None for one outside it."""
+        target = (self.root / unquote(path).lstrip("/")).resolve()
+        return target if target == self.root or self.root in target.parents else None
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        path = request.raw_path.split("?")[0]
+        self.requests[f"{request.method} {path}"] += 1
+        if request.transport is not None and request.transport not in self._connections:
+            self._connections.add(request.transport)
+            self.requests["connections"] += 1
+        await asyncio.sleep(self.latency_s)
+        if path in self.fail:
+            return web.Response(status=503, text="unavailable")
+        target = self._file(path) if path.startswith("/") else None
+        if target is not None and target.is_dir():
+            if not path.endswith("/"):
+                raise web.HTTPMovedPermanently(path + "/")
+            names = sorted(p.name + "/" * p.is_dir() for p in target.iterdir())
+            items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
+            return web.Response(text=f"<html><body><h1>Directory listing for {html.escape(path)}</h1>"
+                                     f"<ul>{items}</ul></body></html>", content_type="text/html")
+        try:
+            file = open(target, "rb") if target is not None else None
+        except OSError:
+            file = None
+        if file is None:
+            return web.Response(status=404, text="not found")
+        with file:
+            response = web.StreamResponse()
+            response.content_length = os.fstat(file.fileno()).st_size
+            await response.prepare(request)
+            if request.method == "GET":
+                await self._send(file, response)
+            await response.write_eof()
+        return response
+
+    async def _send(self, file, response: web.StreamResponse) -> None:
+        """The file's blocks, each sent when the bandwidth cap allows its last byte."""
+        loop = asyncio.get_running_loop()
+        start, sent = loop.time(), 0
+        while block := file.read(BLOCK):
+            sent += len(block)
+            if self.bytes_per_s and (ahead := sent / self.bytes_per_s - (loop.time() - start)) > 0:
+                await asyncio.sleep(ahead)
+            await response.write(block)
 
 
 def main() -> None:

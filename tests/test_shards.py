@@ -186,9 +186,10 @@ def test_small_http_shards_are_fetched_in_groups_within_the_budget(shards, tmp_p
             dataset._cache.fetch_all([dataset.urls[s] for s in group], [dataset.shard_sizes[s] for s in group])
         assert sorted(p.name.split("-", 1)[1] for p in tmp_path.iterdir()) == [f"{i:06d}.tar" for i in range(SHARDS)]
         assert server.requests["connections"] == max(len(g) for g in groups)  # a group's connections, then kept
-    for options in (ShardOptions(keep_alive=False), ShardOptions(group_mb=1.0)):  # a connection per shard; local
-        dataset = ShardDataset(f"{server.url}/shardindex.json" if not options.keep_alive else shards, options=options)
-        assert dataset._groups(order) == [[s] for s in order]
+        for options in (ShardOptions(keep_alive=False), ShardOptions(group_mb=1.0)):  # a connection per shard; local
+            dataset = ShardDataset(f"{server.url}/shardindex.json" if not options.keep_alive else shards,
+                                   options=options)
+            assert dataset._groups(order) == [[s] for s in order]
 
 
 def test_shard_order_is_disjoint_windowed_and_seeded():
