@@ -19,6 +19,7 @@ import asyncio
 import collections
 import html
 import os
+import posixpath
 import threading
 import weakref
 from pathlib import Path
@@ -47,7 +48,7 @@ class ShardServer:
 
     def __init__(self, root: str | Path, latency_s: float = 0.0, mbit_s: float = 0.0, fail: tuple[str, ...] = (),
                  idle_s: float | None = None):
-        self.root, self.latency_s, self.bytes_per_s = Path(root).resolve(), latency_s, mbit_s * 1e6 / 8
+        self.root, self.latency_s, self.bytes_per_s = str(root), latency_s, mbit_s * 1e6 / 8
         self.fail = frozenset(fail)
         self.requests: collections.Counter[str] = collections.Counter()
         self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
@@ -71,11 +72,6 @@ class ShardServer:
         self._thread.join(timeout=30)
         self._loop.close()
 
-    def _file(self, path: str) -> Path | None:
-        """The file or folder that the URL path names inside root, None for one outside it."""
-        target = (self.root / unquote(path).lstrip("/")).resolve()
-        return target if target == self.root or self.root in target.parents else None
-
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         path = request.raw_path.split("?")[0]
         self.requests[f"{request.method} {path}"] += 1
@@ -85,19 +81,14 @@ class ShardServer:
         await asyncio.sleep(self.latency_s)
         if path in self.fail:
             return web.Response(status=503, text="unavailable")
-        target = self._file(path) if path.startswith("/") else None
-        if target is not None and target.is_dir():
-            if not path.endswith("/"):
-                raise web.HTTPMovedPermanently(path + "/")
-            names = sorted(p.name + "/" * p.is_dir() for p in target.iterdir())
-            items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
-            return web.Response(text=f"<html><body><h1>Directory listing for {html.escape(path)}</h1>"
-                                     f"<ul>{items}</ul></body></html>", content_type="text/html")
+        if not path.startswith("/"):  # an absolute URL, meant for a proxy
+            return web.Response(status=404, text="not found")
+        target = os.path.join(self.root, posixpath.normpath(unquote(path)).lstrip("/"))  # ".." stops at the root
         try:
-            file = open(target, "rb") if target is not None else None
+            file = open(target, "rb")
+        except IsADirectoryError:
+            return self._folder(path, target)
         except OSError:
-            file = None
-        if file is None:
             return web.Response(status=404, text="not found")
         with file:
             response = web.StreamResponse()
@@ -107,6 +98,16 @@ class ShardServer:
                 await self._send(file, response)
             await response.write_eof()
         return response
+
+    @staticmethod
+    def _folder(path: str, target: str) -> web.Response:
+        """The redirect to a folder's URL with its final slash, or the folder's listing."""
+        if not path.endswith("/"):
+            raise web.HTTPMovedPermanently(path + "/")
+        names = sorted(e.name + "/" * e.is_dir() for e in os.scandir(target))
+        items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
+        return web.Response(text=f"<html><body><h1>Directory listing for {html.escape(path)}</h1><ul>{items}</ul>"
+                                 "</body></html>", content_type="text/html")
 
     async def _send(self, file, response: web.StreamResponse) -> None:
         """The file's blocks, each sent when the bandwidth cap allows its last byte."""
