@@ -23,6 +23,7 @@ import posixpath
 import threading
 import weakref
 from pathlib import Path
+from typing import IO
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -78,47 +79,60 @@ class ShardServer:
         if request.transport is not None and request.transport not in self._connections:
             self._connections.add(request.transport)
             self.requests["connections"] += 1
-        await asyncio.sleep(self.latency_s)
+        start = asyncio.get_running_loop().time() + self.latency_s  # when the answer's first byte may leave
         if path in self.fail:
-            return web.Response(status=503, text="unavailable")
-        if not path.startswith("/"):  # an absolute URL, meant for a proxy
-            return web.Response(status=404, text="not found")
-        target = os.path.join(self.root, posixpath.normpath(unquote(path)).lstrip("/"))  # ".." stops at the root
-        try:
-            file = open(target, "rb")
-        except IsADirectoryError:
-            return self._folder(path, target)
-        except OSError:
-            return web.Response(status=404, text="not found")
-        with file:
-            response = web.StreamResponse()
-            response.content_length = os.fstat(file.fileno()).st_size
-            await response.prepare(request)
-            if request.method == "GET":
-                await self._send(file, response)
-            await response.write_eof()
+            answer = web.Response(status=503, text="unavailable")
+        elif not path.startswith("/"):  # an absolute URL, meant for a proxy
+            answer = web.Response(status=404, text="not found")
+        else:
+            target = os.path.join(self.root, posixpath.normpath(unquote(path)).lstrip("/"))  # ".." stops at the root
+            try:
+                file = open(target, "rb")
+            except IsADirectoryError:
+                answer = self._folder(path, target)
+            except OSError:
+                answer = web.Response(status=404, text="not found")
+            else:
+                with file:
+                    return await self._file(request, file, start)
+        await self._until(start, 0)
+        return answer
+
+    async def _file(self, request: web.Request, file: IO[bytes], start: float) -> web.StreamResponse:
+        """The file's bytes, each block sent when the bandwidth cap (from `start`) allows its last byte; a file of one
+        block in one write with the headers (a small shard's answer: one wait, one write)."""
+        size = os.fstat(file.fileno()).st_size
+        block = file.read(BLOCK) if request.method == "GET" else b""
+        await self._until(start, len(block))
+        if len(block) == size or request.method != "GET":
+            return web.Response(body=block, headers={"Content-Length": str(size)})
+        response = web.StreamResponse()
+        response.content_length = size
+        await response.prepare(request)
+        sent = 0
+        while block:
+            await response.write(block)
+            sent += len(block)
+            block = file.read(BLOCK)
+            await self._until(start, sent + len(block))
+        await response.write_eof()
         return response
+
+    async def _until(self, start: float, sent: int) -> None:
+        """Wait until `sent` bytes of an answer may have left: the latency, then the bandwidth cap, from `start`."""
+        wait = start + (sent / self.bytes_per_s if self.bytes_per_s else 0.0) - asyncio.get_running_loop().time()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     @staticmethod
     def _folder(path: str, target: str) -> web.Response:
         """The redirect to a folder's URL with its final slash, or the folder's listing."""
         if not path.endswith("/"):
-            raise web.HTTPMovedPermanently(path + "/")
+            return web.Response(status=301, headers={"Location": path + "/"})
         names = sorted(e.name + "/" * e.is_dir() for e in os.scandir(target))
         items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
         return web.Response(text=f"<html><body><h1>Directory listing for {html.escape(path)}</h1><ul>{items}</ul>"
                                  "</body></html>", content_type="text/html")
-
-    async def _send(self, file, response: web.StreamResponse) -> None:
-        """The file's blocks, each sent when the bandwidth cap allows its last byte."""
-        loop = asyncio.get_running_loop()
-        start, sent = loop.time(), 0
-        while block := file.read(BLOCK):
-            sent += len(block)
-            if self.bytes_per_s and (ahead := sent / self.bytes_per_s - (loop.time() - start)) > 0:
-                await asyncio.sleep(ahead)
-            await response.write(block)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
