@@ -43,6 +43,8 @@ class ShardOptions:
         timeout_s: an HTTP(S) try fails when the connection or a read waits longer than this.
         max_open: open shard readers kept per process.
         read_ahead: windows fetched ahead of the one being read (by the process running the data order).
+        read_ahead_samples: and at least this many samples ahead of those being read: where windows are small (many
+            small shards), a window or two is read in less time than a fetch takes, and readers would wait on it.
         fetch_threads: threads fetching at once, ahead and for one micro-batch, each a shard or a group (per process).
         keep_alive: reuse each fetch thread's HTTP(S) connections to a host (off: a new connection per shard).
         group_mb: HTTP(S) shards of a known size are requested together by one thread, up to this many MB and
@@ -59,14 +61,17 @@ class ShardOptions:
     timeout_s: float = 300.0
     max_open: int = 16
     read_ahead: int = 2
+    read_ahead_samples: int = 1024
     fetch_threads: int = 16
     keep_alive: bool = True
     group_mb: float = 4.0
 
     def __post_init__(self):
-        if min(self.window, self.retries, self.max_open, self.fetch_threads) < 1 or self.read_ahead < 0:
-            raise ValueError(f"window, retries, max_open and fetch_threads must be >= 1 and read_ahead >= 0, got "
-                             f"{self.window}, {self.retries}, {self.max_open}, {self.fetch_threads}, {self.read_ahead}")
+        if min(self.window, self.retries, self.max_open, self.fetch_threads) < 1 or \
+                min(self.read_ahead, self.read_ahead_samples) < 0:
+            raise ValueError(f"window, retries, max_open and fetch_threads must be >= 1, read_ahead and "
+                             f"read_ahead_samples >= 0, got {self.window}, {self.retries}, {self.max_open}, "
+                             f"{self.fetch_threads}, {self.read_ahead}, {self.read_ahead_samples}")
         if self.cache_gb <= 0 or self.backoff_s < 0 or self.timeout_s <= 0 or self.group_mb < 0:
             raise ValueError("cache_gb and timeout_s must be > 0, backoff_s and group_mb >= 0")
 

@@ -67,6 +67,7 @@ def _rank(spec: str, kind: str, rank: int, world: int, args: argparse.Namespace,
     start = time.perf_counter()
     dataset = build_image_dataset(f"{kind}:{spec}", ImageTransform(32, "center"),
                                   shards=ShardOptions(cache_dir=cache, window=args.window, read_ahead=args.read_ahead,
+                                                      read_ahead_samples=args.read_ahead_samples,
                                                       keep_alive=args.keep_alive, group_mb=args.group_mb))
     loader = resumable_loader(dataset, collate_images, args.batch, DistInfo(rank, world, rank, torch.device("cpu")),
                               seed=0, num_workers=args.workers)
@@ -139,7 +140,8 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[s
             write_index(sorted(glob.glob(str(folder / "*.tar"))), folder / SHARD_INDEX)
         size_mb = sum(p.stat().st_size for p in folder.glob("*.tar")) / 1e6
         print(f"{shards} shards x {per_shard} images ({size_mb:.0f} MB), micro-batch {args.batch}, "
-              f"{args.batches} micro-batches timed per rank, window {args.window}, read-ahead {args.read_ahead}",
+              f"{args.batches} micro-batches timed per rank, window {args.window}, read-ahead {args.read_ahead} windows "
+              f"and {args.read_ahead_samples} samples",
               flush=True)
         http_name = f"indexed, HTTP {args.latency_ms:g} ms + {args.mbit_s:g} Mbit/s"
         with ShardServer(folder, latency_s=args.latency_ms / 1000, mbit_s=args.mbit_s) as server:
@@ -190,6 +192,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=8)
     parser.add_argument("--read-ahead", type=int, default=ShardOptions.read_ahead,
                         help="windows fetched ahead (ShardOptions.read_ahead)")
+    parser.add_argument("--read-ahead-samples", type=int, default=ShardOptions.read_ahead_samples,
+                        help="and samples fetched ahead (ShardOptions.read_ahead_samples)")
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--mbit-s", type=float, default=100.0, help="bandwidth cap per request")
     args = parser.parse_args()

@@ -57,20 +57,22 @@ class ShardLocalBatchSampler(ResumableBatchSampler):
     of micro-batches (the smallest rank share; the rest of each share is dropped that epoch), so the ranks stay in
     step. `start` skips that many micro-batches, as in `ResumableBatchSampler`.
 
-    `read_ahead(shards)`, when given, is called with the shards of each of the `ahead` windows after the current one
-    as soon as a window's first micro-batch is handed out (a DataLoader's sampler runs ahead of its workers), so
-    remote shards arrive before they are read; it changes nothing in the order.
+    `read_ahead(shards)`, when given, is called once with the shards of each window, in order, as soon as a
+    micro-batch is handed out (a DataLoader's sampler runs ahead of its workers) that lies in one of the `ahead`
+    windows before it or whose last sample comes at most `ahead_samples` samples before the window's first, so remote
+    shards arrive before they are read; it changes nothing in the order.
     """
 
     def __init__(self, lengths: list[int], window: int, micro_batch: int, rank: int, world_size: int, seed: int,
-                 start: int = 0, read_ahead: Callable[[list[int]], None] | None = None, ahead: int = 2):
+                 start: int = 0, read_ahead: Callable[[list[int]], None] | None = None, ahead: int = 2,
+                 ahead_samples: int = 0):
         if len(lengths) < world_size:
             raise ConfigError(f"{len(lengths)} shards cannot be dealt to {world_size} ranks: each rank reads whole "
                               "shards (write smaller shards)")
         self.lengths, self.window = np.asarray(lengths, dtype=np.int64), window
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         self.micro_batch, self.rank, self.world, self.seed, self.start = micro_batch, rank, world_size, seed, start
-        self.read_ahead, self.ahead = read_ahead, ahead
+        self.read_ahead, self.ahead, self.ahead_samples = read_ahead, ahead, ahead_samples
         if min(self._shares(0)) < micro_batch:
             raise ConfigError(f"a rank's share of the shards holds fewer samples than one micro-batch ({micro_batch})")
 
@@ -99,11 +101,13 @@ class ShardLocalBatchSampler(ResumableBatchSampler):
             ends = np.cumsum([len(w) for w in windows])  # a window's end in `samples`
             announced = 0  # windows passed to read_ahead so far
             for b in range(offset, self.epoch_batches(epoch)):
-                if self.read_ahead is not None:  # this batch's window and the `ahead` after it
-                    current = int(np.searchsorted(ends, (b + 1) * self.micro_batch - 1, side="right"))
-                    for w in range(max(announced, current), min(current + 1 + self.ahead, len(windows))):
+                if self.read_ahead is not None:  # this batch's window, and the windows ahead of it by either rule
+                    last = (b + 1) * self.micro_batch - 1  # this batch's last sample
+                    current = int(np.searchsorted(ends, last, side="right"))
+                    reach = int(np.searchsorted(ends, min(last + self.ahead_samples, ends[-1] - 1), side="right"))
+                    for w in range(max(announced, current), min(max(current + self.ahead, reach) + 1, len(windows))):
                         self.read_ahead(mine[w * self.window:(w + 1) * self.window].tolist())
-                    announced = max(announced, current + 1 + self.ahead)
+                        announced = w + 1
                 yield epoch, samples[b * self.micro_batch:(b + 1) * self.micro_batch]
             epoch, offset = epoch + 1, 0
 
@@ -118,7 +122,8 @@ def resumable_loader(dataset: Any, collate_fn: Callable, micro_batch_size: int, 
     if hasattr(dataset, "shard_lengths"):  # indexed shards: read shard-locally
         sampler: ResumableBatchSampler = ShardLocalBatchSampler(
             dataset.shard_lengths, dataset.window, micro_batch_size, info.rank, info.world_size, seed, start=start,
-            read_ahead=getattr(dataset, "read_ahead", None), ahead=dataset.options.read_ahead)
+            read_ahead=getattr(dataset, "read_ahead", None), ahead=dataset.options.read_ahead,
+            ahead_samples=dataset.options.read_ahead_samples)
     else:
         sampler = ResumableBatchSampler(len(dataset), micro_batch_size, info.rank, info.world_size, seed, start=start)
     workers = default_num_workers() if num_workers < 0 else num_workers
