@@ -266,7 +266,7 @@ class ShardDataset(ImageDataset):
         process that runs it."""
         futures = self._fetch(shards)
         for future in futures:
-            future.add_done_callback(lambda f: f.exception())  # consumed: the reader reports failures
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # the reader reports failures
         return futures
 
     def __getitems__(self, keys: list[Any]) -> list[dict[str, Any] | None]:

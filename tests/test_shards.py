@@ -145,6 +145,19 @@ def test_a_worker_forked_after_the_read_ahead_fetches_on_threads_of_its_own(shar
     assert [m["__key__"] for m in batch["meta"]] == [f"{k:08d}" for k in keys]
 
 
+def test_read_ahead_left_pending_at_the_end_is_dropped_quietly(shards, tmp_path, caplog):
+    with ShardServer(shards, latency_s=0.3) as server:
+        dataset = ShardDataset(f"{server.url}/shardindex.json",
+                               options=ShardOptions(cache_dir=str(tmp_path), fetch_threads=1, group_mb=0))
+        futures = dataset.read_ahead([0, 1, 2])  # one thread: the second and third wait
+        time.sleep(0.1)
+        with caplog.at_level("ERROR"):
+            dataset.__del__()  # as when a run ends with fetches ahead still queued
+            futures[0].result()
+        assert [f.cancelled() for f in futures] == [False, True, True]
+    assert not [r for r in caplog.records if r.name == "concurrent.futures"], caplog.text
+
+
 def _race(url: str, cache: str, barrier) -> None:
     dataset = ShardDataset(url, options=ShardOptions(cache_dir=cache))
     barrier.wait()
