@@ -12,6 +12,7 @@ import torch
 
 from common.config import ConfigError
 from common.distributed import DistInfo, default_num_workers
+from data.shard_cache import ShardOptions
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -64,8 +65,8 @@ class ShardLocalBatchSampler(ResumableBatchSampler):
     """
 
     def __init__(self, lengths: list[int], window: int, micro_batch: int, rank: int, world_size: int, seed: int,
-                 start: int = 0, read_ahead: Callable[[list[int]], None] | None = None, ahead: int = 2,
-                 ahead_samples: int = 0):
+                 start: int = 0, read_ahead: Callable[[list[int]], None] | None = None,
+                 ahead: int = ShardOptions.read_ahead, ahead_samples: int = ShardOptions.read_ahead_samples):
         if len(lengths) < world_size:
             raise ConfigError(f"{len(lengths)} shards cannot be dealt to {world_size} ranks: each rank reads whole "
                               "shards (write smaller shards)")
