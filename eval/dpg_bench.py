@@ -1,7 +1,8 @@
 """DPG-Bench: generate in its layout, score by its rules (eval/dpg_scoring.py, the fixed variant) through a judge.
 
-    # the CPU default: the shapes world's DPG-style set (written once), the CPU default's generator, the exact judge
-    python eval/dpg_bench.py
+    # the CPU default: the shapes world's DPG-style set (written by scripts/prepare_world.py), its exact judge
+    python eval/dpg_bench.py --model runs/tiny-ar/export --prompts runs/world/dpg/prompts \
+        --questions runs/world/dpg/dpg_bench.csv --judge shapes --out runs/tiny-ar/dpg
     # the real benchmark: ELLA's prompt folder and question csv, any LLaVA-format judge from a local path
     python eval/dpg_bench.py --model runs/qwen3-0.6b-ar/export --prompts /data/dpg_bench/prompts \\
         --questions /data/dpg_bench/dpg_bench.csv --judge llava --judge-model /ckpt/llava-1.5-7b-hf \\
@@ -32,13 +33,12 @@ from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
 from common.files import atomic_write, ensure_settings, resume_jsonl
+from common.plugins import load_plugin, plugin_names
 from data.transforms import to_pil
+from eval.dpg_judges import JUDGE_PLUGINS
 from eval.dpg_scoring import Question, format_summary, read_question_csv, score_prompt, summarize
 from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
 
-REPO = Path(__file__).resolve().parents[1]
-SHAPES_DIR = REPO / "runs" / "dpg-shapes"
-SHAPES_PROMPTS = 120
 TILES = 4  # images per prompt, tiled 2x2
 SETTINGS_FILE = "generation.json"
 
@@ -144,10 +144,11 @@ def score_folder(images: Path, questions: dict[str, list[Question]], judge, out:
 
 
 def build_judge(args: argparse.Namespace):
-    from eval.dpg_judges import LlavaJudge, ShapesJudge
+    """A LLaVA-format judge from a local path, or a judge a package declares (eval.dpg_judges.JUDGE_PLUGINS)."""
+    from eval.dpg_judges import LlavaJudge
 
-    if args.judge == "shapes":
-        return ShapesJudge()
+    if args.judge != "llava":
+        return load_plugin(JUDGE_PLUGINS, args.judge)()
     if args.judge_model is None:
         raise FileNotFoundError("--judge llava needs --judge-model DIR (a LLaVA-format export)")
     return LlavaJudge(args.judge_model, args.device, dtype_of(args.dtype))
@@ -155,31 +156,27 @@ def build_judge(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=REPO / "runs" / "tiny-ar" / "export", help="generator export")
-    parser.add_argument("--prompts", type=Path, default=None, help="prompt folder or jsonl (default: the shapes set)")
-    parser.add_argument("--questions", type=Path, default=None, help="question csv (default: the shapes set's)")
-    parser.add_argument("--out", type=Path, default=None, help="tiles in OUT/images, scores in OUT (default: "
-                        "runs/dpg-shapes/tiny-ar; with --score-only DIR: DIR/dpg_scores)")
+    parser.add_argument("--model", type=Path, default=None, help="generator export (not needed with --score-only)")
+    parser.add_argument("--prompts", type=Path, default=None, help="prompt folder or jsonl")
+    parser.add_argument("--questions", type=Path, required=True, help="question csv")
+    parser.add_argument("--out", type=Path, default=None, help="tiles in OUT/images, scores in OUT (default with "
+                        "--score-only DIR: DIR/dpg_scores)")
     parser.add_argument("--score-only", type=Path, default=None, metavar="DIR", help="score this folder of tiles")
-    parser.add_argument("--judge", choices=("shapes", "llava"), default="shapes")
+    parser.add_argument("--judge", default="llava", help="llava (with --judge-model), or a declared judge: "
+                        + ", ".join(plugin_names(JUDGE_PLUGINS)))
     parser.add_argument("--judge-model", type=Path, default=None, help="LLaVA-format export (--judge llava)")
     parser.add_argument("--prompts-per-batch", type=int, default=8)
     add_sampling_arguments(parser, cfg_scale=3.0, seed=42)
     add_device_arguments(parser)
     args = parser.parse_args(argv)
+    if args.score_only is None and (args.model is None or args.prompts is None or args.out is None):
+        parser.error("--model, --prompts and --out are required unless --score-only")
     with reported_errors():
-        if args.questions is None:  # the CPU default's set, written once
-            from data.shapes_dpg import write_dpg_bench
-
-            args.questions = write_dpg_bench(SHAPES_DIR, SHAPES_PROMPTS)
-            args.prompts = args.prompts or SHAPES_DIR / "prompts"
         questions = read_question_csv(args.questions)
         judge = build_judge(args)
-        out = args.out or (args.score_only / "dpg_scores" if args.score_only else SHAPES_DIR / "tiny-ar")
+        out = args.out or args.score_only / "dpg_scores"
         images = args.score_only or out / "images"
         if args.score_only is None:
-            if args.prompts is None:
-                raise FileNotFoundError("--prompts is needed with --questions (the prompt folder or jsonl)")
             from llm.pipeline import TextToImage
 
             sampling = sampling_from_arguments(args)

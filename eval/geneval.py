@@ -3,8 +3,8 @@
     # the official benchmark (553 prompts, 4 images each), Mask2Former + CLIP from local directories
     python eval/geneval.py --model runs/qwen3-0.6b-ar/export --out outputs/geneval \
         --mask2former /ckpt/mask2former-swin-s-coco-instance --clip /ckpt/clip-vit-large-patch14
-    # the CPU default: held-out prompts of the shapes world, scored by its exact detector
-    python eval/geneval.py --model runs/tiny-ar/export --prompts data/shapes_geneval_prompts.jsonl \
+    # the CPU default: held-out prompts of the shapes world, scored by its exact detector (world/detector.py)
+    python eval/geneval.py --model runs/tiny-ar/export --prompts runs/world/geneval_prompts.jsonl \
         --detector shapes --out runs/tiny-ar/geneval
     # score an existing folder only (any generator that wrote GenEval's layout)
     python eval/geneval.py --score-only --out outputs/geneval --mask2former ... --clip ...
@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
 from common.files import atomic_write, ensure_settings
+from common.plugins import load_plugin, plugin_names
 from data.transforms import to_pil
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize, write_summary
 from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
 
 SETTINGS_FILE = "generation.json"
+DETECTOR_PLUGINS = "vqrae.geneval_detectors"  # entry-point group: name -> a Detector class built without arguments
 
 OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
 
@@ -82,10 +84,9 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
 
 
 def build_detector(args: argparse.Namespace):
-    if args.detector == "shapes":
-        from eval.shapes_detector import ShapesDetector
-
-        return ShapesDetector()
+    """Mask2Former + CLIP from local checkpoints, or a detector a package declares (DETECTOR_PLUGINS)."""
+    if args.detector != "mask2former":
+        return load_plugin(DETECTOR_PLUGINS, args.detector)()
     from eval.detectors import Mask2FormerClipDetector
 
     if not args.mask2former or not args.clip:
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts-per-batch", type=int, default=4)
     add_sampling_arguments(parser, seed=42)
     add_device_arguments(parser)
-    parser.add_argument("--detector", choices=("mask2former", "shapes"), default="mask2former")
+    parser.add_argument("--detector", default="mask2former", help="mask2former, or a declared detector: "
+                        + ", ".join(plugin_names(DETECTOR_PLUGINS)))
     parser.add_argument("--mask2former", default="", help="local Mask2Former COCO instance checkpoint directory")
     parser.add_argument("--clip", default="", help="local CLIP ViT-L/14 directory")
     parser.add_argument("--score-only", action="store_true")

@@ -1,7 +1,7 @@
 """Understanding evaluation: batched greedy answers of an exported LLaVA model to a question file, then scores.
 
     # the CPU default: held-out questions of the shapes world, exact match per question type
-    python eval/understanding.py --model runs/tiny-und-stage2/export --questions runs/world-llava-eval/questions.jsonl \\
+    python eval/understanding.py --model runs/tiny-und-stage2/export --questions runs/world/heldout/questions.jsonl \\
         --out runs/tiny-und-stage2/eval
     # MME / POPE (LLaVA's rules; --variant lmms-eval for lmms-eval's), question files with labels
     python eval/understanding.py --model EXPORT --questions mme.jsonl --images /data/MME --benchmark mme --out OUT

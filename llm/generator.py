@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,9 +35,7 @@ VQRAE_DIR = "vqrae"
 @dataclass
 class LMConfig:
     """Args:
-    pretrained: local causal-LM directory (e.g. Qwen3-0.6B); empty -> a tiny random Qwen3 with a text tokenizer
-        trained on the training captions (CPU default). tiny: overrides of llm.vocab.build_tiny_qwen3
-        (e.g. num_hidden_layers).
+    pretrained: local causal-LM directory (Qwen3-0.6B; the CPU default: the world's Qwen3, runs/world/qwen3).
     init: new embedding rows from the "mean" of the text rows or from the "codebook" (projected).
     template: prompt format "plain" | "chat". uncond: unconditional prompt "pad" (Janus) | "empty".
     gradient_checkpointing: recompute the LM's layers in the backward pass.
@@ -47,7 +44,6 @@ class LMConfig:
     """
 
     pretrained: str = ""
-    tiny: dict = field(default_factory=dict)
     init: str = "mean"
     template: str = "plain"
     uncond: str = "pad"
@@ -89,19 +85,17 @@ class SequenceFormat:
         return cls(**json.loads(path.read_text()))
 
 
-def build_lm(cfg: LMConfig, vqrae: VQRAE, work_dir: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-             texts: Sequence[str] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ImageVocab]:
+def build_lm(cfg: LMConfig, vqrae: VQRAE, seed: int = 0, dtype: torch.dtype = torch.float32
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ImageVocab]:
     """(model, tokenizer, vocab): the LM (fp32 weights, train mode) with its vocabulary expanded by `vqrae`'s codes.
 
     Args:
         cfg: the LM section.
         vqrae: the image tokenizer (its codebook size, and its codebook for init "codebook").
-        work_dir: where the tiny LM's text tokenizer is written (rank 0 alone; the others load it after a barrier).
-        seed: seed of the tiny LM's weights and of the codebook projection.
+        seed: seed of the codebook projection.
         dtype: the dtype the LM will compute in (picks the attention kernel).
-        texts: the captions a tiny LM's text tokenizer is trained on (required without cfg.pretrained).
     """
-    model, tokenizer = causal_lm(cfg.pretrained, cfg.tiny, work_dir, seed, dtype, cfg.attn_implementation, texts)
+    model, tokenizer = causal_lm(cfg.pretrained, dtype, cfg.attn_implementation)
     codebook = vqrae.quantizer.effective_codebook().detach() if cfg.init == "codebook" else None
     vocab = expand_vocabulary(model, tokenizer, vqrae.config.quantizer.codebook_size, init=cfg.init,
                               codebook=codebook, seed=seed)

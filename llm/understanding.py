@@ -381,6 +381,19 @@ def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, imag
 
 
 @torch.no_grad()
+def caption(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: Sequence[Image.Image],
+            max_new_tokens: int = 32) -> list[str]:
+    """Greedy captions of a stage-1 model (LLaVA's "plain" template: the image's tokens alone, the caption after
+    them, ended by a newline), left-padded; each cut at its first newline."""
+    inputs = _model_inputs(model, processor, [IMAGE_TOKEN] * len(images), list(images))
+    tokenizer = processor.tokenizer
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=["\n"],
+                         tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
+            for row in out[:, inputs["input_ids"].shape[1] :]]
+
+
+@torch.no_grad()
 def reply(model: LlavaForConditionalGeneration, processor: LlavaProcessor, messages: Sequence[dict],
           image: Image.Image | None = None, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
           streamer=None, hook: InputsHook | None = None) -> str:

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"== point {i}/{len(sweep)} {name}: {args.steps} steps", flush=True)
         run_dir = args.out / "points" / name
         train_point(args, point, run_dir)
-        if dataset is None:  # after the first point's trainer, which writes the shapes world when it is missing
+        if dataset is None:  # read once, after the first point has run
             image_size = cfg.model.encoder.image_size
             dataset = build_image_dataset(eval_data, ImageTransform(image_size, mode="center"))
             baseline = mean_image_psnr(dataset, args.eval_images)

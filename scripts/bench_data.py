@@ -49,11 +49,11 @@ import torch
 from common.distributed import DistInfo
 from data.images import SHARD_INDEX, build_image_dataset, collate_images
 from data.serve import ShardServer
-from data.shapes_export import export_world
 from data.shard_cache import ShardOptions
 from data.shards import ShardDataset, write_index
 from data.transforms import ImageTransform
 from train.data_order import resumable_loader
+from world.export import export_world
 
 LOCAL = "indexed, local"  # the case every images/s is compared with
 FETCHES = [("a connection per shard", {"keep_alive": False, "group_mb": 0.0}),  # (name, ShardOptions fields)

@@ -42,7 +42,6 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 from transformers.generation import CompileConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
-from data.shapes import geneval_prompts, shapes_world_tokenizer
 from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig, left_pad
 from llm.unified import language_model_view
 from llm.vocab import (
@@ -53,6 +52,7 @@ from llm.vocab import (
     image_prefix_ids,
     unconditional_prompt_ids,
 )
+from world.shapes import geneval_prompts, shapes_world_tokenizer
 
 QWEN3_06B_SHAPE = {
     "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,

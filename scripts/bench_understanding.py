@@ -42,7 +42,7 @@ def timed(device: str, fn, *args) -> tuple[list[str], float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / "runs" / "tiny-und-stage2" / "export")
-    parser.add_argument("--questions", type=Path, default=REPO / "runs" / "world-llava-eval" / "questions.jsonl")
+    parser.add_argument("--questions", type=Path, default=REPO / "runs" / "world" / "heldout" / "questions.jsonl")
     parser.add_argument("--images", type=Path, default=None, help="image root (default: the question file's folder)")
     parser.add_argument("--num-questions", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32, 64])

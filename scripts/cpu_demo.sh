@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole pipeline on the CPU default (the procedural shapes world), on 2 cores, phase by phase:
-# tokenizer stage 1 -> stage 2 -> code extraction -> generator -> reconstruction eval, GenEval and DPG-Bench
-# against untrained baselines (runs/cpu_report.json) -> a captioned grid of originals, reconstructions and samples
-# (runs/cpu_grid.png) -> understanding stage 1 -> stage 2 -> held-out exact match
-# against the majority answer and a blank image (runs/understanding_report.json) -> a scripted chat (one image, two
-# questions, one drawing, one reconstruction: runs/chat_transcript.txt) -> one summary table (runs/cpu_summary.json).
+# prepare (the world on disk, then its foundation models: a SigLIP and a Qwen3, pretrained on it) -> what they know
+# (runs/foundation_report.json) -> tokenizer stage 1 (the SigLIP as the frozen encoder) -> stage 2 -> code extraction
+# -> generator (from the Qwen3) -> reconstruction eval, GenEval and DPG-Bench against untrained baselines
+# (runs/cpu_report.json) -> a captioned grid of originals, reconstructions and samples (runs/cpu_grid.png) ->
+# understanding stage 1 (the Qwen3 frozen) -> stage 2 -> held-out captions and exact match against the majority answer
+# and a blank image (runs/understanding_report.json) -> a scripted chat (runs/chat_transcript.txt) -> one summary
+# table (runs/cpu_summary.json).
 # A phase whose output exists is skipped (delete the output to redo it); a killed training phase resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,24 +26,15 @@ phase() {  # phase NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT exists, and
     echo "== $name: done in $((SECONDS - start)) s -> $output"
 }
 
-chat() {  # the scripted chat, its transcript written whole or not at all
-    local image=runs/world-llava-eval/images/00000001.png  # held out (a green circle), written by the report
-    local draw  # the generator run's sampling settings, as the reports draw
-    draw=$(python -c 'from pathlib import Path; from scripts.cpu_report import generator_sampling
-s = generator_sampling(Path("runs"))
-print(f"draw.cfg_scale={s.cfg_scale} draw.temperature={s.temperature} draw.top_k={s.top_k} draw.top_p={s.top_p}")')
-    printf '%s\n' "/image $image" "What color is the circle?" "How many circles are there?" \
-        "/draw a photo of a red circle" "/reconstruct $image" |
-        python scripts/chat.py --out runs/chat draw.count=4 $draw > runs/.chat_transcript.txt
-    cat runs/.chat_transcript.txt
-    mv runs/.chat_transcript.txt runs/chat_transcript.txt
-}
-
+phase "world data" runs/world/data.json python scripts/prepare_world.py data
+phase "SigLIP pretraining" runs/world/siglip/pretraining.json python scripts/prepare_world.py siglip
+phase "Qwen3 pretraining" runs/world/qwen3/pretraining.json python scripts/prepare_world.py lm
+phase "foundation models report" runs/foundation_report.json python scripts/foundation_report.py
 phase "tokenizer stage 1" runs/tiny-stage1/export/model.safetensors deepspeed train/tokenizer.py
 phase "tokenizer stage 2" runs/tiny-stage2/export/model.safetensors \
     deepspeed train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml
 phase "code extraction" runs/codes-tiny/summary.json python scripts/extract_codes.py \
-    --tokenizer runs/tiny-stage2/export --data runs/world-32/train/shards --out runs/codes-tiny
+    --tokenizer runs/tiny-stage2/export --data runs/world/train/shards --out runs/codes-tiny
 phase "generator" runs/tiny-ar/export/model.safetensors deepspeed train/ar_gen.py
 phase "reconstruction, GenEval, DPG-Bench" runs/cpu_report.json python scripts/cpu_report.py
 phase "sample grid" runs/cpu_grid.png python scripts/cpu_grid.py
@@ -49,5 +42,5 @@ phase "understanding stage 1" runs/tiny-und-stage1/export/model.safetensors deep
 phase "understanding stage 2" runs/tiny-und-stage2/export/model.safetensors \
     deepspeed train/understanding.py --config train/configs/understanding/tiny-stage2.yaml
 phase "understanding eval" runs/understanding_report.json python scripts/understanding_report.py
-phase "chat" runs/chat_transcript.txt chat
+phase "chat" runs/chat_transcript.txt python scripts/cpu_chat.py
 python scripts/cpu_summary.py

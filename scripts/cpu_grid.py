@@ -1,6 +1,7 @@
-"""A captioned grid of the CPU default (run after its tokenizer and generator phases): held-out shapes-world images
-(top row), their reconstructions by the stage-2 tokenizer (middle row) and the trained generator's samples for the
-same captions (bottom row, drawn with the generator run's sampling settings, seed 42), each column's caption under it.
+"""A captioned grid of the CPU default (run after its tokenizer and generator phases): held-out images of the world
+(runs/world/heldout; top row), their reconstructions by the stage-2 tokenizer (middle row) and the trained
+generator's samples for the same captions (bottom row, drawn with the generator run's sampling settings, seed 42),
+each column's caption under it.
 
     python scripts/cpu_grid.py              # runs/cpu_grid.png
 """
@@ -16,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 
 from common.cli import reported_errors
-from data.shapes import ShapesWorld
-from data.transforms import make_grid_png, pil_to_tensor
+from data.images import build_image_dataset
+from data.transforms import ImageTransform, make_grid_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +37,10 @@ def main() -> None:
 
         vqrae = VQRAE.from_pretrained(args.runs / "tiny-stage2" / "export").eval()
         t2i = TextToImage.from_pretrained(args.runs / "tiny-ar" / "export")
-        world = ShapesWorld(args.n, vqrae.config.encoder.image_size, seed=1)  # the CPU default's held-out seed
-        items = [world[i] for i in range(args.n)]
-        originals = torch.stack([pil_to_tensor(item["image"]) for item in items])
+        held_out = build_image_dataset(str(args.runs / "world" / "heldout" / "captions.jsonl"),
+                                       ImageTransform(vqrae.config.encoder.image_size, "center"))
+        items = [held_out[i] for i in range(args.n)]
+        originals = torch.stack([item["pixel_values"] for item in items])
         captions = [item["caption"] for item in items]
         reconstructions = vqrae.decode(vqrae.encode(originals).indices).clamp(-1, 1)
         samples, _ = t2i.generate(captions, generator_sampling(args.runs))

@@ -1,11 +1,11 @@
 """Trained vs untrained numbers of the CPU default (run after scripts/cpu_demo.sh), on held-out data:
 
-- reconstruction of the held-out shapes world: PSNR, SSIM, whole-pass codebook utilisation and perplexity, and
+- reconstruction of the held-out split of the world (runs/world/heldout, scripts/prepare_world.py): PSNR, SSIM, whole-pass codebook utilisation and perplexity, and
   "GenEval of reconstructions" (each reconstruction scored against its own caption by the exact detector, the
   ceiling for generated images) for an untrained tokenizer, the stage-1 export and the stage-2 export;
 - how far stage 2 moved the encoder from its stage-1 teacher: ||E(X) - T(X)||^2 on held-out images, relative to
   the teacher features' variance;
-- GenEval (the shapes world's held-out prompts, 4 images each, the exact detector) of an untrained generator (same
+- GenEval (the world's held-out prompts, 4 images each, the exact detector) of an untrained generator (same
   architecture, random weights, same tokenizer) and of the trained one;
 - DPG-Bench (the shapes world's DPG-style set, the exact judge, eval/dpg_bench.py) of the same two generators, of
   real rendered images (the ceiling) and of blank images.
@@ -29,32 +29,31 @@ import yaml
 from common.config import from_dict
 from common.files import atomic_write
 from data.images import build_image_dataset, collate_images
-from data.shapes import ShapesWorld, world_texts
-from data.transforms import ImageTransform, pil_to_tensor, to_pil
+from data.transforms import ImageTransform, to_pil
 from eval.geneval import generate, read_prompts
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, score_image, summarize
 from eval.reconstruction import evaluate as evaluate_reconstruction
-from eval.shapes_detector import ShapesDetector
-from llm.generator import LMConfig, build_lm
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
 from tokenizer import VQRAE
+from world.detector import ShapesDetector
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
-def reconstruction_geneval(model: VQRAE, world: ShapesWorld) -> float:
-    """Overall GenEval score of reconstructions judged against their own captions (mean of the six task means)."""
+def reconstruction_geneval(model: VQRAE, dataset) -> float:
+    """Overall GenEval score of reconstructions judged against their own captions (mean of the six task means), on
+    a split of the world read as a jsonl dataset (its metadata holds each image's GenEval record)."""
     detector, results = ShapesDetector(), []
-    for i in range(len(world)):
-        sample = world[i]
-        rec = model(pil_to_tensor(sample["image"])[None]).reconstruction[0].clamp(-1, 1)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        rec = model(sample["pixel_values"][None]).reconstruction[0].clamp(-1, 1)
         image = to_pil(rec)
-        correct, _ = score_image(sample["metadata"], detector.detect(image),
+        correct, _ = score_image(sample["meta"], detector.detect(image),
                                  lambda cls, dets, image=image: detector.classify_colors(image, cls, dets),
                                  ScoringConfig())
-        results.append({"tag": sample["metadata"]["tag"], "correct": correct, "metadata": sample["metadata"]})
+        results.append({"tag": sample["meta"]["tag"], "correct": correct, "metadata": sample["meta"]})
     return summarize(results)["overall"]
 
 
@@ -65,30 +64,34 @@ def distillation_gap(student: VQRAE, teacher: VQRAE, images: torch.Tensor) -> di
     return {"distill_mse": mse, "teacher_feature_var": target.var().item(), "relative": mse / target.var().item()}
 
 
-def tokenizer_rows(stage1: Path, stage2: Path, eval_data: str, world: ShapesWorld) -> dict[str, dict]:
+def tokenizer_rows(stage1: Path, stage2: Path, split: Path) -> dict[str, dict]:
+    """Reconstruction of the held-out split (`split`/captions.jsonl) by an untrained tokenizer (same config, random
+    weights, the pretrained encoder included), the stage-1 and the stage-2 exports."""
     trained = VQRAE.from_pretrained(stage1)
     torch.manual_seed(0)
     models = {"untrained": VQRAE(trained.config), "stage 1": trained, "stage 2": VQRAE.from_pretrained(stage2)}
-    dataset = build_image_dataset(eval_data, ImageTransform(world.image_size, "center"))
+    dataset = build_image_dataset(str(split / "captions.jsonl"),
+                                  ImageTransform(trained.config.encoder.image_size, "center"))
     rows = {}
     for name, model in models.items():
         model.eval()
         summary, _ = evaluate_reconstruction(model, dataset, batch_size=64, progress=False)
         rows[name] = {k: summary[k] for k in ("psnr", "ssim", "utilisation", "perplexity")}
-        rows[name]["recon_geneval"] = reconstruction_geneval(model, world)
+        rows[name]["recon_geneval"] = reconstruction_geneval(model, dataset)
     images = collate_images([dataset[i] for i in range(min(256, len(dataset)))])["pixel_values"]
     rows["stage 2"]["distillation"] = distillation_gap(models["stage 2"], models["stage 1"], images)
     return rows
 
 
-def generators(ar_dir: Path, out: Path) -> dict[str, TextToImage]:
-    """The trained generator export and an untrained one (same architecture and tokenizer, random weights)."""
+def generators(ar_dir: Path) -> dict[str, TextToImage]:
+    """The trained generator export and an untrained one (same architecture, tokenizer and vocabulary, random
+    weights: neither the pretraining nor the generator training)."""
+    from transformers import AutoModelForCausalLM
+
     trained = TextToImage.from_pretrained(ar_dir / "export")
-    run = yaml.safe_load((ar_dir / "config.yaml").read_text())  # the generator run's resolved config
-    lm = from_dict(LMConfig, run["lm"], prefix="lm.")
-    model, tokenizer, vocab = build_lm(lm, trained.vqrae, out / "untrained-lm", seed=run["run"]["seed"],
-                                       texts=None if lm.pretrained else world_texts())
-    return {"untrained": TextToImage(model.eval(), tokenizer, vocab, trained.vqrae, lm.sequence_format),
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(trained.model.config).eval()
+    return {"untrained": TextToImage(model, trained.tokenizer, trained.vocab, trained.vqrae, trained.fmt),
             "trained": trained}
 
 
@@ -109,13 +112,13 @@ def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampli
     each prompt's scene: the ceiling) and of blank images (the floor)."""
     from PIL import Image
 
-    from data.shapes import BACKGROUND
-    from data.shapes_dpg import render_dpg_scene, write_dpg_bench
     from eval.dpg_bench import SHAPES_PROMPTS, score_folder, tile
     from eval.dpg_bench import generate as generate_dpg
     from eval.dpg_bench import read_prompts as dpg_prompts
     from eval.dpg_judges import ShapesJudge
     from eval.dpg_scoring import read_question_csv
+    from world.dpg import render_dpg_scene, write_dpg_bench
+    from world.shapes import BACKGROUND
 
     questions = read_question_csv(write_dpg_bench(prompt_set, SHAPES_PROMPTS))
     prompts = dpg_prompts(prompt_set / "prompts")
@@ -150,10 +153,12 @@ def report_arguments(description: str) -> argparse.Namespace:
     --cfg-scale; `sampling` is what they draw with (`generator_sampling`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
-    parser.add_argument("--prompts", type=Path, default=REPO / "data" / "shapes_geneval_prompts.jsonl")
+    parser.add_argument("--prompts", type=Path, default=None, help="GenEval prompts (default: "
+                        "RUNS/world/geneval_prompts.jsonl, the held-out set)")
     parser.add_argument("-n", type=int, default=4)
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the generator run's")
     args = parser.parse_args()
+    args.prompts = args.prompts or args.runs / "world" / "geneval_prompts.jsonl"
     args.sampling = generator_sampling(args.runs, args.cfg_scale)
     return args
 
@@ -162,14 +167,12 @@ def report_arguments(description: str) -> argparse.Namespace:
 def main() -> None:
     args = report_arguments(__doc__)
     runs = args.runs
-    stage1 = VQRAE.from_pretrained(runs / "tiny-stage1" / "export")
-    world = ShapesWorld(500, stage1.config.encoder.image_size, seed=1)  # the eval shards: 500 images of seed 1
     tokenizers = tokenizer_rows(runs / "tiny-stage1" / "export", runs / "tiny-stage2" / "export",
-                                str(runs / "world-32" / "eval" / "shards"), world)
+                                runs / "world" / "heldout")
     sampling = args.sampling
-    models = generators(runs / "tiny-ar", runs / "cpu_report_geneval")
+    models = generators(runs / "tiny-ar")
     geneval = geneval_rows(models, args.prompts, runs / "cpu_report_geneval", args.n, sampling)
-    dpg = dpg_rows(models, runs / "dpg-shapes", runs / "cpu_report_dpg", sampling)
+    dpg = dpg_rows(models, runs / "world" / "dpg", runs / "cpu_report_dpg", sampling)
     report = {"tokenizer": tokenizers, "geneval": geneval, "dpg": dpg, "sampling": sampling.to_dict(),
               "images_per_prompt": args.n}
     with atomic_write(runs / "cpu_report.json") as f:

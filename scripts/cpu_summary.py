@@ -1,5 +1,6 @@
 """The CPU default's summary: each phase's headline number next to its baseline, where its outputs are and how long
-it took, from what the pipeline wrote (runs/cpu_report.json, runs/understanding_report.json, runs/cpu_phases.tsv).
+it took, from what the pipeline wrote (runs/foundation_report.json, runs/cpu_report.json,
+runs/understanding_report.json, runs/cpu_phases.tsv).
 Prints a markdown table and writes runs/cpu_summary.json.
 
     python scripts/cpu_summary.py           # the last step of scripts/cpu_demo.sh
@@ -37,11 +38,24 @@ def phase_seconds(path: Path) -> dict[str, int]:
 
 
 def summary_rows(runs: Path) -> list[dict]:
+    foundation = read_json(runs / "foundation_report.json", "python scripts/foundation_report.py")
     report = read_json(runs / "cpu_report.json", "python scripts/cpu_report.py")
     understanding = read_json(runs / "understanding_report.json", "python scripts/understanding_report.py")
     tok, gen, dpg = report["tokenizer"], report["geneval"], report["dpg"]
-    und = understanding["rows"]
+    und, captions = understanding["rows"], understanding["stage 1 captions"]
+    probes = foundation["probes"]
+    pretrained, random, pixels = probes["SigLIP (pretrained)"], probes["random encoder"], probes["pixels"]
+    types = ("existence", "count", "color", "position")
     return [
+        {"phase": "SigLIP pretraining", "measure": "held-out zero-shot GenEval-prompt retrieval",
+         "value": foundation["siglip_retrieval"]["geneval_prompts"],
+         "baseline": f"chance about {1 / foundation['siglip_retrieval']['geneval_prompts_candidates']:.3f}",
+         "output": "runs/world/siglip"},
+        *({"phase": "SigLIP pretraining", "measure": f"held-out linear probe, {a}", "value": pretrained[a],
+           "baseline": f"random encoder {random[a]:.3f}, pixels {pixels[a]:.3f}, majority {pretrained['majority ' + a]:.3f}",
+           "output": "runs/foundation_report.json"} for a in ("presence", "count", "color", "position")),
+        {"phase": "Qwen3 pretraining", "measure": "held-out answers read from a description",
+         "value": foundation["lm_reading"]["overall"], "baseline": "", "output": "runs/world/qwen3"},
         {"phase": "tokenizer stage 1 + 2", "measure": "held-out PSNR (dB)", "value": tok["stage 2"]["psnr"],
          "baseline": f"untrained {tok['untrained']['psnr']:.2f}", "output": "runs/tiny-stage2/export"},
         {"phase": "tokenizer stage 1 + 2", "measure": "GenEval of reconstructions", "value": tok["stage 2"]["recon_geneval"],
@@ -51,14 +65,16 @@ def summary_rows(runs: Path) -> list[dict]:
         {"phase": "generator", "measure": "DPG-Bench overall (x 100)", "value": dpg["trained"]["overall"],
          "baseline": f"untrained {dpg['untrained']['overall']:.2f}, real images {dpg['real rendered images']['overall']:.2f}",
          "output": "runs/cpu_report_dpg"},
+        {"phase": "understanding stage 1", "measure": "held-out captions true of their image", "value": captions["true"],
+         "baseline": f"in the caption grammar {captions['in_grammar']:.3f}", "output": "runs/tiny-und-stage1/export"},
         {"phase": "understanding stage 1 + 2", "measure": "held-out exact match", "value": und["stage 2"]["overall"],
          "baseline": f"majority {und['majority answer per type']['overall']:.3f}, blank image "
                      f"{und['stage 2, blank image']['overall']:.3f}", "output": "runs/tiny-und-stage2/export"},
-        {"phase": "understanding stage 1 + 2", "measure": "held-out exact match, colour questions",
-         "value": und["stage 2"]["types"]["color"]["accuracy"],
-         "baseline": f"majority {und['majority answer per type']['types']['color']['accuracy']:.3f}, blank image "
-                     f"{und['stage 2, blank image']['types']['color']['accuracy']:.3f}",
-         "output": "runs/understanding_report.json"},
+        *({"phase": "understanding stage 1 + 2", "measure": f"held-out exact match, {t} questions",
+           "value": und["stage 2"]["types"][t]["accuracy"],
+           "baseline": f"majority {und['majority answer per type']['types'][t]['accuracy']:.3f}, blank image "
+                       f"{und['stage 2, blank image']['types'][t]['accuracy']:.3f}",
+           "output": "runs/understanding_report.json"} for t in types),
     ]
 
 

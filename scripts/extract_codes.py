@@ -1,6 +1,6 @@
 """Pre-tokenise an image + caption dataset into VQRAE code chunks for generator training.
 
-    python scripts/extract_codes.py --tokenizer runs/tiny-stage2/export --data runs/world-32/train/shards \\
+    python scripts/extract_codes.py --tokenizer runs/tiny-stage2/export --data runs/world/train/shards \\
         --out runs/codes-tiny
     torchrun --nproc_per_node 8 scripts/extract_codes.py --tokenizer TOK --data /data/shards --out /data/codes \\
         --device cuda --dtype bf16

@@ -1,18 +1,17 @@
-"""Held-out numbers of the CPU default's understanding model (run after the understanding stages):
+"""Held-out numbers of the CPU default's understanding model (run after the understanding stages), on the world's
+held-out split (runs/world/heldout, world seed 1, which no training saw):
 
-- exact match per question type (colour, count, existence, position) on 300 shapes-world images of a seed the
-  training never saw, for the stage-1 and the stage-2 exports;
-- two baselines measured here: the majority answer per type of the training questions, and the stage-2 model
-  answering on a blank (mean-coloured) image instead of the real one (what it knows without looking);
-- a logistic-regression probe for "is there a <shape>" on the tokenizer encoder's features and on raw pixels
-  (trained on 5000 training images, scored on the held-out ones): how linearly the features carry shape identity.
+- stage 1 (the projector alone, the pretrained LM frozen, trained on descriptions): its greedy caption of each image,
+  parsed with the world's caption grammar (world/captions.py) and scored true or false against the image's objects;
+- stage 2: exact match per question type (colour, count, existence, position), against two baselines measured here:
+  the majority answer per type of the training questions, and the stage-2 model answering on a blank (mean-coloured)
+  image instead of the real one (what it knows without looking).
 
 With --plug-and-play, the paper's plug-and-play claim on the same questions: an understanding model trained (both
-stages, the CPU default's configs) on the stage-1 tokenizer's encoder (frozen in tokenizer stage 1: the
-"pretrained VFM"), then evaluated with its vision tower swapped, without retraining, for the stage-2 encoder
-(self-distilled to the VFM) and for a stage-2 encoder trained without self-distillation (loss.distill_weight=0);
-with the cosine similarity of each encoder's features to the VFM's on the held-out images. The runs it needs and
-lacks are trained first (about 10 minutes on 2 cores).
+stages, the CPU default's configs) on the stage-1 tokenizer's encoder (frozen in tokenizer stage 1: the pretrained
+VFM), then evaluated with its vision tower swapped, without retraining, for the stage-2 encoder (self-distilled to the
+VFM) and for a stage-2 encoder trained without self-distillation (loss.distill_weight=0); with the cosine similarity
+of each encoder's features to the VFM's on the held-out images. The runs it needs and lacks are trained first.
 
     python scripts/understanding_report.py                  # markdown table, runs/understanding_report.json
     python scripts/understanding_report.py --plug-and-play  # and the swap table, runs/plug_and_play_report.json
@@ -35,20 +34,21 @@ from PIL import Image
 
 from common.cli import reported_errors
 from common.files import atomic_write
-from data.shapes_export import export_llava
 from eval.understanding import main as evaluate
 from eval.understanding_scoring import majority_answers, score_exact_match
+from world.captions import caption_facts, caption_is_true
+from world.probes import read_split
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train" / "configs"
-HELD_OUT_SEED = 1  # the training conversations use seed 0
 
 
-def held_out_questions(runs: Path, images: int) -> Path:
-    """The held-out question file (exported once)."""
-    world = runs / "world-llava-eval"
-    export_llava(world, images, image_size=32, seed=HELD_OUT_SEED, progress=False)
-    return world / "questions.jsonl"
+def held_out_questions(runs: Path) -> Path:
+    """The held-out question file (scripts/prepare_world.py wrote it)."""
+    path = runs / "world" / "heldout" / "questions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: python scripts/prepare_world.py writes it")
+    return path
 
 
 def exact_match(export: Path, questions: Path, out: Path, *extra: str) -> dict[str, Any]:
@@ -68,66 +68,40 @@ def table(rows: dict[str, dict[str, Any]], extra: dict[str, str] | None = None) 
 
 
 @torch.no_grad()
-def _inputs(tokenizer: Path, world: Path, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels, encoder features, shape-presence labels) of the first `count` images of a LLaVA world export."""
-    from data.shapes import SHAPE_NAMES, sample_metadata
-    from data.transforms import pil_to_tensor
-    from tokenizer.model import VQRAE
+def caption_truth(export: Path, split: Path, batch_size: int = 64) -> dict[str, Any]:
+    """Stage-1 captions of every image of a split: the share in the world's caption grammar and the share true of
+    their image, with a few examples."""
+    from llm.understanding import caption, load_llava
 
-    vqrae = VQRAE.from_pretrained(tokenizer).eval()
-    pixels = torch.stack([pil_to_tensor(Image.open(world / "images" / f"{i:08d}.png").convert("RGB"))
-                          for i in range(count)])
-    features = torch.cat([vqrae.encode_features(pixels[s : s + 256]) for s in range(0, count, 256)])
-    labels = torch.tensor([[any(o["shape"] == c for o in sample_metadata(seed, i, 32)[0]["objects"])
-                            for c in SHAPE_NAMES] for i in range(count)], dtype=torch.float32)
-    return pixels, features, labels
-
-
-def shape_probe(runs: Path, images: int, train_images: int = 5000, steps: int = 300) -> dict[str, list[float]]:
-    """Held-out accuracy of a logistic-regression probe for "is there a <shape>" (one per shape), on the tokenizer
-    encoder's flattened features and on raw pixels: how linearly the features carry shape identity."""
-    from data.shapes import SHAPE_NAMES
-
-    tokenizer = runs / "tiny-stage2" / "export"
-    train = _inputs(tokenizer, runs / "world-llava", 0, train_images)
-    test = _inputs(tokenizer, runs / "world-llava-eval", HELD_OUT_SEED, images)
-    out = {"shapes": list(SHAPE_NAMES), "held_out_base_rate": test[2].mean(0).tolist()}
-    torch.manual_seed(0)
-    for name, k in (("features", 1), ("pixels", 0)):
-        x, x_test = train[k].flatten(1), test[k].flatten(1)
-        mean, std = x.mean(0), x.std(0) + 1e-6
-        x, x_test = (x - mean) / std, (x_test - mean) / std
-        weight = torch.zeros(x.shape[1], len(SHAPE_NAMES), requires_grad=True)
-        bias = torch.zeros(len(SHAPE_NAMES), requires_grad=True)
-        opt = torch.optim.Adam([weight, bias], lr=1e-3)
-        for _ in range(steps):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, train[2])
-            opt.zero_grad()
-            (loss + 1e-4 * weight.square().sum()).backward()
-            opt.step()
-        with torch.no_grad():
-            out[name] = (((x_test @ weight + bias) > 0).float() == test[2]).float().mean(0).tolist()
-    return out
+    model, processor = load_llava(export)
+    metas = read_split(split)
+    captions = []
+    for start in range(0, len(metas), batch_size):
+        images = [Image.open(split / m["image"]).convert("RGB") for m in metas[start : start + batch_size]]
+        captions += caption(model, processor, images)
+    parsed = [caption_facts(c) is not None for c in captions]
+    true = [caption_is_true(c, m["objects"]) for c, m in zip(captions, metas)]
+    return {"images": len(metas), "in_grammar": sum(parsed) / len(metas), "true": sum(true) / len(metas),
+            "examples": [{"image": m["image"], "caption": c, "true": t}
+                         for c, m, t in list(zip(captions, metas, true))[:8]]}
 
 
 def stage_report(runs: Path, questions: Path) -> None:
+    stage1 = caption_truth(runs / "tiny-und-stage1" / "export", questions.parent)
     rows = {}
-    for name, model, extra in (("stage 1", "tiny-und-stage1", []), ("stage 2", "tiny-und-stage2", []),
-                               ("stage 2, blank image", "tiny-und-stage2", ["--blank-images"])):
+    for name, extra in (("stage 2", []), ("stage 2, blank image", ["--blank-images"])):
         out = runs / "understanding_report" / name.replace(" ", "-").replace(",", "")
-        rows[name] = exact_match(runs / model / "export", questions, out, *extra)
-    train = [json.loads(line) for line in (runs / "world-llava" / "questions.jsonl").read_text().splitlines()]
+        rows[name] = exact_match(runs / "tiny-und-stage2" / "export", questions, out, *extra)
+    train = [json.loads(line) for line in (runs / "world" / "train" / "questions.jsonl").read_text().splitlines()]
     majority = majority_answers([{"type": q["type"], "label": q["answer"]} for q in train])
     held_out = [json.loads(line) for line in questions.read_text().splitlines()]
     rows["majority answer per type"] = score_exact_match(
         [{"type": q["type"], "answer": majority[q["type"]], "label": q["answer"]} for q in held_out])
-    probe = shape_probe(runs, len({q["image"] for q in held_out}))
     with atomic_write(runs / "understanding_report.json") as f:
-        json.dump({"rows": rows, "majority": majority, "shape_probe": probe}, f, indent=2)
+        json.dump({"stage 1 captions": stage1, "rows": rows, "majority": majority}, f, indent=2)
+    print(f"stage 1: {stage1['true']:.3f} of {stage1['images']} held-out captions true of their image "
+          f"({stage1['in_grammar']:.3f} in the world's caption grammar)")
     print(table(rows))
-    print("linear probe, held-out accuracy of 'is there a <shape>' (" + ", ".join(probe["shapes"]) + "): features " +
-          " ".join(f"{a:.3f}" for a in probe["features"]) + ", pixels " + " ".join(f"{a:.3f}" for a in probe["pixels"])
-          + ", base rate " + " ".join(f"{a:.3f}" for a in probe["held_out_base_rate"]))
 
 
 # ------------------------------------------------------------------------------------------------ plug-and-play
@@ -194,11 +168,10 @@ def plug_and_play_report(runs: Path, questions: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
-    parser.add_argument("--images", type=int, default=300, help="held-out images")
     parser.add_argument("--plug-and-play", action="store_true", help="also the swap experiment (trains what it lacks)")
     args = parser.parse_args()
     with reported_errors():
-        questions = held_out_questions(args.runs, args.images)
+        questions = held_out_questions(args.runs)
         stage_report(args.runs, questions)
         if args.plug_and_play:
             plug_and_play_report(args.runs, questions)

@@ -45,8 +45,8 @@ def ensure_run(runs: Path, name: str, config: str) -> float | None:
     start = time.time()
     train("unified", "--config", str(CONFIGS / "unified" / config), f"run.output_dir={runs / name}",
           f"model.init_from={runs / 'tiny-und-stage1'}", f"model.tokenizer={runs / 'tiny-stage2' / 'export'}",
-          f"data.conversations={runs / 'world-llava' / 'conversations.json'}",
-          f"data.image_root={runs / 'world-llava'}", *([f"generation.codes={runs / 'codes-tiny'}"]
+          f"data.conversations={runs / 'world' / 'train' / 'llava_conversations.json'}",
+          f"data.image_root={runs / 'world' / 'train'}", *([f"generation.codes={runs / 'codes-tiny'}"]
                                                       if config == "tiny.yaml" else []))
     return time.time() - start
 
@@ -64,7 +64,7 @@ def main() -> None:
     drawers = {"generator (specialist)": TextToImage.from_pretrained(runs / "tiny-ar" / "export"),
                "unified": TextToImage.from_pretrained(runs / "tiny-unified" / "export")}
     geneval = geneval_rows(drawers, args.prompts, runs / "unified_report_geneval", args.n, sampling)
-    questions = held_out_questions(runs, 300)
+    questions = held_out_questions(runs)
     answering = {"understanding (specialist, features)": runs / "tiny-und-stage2" / "export",
                  "unified (features)": runs / "tiny-unified" / "export",
                  "understanding from codes": runs / "tiny-und-codes" / "export"}

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from data.images import build_image_dataset, collate_images
-from data.shapes_export import export_world
 from data.transforms import ImageTransform, to_uint8
 from scripts.ablate_codebook import CONVERGED_MARGIN_DB, converged
 from tokenizer import VQRAE
+from world.export import export_world
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "ablate_codebook.py"

@@ -16,13 +16,13 @@ import torch
 from common.config import ConfigError
 from data.codes import MANIFEST, CodeDataset, write_chunk
 from data.sequences import CaptionCodeSequences, collate_sequences
-from data.shapes import ShapesWorld, shapes_world_tokenizer
-from data.shapes_export import export_world
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
 from llm.vocab import IGNORE_INDEX, build_prompt_ids, build_tiny_qwen3, expand_vocabulary, unconditional_prompt_ids
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE, get_preset
+from world.export import export_world
+from world.shapes import ShapesWorld, geneval_prompts, shapes_world_tokenizer, write_geneval_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,13 +78,14 @@ def test_caption_dropout_and_collation(codes_dir, tmp_path):
             CaptionCodeSequences(codes, fresh, other)
 
 
-def test_two_process_zero3_run_then_sample_from_export(tmp_path):
+def test_two_process_zero3_run_then_sample_from_export(tmp_path, lm_dir):
     export_world(tmp_path / "world", 48, image_size=32, seed=0, fmt="shards", shard_size=16, progress=False)
     torch.manual_seed(0)
     VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "train" / "ar_gen.py"), f"data.tokenizer={tmp_path / 'tok'}", f"data.codes={tmp_path / 'codes'}",
+           f"lm.pretrained={lm_dir}",
            f"data.images={tmp_path / 'world' / 'shards'}", f"run.output_dir={out}", "run.steps=4",
            "run.sample_every=2", "run.ckpt_every=2", "run.log_every=1", "run.tensorboard=false",
            "deepspeed.zero_stage=3", "deepspeed.micro_batch_size=4", "data.extract_batch_size=8"]
@@ -111,8 +112,7 @@ def test_two_process_zero3_run_then_sample_from_export(tmp_path):
                                                                     "settings.json"]
     assert json.loads((tmp_path / "gen" / "settings.json").read_text())["sampling"]["cfg_scale"] == 3.0
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(line + "\n" for line in
-                               (REPO / "data" / "shapes_geneval_prompts.jsonl").read_text().splitlines()[:3]))
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in geneval_prompts()[:3]))
     geneval = [sys.executable, str(REPO / "eval" / "geneval.py"), "--model", str(out / "export"), "--prompts",
                str(prompts), "--detector", "shapes", "-n", "2", "--out", str(tmp_path / "geneval")]
     first = subprocess.run(geneval, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -179,7 +179,8 @@ def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path):
     from eval.geneval import generate, read_prompts
 
     t2i = tiny_text_to_image(tmp_path)
-    prompts = read_prompts(REPO / "data" / "shapes_geneval_prompts.jsonl")[::60][:5]
+    write_geneval_prompts(tmp_path / "prompts.jsonl")
+    prompts = read_prompts(tmp_path / "prompts.jsonl")[::60][:5]
     sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=100, seed=42)
     generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=2, model_name="tiny")
     images = sorted((tmp_path / "a").glob("*/samples/*.png"))

@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from data.shapes import render_sample, shapes_world_tokenizer
 from data.transforms import to_pil
 from llm.generator import SequenceFormat, save_generator
 from llm.sampler import SamplingConfig
@@ -23,6 +22,7 @@ from llm.understanding import answer, build_llava, load_llava, reply, save_llava
 from llm.vocab import build_tiny_qwen3, expand_vocabulary
 from scripts.chat import ChatSettings, Models, Session, draw_prompt
 from tokenizer import VQRAE, get_preset
+from world.shapes import render_sample, shapes_world_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

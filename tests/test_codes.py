@@ -16,9 +16,9 @@ import torch
 from data.codes import CHUNK_SIZE, MANIFEST, CodeDataset, chunk_paths, ensure_manifest
 from data.codes import extract_codes as extract
 from data.images import build_image_dataset, collate_images
-from data.shapes_export import export_world
 from data.transforms import ImageTransform
 from tokenizer import VQRAE, get_preset
+from world.export import export_world
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shapes import BACKGROUND, COLOR_NAMES, PALETTE
-from data.shapes_dpg import CSV_COLUMNS, dpg_scene, render_dpg_scene, write_dpg_bench
 from eval.dpg_bench import crops, generate, read_prompts, score_folder, tile
-from eval.dpg_judges import ShapesJudge, geneval_record
 from eval.dpg_scoring import Question, crop_scores, is_yes, read_question_csv, score_prompt, summarize
 from llm.sampler import SamplingConfig
 from tests.test_ar_gen import tiny_text_to_image
+from world.dpg import CSV_COLUMNS, dpg_scene, render_dpg_scene, write_dpg_bench
+from world.judge import ShapesJudge, geneval_record
+from world.shapes import BACKGROUND, COLOR_NAMES, PALETTE
 
 REPO = Path(__file__).resolve().parents[1]
 # prompt "p": 1 entity, 2 its colour (parent 1), 3 another entity, 4 a relation (parents 1 and 3)
@@ -166,11 +166,11 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_the_command_generates_and_scores_a_handful_of_prompts(tmp_path):
     import torch
 
-    from data.shapes import shapes_world_tokenizer
     from eval.dpg_bench import main
     from llm.generator import SequenceFormat, save_generator
     from llm.vocab import build_tiny_qwen3, expand_vocabulary
     from tokenizer import VQRAE, get_preset
+    from world.shapes import shapes_world_tokenizer
 
     torch.manual_seed(0)
     VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")

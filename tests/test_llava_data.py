@@ -21,13 +21,13 @@ from data.llava import (
     write_llava_shards,
 )
 from data.serve import ShardServer
-from data.shapes import shapes_world_tokenizer
-from data.shapes_export import export_llava
 from data.shard_cache import ShardOptions
 from data.shards import write_index
 from data.tar_files import write_tar_shard
 from llm.understanding import build_processor
 from tokenizer import VQRAE, get_preset
+from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
+from world.shapes import shapes_world_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def supervised_text(processor, item) -> str:
 
 def test_plain_template_supervises_only_the_caption(world):
     root, processor = world
-    samples = read_conversations(root / "captions.json")
+    samples = read_conversations(root / LLAVA_CAPTIONS)
     data = ConversationDataset(samples, root, processor, num_image_tokens=64, template="plain")
     item = data[0]
     image_id = processor.image_token_id
@@ -62,7 +62,7 @@ def test_plain_template_supervises_only_the_caption(world):
 
 def test_chat_template_supervises_every_answer_and_matches_evaluation(world):
     root, processor = world
-    samples = read_conversations(root / "conversations.json")
+    samples = read_conversations(root / LLAVA_CONVERSATIONS)
     data = ConversationDataset(samples, root, processor, num_image_tokens=64, template="chat")
     item = data[1]
     answers = [t["value"] for t in samples[1]["conversations"] if t["from"] == "gpt"]
@@ -95,7 +95,7 @@ def test_images_are_padded_to_a_square_with_the_mean_colour(world, tmp_path):
 def test_skipped_samples_are_counted_by_reason_and_collation(world, tmp_path):
     root, processor = world
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    good = read_conversations(root / "conversations.json")[0]
+    good = read_conversations(root / LLAVA_CONVERSATIONS)[0]
     samples = [
         {**good, "image": str(root / good["image"])},
         {"id": "text", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
@@ -135,7 +135,7 @@ def test_every_question_type_is_sometimes_asked_first_in_both_forms(tmp_path):
     from llm.understanding import SHORT_ANSWER
 
     export_llava(tmp_path, 60, image_size=32, seed=3, progress=False)
-    conversations = read_conversations(tmp_path / "conversations.json")
+    conversations = read_conversations(tmp_path / LLAVA_CONVERSATIONS)
     questions = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
     assert all(q["text"].endswith(SHORT_ANSWER) for q in questions)  # evaluation: always LLaVA's short-answer prompt
     types = {q["text"].removesuffix(SHORT_ANSWER): q["type"] for q in questions}
@@ -150,7 +150,7 @@ def test_every_question_type_is_sometimes_asked_first_in_both_forms(tmp_path):
 
 def test_llava_shards_give_the_same_items_locally_and_over_http(world, tmp_path):
     root, processor = world
-    samples = read_conversations(root / "conversations.json")  # 6 samples with images
+    samples = read_conversations(root / LLAVA_CONVERSATIONS)  # 6 samples with images
     text_only = {"id": "t", "conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]}
     gone = {**samples[0], "id": "gone", "image": "images/nowhere.png"}
     mixed = [*samples[:3], text_only, gone, *samples[3:]]
@@ -162,7 +162,7 @@ def test_llava_shards_give_the_same_items_locally_and_over_http(world, tmp_path)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.tar")} == before
     with pytest.raises(ConfigError, match="samples"):
         write_llava_shards(samples[:2], root, tmp_path / "shards", shard_size=4, progress=False)
-    for template, source in (("chat", "conversations.json"), ("plain", "captions.json")):
+    for template, source in (("chat", LLAVA_CONVERSATIONS), ("plain", LLAVA_CAPTIONS)):
         if template == "plain":
             write_llava_shards(read_conversations(root / source), root, tmp_path / "plain", shard_size=4,
                                progress=False)
@@ -190,7 +190,7 @@ def test_llava_shards_give_the_same_items_locally_and_over_http(world, tmp_path)
 
 def test_a_shard_sample_that_is_not_llava_is_skipped_and_counted(world, tmp_path):
     root, processor = world
-    png = (root / read_conversations(root / "conversations.json")[0]["image"]).read_bytes()
+    png = (root / read_conversations(root / LLAVA_CONVERSATIONS)[0]["image"]).read_bytes()
     write_tar_shard(tmp_path / "000000.tar", [("a.png", png), ("a.json", b'{"id": "a", "conversations": []}'),
                                               ("b.png", png), ("b.json", b'{"conversations": [{"from": "human", '
                                                                          b'"value": "Hi?"}, {"from": "gpt", '

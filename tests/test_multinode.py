@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from data.serve import ShardServer
-from data.shapes_export import export_world
 from data.shards import ShardDataset, write_index
 from tests.helpers import free_port
 from tests.test_train_tokenizer import REPO, SCRIPT, env
 from tokenizer import VQRAE
 from train.data_order import ShardLocalBatchSampler
+from world.export import export_world
 
 pytestmark = pytest.mark.slow
 STEPS, MICRO_BATCH, SEED, WINDOW = 6, 4, 0, 2

@@ -17,11 +17,11 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from data.images import build_image_dataset
-from data.shapes_export import export_world
 from data.transforms import ImageTransform, adm_center_crop
 from eval.metrics import InceptionFeatureExtractor, build_fid_inception, frechet_distance
 from eval.reconstruction import PSNR_CAP_DB, evaluate, image_metrics, main
 from tokenizer import VQRAE, get_preset
+from world.export import export_world
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "eval" / "reconstruction.py"

@@ -15,7 +15,6 @@ import torch
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from data.shapes import shapes_world_tokenizer
 from llm.fused import attended_columns
 from llm.sampler import (
     BACKENDS,
@@ -42,6 +41,7 @@ from llm.vocab import (
     unconditional_prompt_ids,
 )
 from tests.helpers import run_fresh_process
+from world.shapes import shapes_world_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a photo of a red square", "a photo of three circles", "a photo of a circle",

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessorList
 
-from data.shapes import world_texts
 from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig
 from llm.text_tokenizer import GENERIC_TEXTS, train_sentencepiece_tokenizer
 from llm.vocab import (
@@ -21,6 +20,7 @@ from llm.vocab import (
     image_prefix_ids,
     unconditional_prompt_ids,
 )
+from world.shapes import world_texts
 
 CAPTIONS = ["a photo of a red circle", "a photo of two squares", "a photo of a circle left of a blue triangle"]
 
@@ -111,12 +111,12 @@ def test_the_fused_sampler_runs_llama_as_transformers_does(expanded):
 def vicuna(tmp_path_factory):
     """A tiny LLaMA with a sentencepiece tokenizer of the world's texts and the Vicuna prompt words, saved as a local
     LLM directory, and the shapes world's LLaVA data."""
-    from data.shapes_export import export_llava
     from llm.understanding import VICUNA_SYSTEM
-    from train.understanding import shapes_texts
+    from world.export import export_llava
+    from world.lm import lm_tokenizer_corpus
 
     root = tmp_path_factory.mktemp("vicuna")
-    tok = train_sentencepiece_tokenizer([*shapes_texts(), VICUNA_SYSTEM, "USER: ASSISTANT:"], root / "llm")
+    tok = train_sentencepiece_tokenizer([*lm_tokenizer_corpus(), VICUNA_SYSTEM, "USER: ASSISTANT:"], root / "llm")
     build_tiny_lm(tok, "llama", seed=0).save_pretrained(root / "llm")
     export_llava(root / "world", 24, image_size=32, seed=0, progress=False)
     return root
@@ -146,7 +146,7 @@ def test_understanding_with_a_sentencepiece_llm_uses_vicuna_v1(vicuna):
                                    tok)
     assert tok.pad_token == tok.unk_token  # LLaVA's choice for Vicuna
     assert end_of_turn_id(processor) == tok.eos_token_id
-    samples = read_conversations(vicuna / "world" / "conversations.json")
+    samples = read_conversations(vicuna / "world" / "llava_conversations.json")
     turns = normalize_turns(samples[0])
     assert len(turns) >= 4
     assert processor.apply_chat_template([{"role": r, "content": t} for r, t in turns],
@@ -201,8 +201,8 @@ def test_the_understanding_trainer_runs_a_sentencepiece_llm(vicuna, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(repo / "train" / "understanding.py"), f"model.tokenizer={tmp_path / 'tok'}",
          f"model.lm_pretrained={vicuna / 'llm'}", f"run.output_dir={tmp_path / 'run'}",
-         f"data.image_root={vicuna / 'world'}", f"data.conversations={vicuna / 'world' / 'conversations.json'}",
-         "data.template=chat", "data.world.samples=0", "run.steps=2", "deepspeed.micro_batch_size=4",
+         f"data.image_root={vicuna / 'world'}", f"data.conversations={vicuna / 'world' / 'llava_conversations.json'}",
+         "data.template=chat", "run.steps=2", "deepspeed.micro_batch_size=4",
          "run.log_every=1", "run.tensorboard=false"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data.shapes import BACKGROUND, RELATIONS, SHAPE_NAMES, relation_strength, render_sample
-from eval.shapes_detector import ShapesDetector
+from world.detector import ShapesDetector
+from world.shapes import BACKGROUND, RELATIONS, SHAPE_NAMES, relation_strength, render_sample
 
 DETECTOR = ShapesDetector()
 

@@ -24,11 +24,11 @@ from common.config import ConfigError
 from common.distributed import DistInfo
 from data.images import TarShardDataset, build_image_dataset, collate_images
 from data.serve import ShardServer
-from data.shapes_export import export_world
 from data.shard_cache import ShardCache, ShardOptions, ShardUnavailable
 from data.shards import ShardDataset, read_index, write_index
 from data.transforms import ImageTransform
 from train.data_order import ShardLocalBatchSampler, resumable_loader
+from world.export import export_world
 
 SHARDS, PER_SHARD = 8, 6
 CPU = DistInfo(0, 1, 0, torch.device("cpu"))

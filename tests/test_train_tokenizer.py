@@ -18,9 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data.shapes_export import export_world
 from tests.helpers import failure_report, free_port, run_fresh_process
 from tokenizer import VQRAE
+from world.export import export_world
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "tokenizer.py"
@@ -121,7 +121,7 @@ def test_nonfinite_steps_are_skipped_then_fatal(world, tmp_path):
 
 
 def test_corrupt_images_are_skipped_and_counted(world, tmp_path):
-    from data.shapes import render_sample
+    from world.shapes import render_sample
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
-from data.shapes_export import export_llava
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE, get_preset
+from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "understanding.py"
@@ -27,11 +27,12 @@ STAGE2 = REPO / "train" / "configs" / "understanding" / "tiny-stage2.yaml"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+def world(tmp_path_factory, lm_dir) -> Path:
     root = tmp_path_factory.mktemp("und")
     torch.manual_seed(0)
     VQRAE(get_preset("tiny-p4-32")).save_pretrained(root / "tok")
     export_llava(root / "world", 64, image_size=32, seed=0, progress=False)
+    (root / "lm").symlink_to(lm_dir)
     return root
 
 
@@ -40,10 +41,11 @@ def env() -> dict[str, str]:
 
 
 def args(world: Path, out: Path, stage: int, *extra: str) -> list[str]:
-    data = "captions.json" if stage == 1 else "conversations.json"
+    data = LLAVA_CAPTIONS if stage == 1 else LLAVA_CONVERSATIONS
     head = [] if stage == 1 else ["--config", str(STAGE2)]
-    return [*head, f"model.tokenizer={world / 'tok'}", f"run.output_dir={out}", f"data.image_root={world / 'world'}",
-            f"data.conversations={world / 'world' / data}", "data.world.samples=0", "deepspeed.micro_batch_size=8",
+    return [*head, f"model.tokenizer={world / 'tok'}", f"model.lm_pretrained={world / 'lm'}", f"run.output_dir={out}",
+            f"data.image_root={world / 'world'}", f"data.conversations={world / 'world' / data}",
+            "deepspeed.micro_batch_size=8",
             "run.log_every=1", "run.tensorboard=false", "optim.warmup_steps=1", *extra]
 
 
@@ -178,7 +180,7 @@ def test_stage1_from_llava_shards_over_http_equals_local_shards(world, tmp_path)
     from data.serve import ShardServer
 
     shards = tmp_path / "shards"
-    write_llava_shards(read_conversations(world / "world" / "captions.json"), world / "world", shards, shard_size=16,
+    write_llava_shards(read_conversations(world / "world" / LLAVA_CAPTIONS), world / "world", shards, shard_size=16,
                        progress=False)
     common = ("run.steps=3", "data.conversations=/nonexistent.json", "data.shards.window=2")
     train(*args(world, tmp_path / "local", 1, f"data.train={shards}", *common))
@@ -194,7 +196,7 @@ def test_stage1_from_llava_shards_over_http_equals_local_shards(world, tmp_path)
 def test_stage2_trains_text_only_conversations_from_shards(world, stage1, tmp_path):
     from data.llava import read_conversations, write_llava_shards
 
-    samples = read_conversations(world / "world" / "conversations.json")[:12]
+    samples = read_conversations(world / "world" / LLAVA_CONVERSATIONS)[:12]
     chats = [{"id": f"t{i}", "conversations": [{"from": "human", "value": "Say a colour."},
                                                 {"from": "gpt", "value": "red"}]} for i in range(4)]
     mixed = [*samples[:6], *chats, *samples[6:]]  # 16 samples: shards of 8, one with four text-only chats

@@ -17,7 +17,6 @@ from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from common.config import ConfigError
-from data.shapes import render_sample, shapes_world_tokenizer
 from data.transforms import pil_to_tensor
 from llm.understanding import (
     add_image_token,
@@ -30,6 +29,7 @@ from llm.understanding import (
 )
 from llm.vocab import build_tiny_qwen3
 from tokenizer import VQRAE, get_preset
+from world.shapes import render_sample, shapes_world_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,8 +202,8 @@ def test_tower_script_errors_are_one_line(tmp_path):
 
 
 def test_evaluation_answers_resumes_and_scores(llava_export, tmp_path):
-    from data.shapes_export import export_llava
     from eval.understanding import main as evaluate
+    from world.export import export_llava
 
     root = llava_export[0]
     export_llava(tmp_path / "world", 3, image_size=64, seed=4, progress=False)

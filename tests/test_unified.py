@@ -19,8 +19,6 @@ from transformers import LlavaForConditionalGeneration
 
 from data.codes import CHUNK_SIZE, ensure_manifest, write_chunk
 from data.mix import ShardTaskMix, TaskMix
-from data.shapes import shapes_world_tokenizer
-from data.shapes_export import export_llava
 from data.transforms import ImageTransform, to_rgb
 from llm.generator import SequenceFormat, save_generator
 from llm.pipeline import TextToImage
@@ -31,6 +29,8 @@ from llm.vocab import build_prompt_ids, build_tiny_qwen3, expand_vocabulary
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE, get_preset
 from train.unified import per_token_losses
+from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
+from world.shapes import shapes_world_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train" / "unified.py"
@@ -299,14 +299,15 @@ def test_per_token_losses_are_transformers_causal_lm_loss(parts):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+def world(tmp_path_factory, lm_dir) -> Path:
     """A tiny tokenizer, the shapes world as LLaVA data, its images' codes, a stage-1 understanding run."""
     root = tmp_path_factory.mktemp("unified-train")
+    (root / "lm").symlink_to(lm_dir)
     torch.manual_seed(0)
     vqrae = VQRAE(get_preset("tiny-p4-32")).eval()
     vqrae.save_pretrained(root / "tok")
     export_llava(root / "world", 64, image_size=32, seed=0, progress=False)
-    samples = json.loads((root / "world" / "captions.json").read_text())
+    samples = json.loads((root / "world" / LLAVA_CAPTIONS).read_text())
     transform = ImageTransform(32, "center")
     pixels = torch.stack([transform(to_rgb(Image.open(root / "world" / s["image"]))) for s in samples])
     with torch.no_grad():
@@ -316,18 +317,18 @@ def world(tmp_path_factory) -> Path:
     ensure_manifest(root / "codes", root / "tok", vqrae.config, "world", len(rows))
     write_chunk(root / "codes", 0, codes, rows)
     assert len(rows) <= CHUNK_SIZE
-    run(UND, *common(root, root / "s1"), f"data.conversations={root / 'world' / 'captions.json'}", "run.steps=3")
+    run(UND, *common(root, root / "s1"), f"data.conversations={root / 'world' / LLAVA_CAPTIONS}", "run.steps=3")
     return root
 
 
 def common(root: Path, out: Path) -> list[str]:
-    return [f"model.tokenizer={root / 'tok'}", f"run.output_dir={out}", f"data.image_root={root / 'world'}",
-            "data.world.samples=0", "deepspeed.micro_batch_size=8", "run.log_every=1", "run.tensorboard=false",
-            "optim.warmup_steps=1"]
+    return [f"model.tokenizer={root / 'tok'}", f"model.lm_pretrained={root / 'lm'}", f"run.output_dir={out}",
+            f"data.image_root={root / 'world'}", "deepspeed.micro_batch_size=8", "run.log_every=1",
+            "run.tensorboard=false", "optim.warmup_steps=1"]
 
 
 def unified_args(root: Path, out: Path, *extra: str) -> list[str]:
-    return [*common(root, out), f"data.conversations={root / 'world' / 'conversations.json'}",
+    return [*common(root, out), f"data.conversations={root / 'world' / LLAVA_CONVERSATIONS}",
             f"generation.codes={root / 'codes'}", "run.ckpt_every=0", *extra]
 
 
@@ -381,7 +382,7 @@ def test_unified_from_an_understanding_export(world):
 def test_unified_from_llava_shards_mixes_shard_by_shard(world, tmp_path):
     from data.llava import read_conversations, write_llava_shards
 
-    samples = read_conversations(world / "world" / "conversations.json")[:16]
+    samples = read_conversations(world / "world" / LLAVA_CONVERSATIONS)[:16]
     write_llava_shards(samples, world / "world", tmp_path / "shards", shard_size=4, progress=False)
     out = tmp_path / "run"
     proc = run(SCRIPT, *unified_args(world, out, f"model.init_from={world / 's1'}", f"data.train={tmp_path / 'shards'}",
@@ -456,7 +457,7 @@ def test_understanding_from_codes_alone(world, tmp_path):
     questions = world / "world" / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question_id": i, "image": s["image"], "text": "How many circles?",
                                              "answer": "1", "type": "count"}) + "\n"
-                                 for i, s in enumerate(json.loads((world / "world" / "captions.json").read_text())[:4])))
+                                 for i, s in enumerate(json.loads((world / "world" / LLAVA_CAPTIONS).read_text())[:4])))
     proc = subprocess.run([sys.executable, str(REPO / "eval" / "understanding.py"), "--model", str(out / "export"),
                            "--questions", str(questions), "--out", str(tmp_path / "eval"), "--device", "cpu"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3ForCausalLM
 
-from data.shapes import shapes_world_tokenizer, world_texts
 from llm.text_tokenizer import (
     EOS_TOKEN,
     PAD_TOKEN,
@@ -35,6 +34,7 @@ from llm.vocab import (
     image_prefix_ids,
     unconditional_prompt_ids,
 )
+from world.shapes import shapes_world_tokenizer, world_texts
 
 CAPTIONS = ["a photo of a red square", "a photo of three circles", "a photo of a triangle left of a circle"]
 

@@ -1,12 +1,13 @@
 """Autoregressive text-to-image training: a causal LM (Qwen3) with its vocabulary expanded by the VQRAE codes learns
 next-token prediction of an image's codes after its caption, under DeepSpeed ZeRO.
 
-    deepspeed train/ar_gen.py                        # CPU default: tiny Qwen3 on codes of the shapes world
+    deepspeed train/ar_gen.py                        # CPU default: the world's Qwen3 on codes of the shapes world
     deepspeed --num_gpus 8 train/ar_gen.py --config train/configs/ar_gen/qwen3-0.6b.yaml \\
         lm.pretrained=/ckpt/Qwen3-0.6B data.tokenizer=runs/siglip2-stage2/export data.codes=/data/codes
 
-The CPU default needs the tokenizer of `deepspeed train/tokenizer.py` and its stage 2 (train/configs/tokenizer/
-tiny-stage2.yaml); the codes are extracted from the shapes world on first use. Loss: cross-entropy on the code
+The CPU default starts from the world's pretrained Qwen3 (scripts/prepare_world.py) and needs the tokenizer of
+`deepspeed train/tokenizer.py` and its stage 2 (train/configs/tokenizer/tiny-stage2.yaml); the codes are extracted
+from the world's training images on first use (or beforehand by scripts/extract_codes.py). Loss: cross-entropy on the code
 tokens and <|image_end|> only; ~10% of captions are dropped to the unconditional prompt for classifier-free
 guidance. Every run.sample_every steps a PNG grid of sampled prompts is written; the run ends with an export
 (llm/generator.py's layout) that `scripts/generate.py` and `eval/geneval.py` read.
@@ -30,12 +31,11 @@ from common.distributed import DistInfo, barrier
 from data.codes import CHUNK_SIZE, CodeDataset, ensure_manifest, extract_codes
 from data.images import build_image_dataset
 from data.sequences import CaptionCodeSequences, collate_sequences
-from data.shapes import world_texts
 from data.shard_cache import ShardOptions
 from data.transforms import ImageTransform
 from llm.generator import LMConfig, build_lm, save_text_side
 from tokenizer import VQRAE
-from train.config import DebugConfig, RunConfig, run_entry_point
+from train.config import DebugConfig, RunConfig, require_paths, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
 from train.exports import GENERATOR_META, TEXT_SIDE, export_generator
 from train.loop import TrainLoop, run_trainer
@@ -103,12 +103,13 @@ class ARGenTrainer(TrainLoop):
         self.cfg = cfg
         if not cfg.data.tokenizer:
             raise ConfigError("data.tokenizer must name the VQRAE export whose codes the LM learns")
+        require_paths({"data.tokenizer": cfg.data.tokenizer, "lm.pretrained": cfg.lm.pretrained,
+                       "data.images": cfg.data.images,
+                       "data.codes": "" if cfg.data.images else cfg.data.codes})
         prepare_run_dir(cfg, self.out_dir, info)
         self.vqrae = VQRAE.from_pretrained(cfg.data.tokenizer).eval()
         codes = CodeDataset(ensure_codes(cfg, self.vqrae, info))
-        texts = None if cfg.lm.pretrained else world_texts()
-        model, self.tokenizer, self.vocab = build_lm(cfg.lm, self.vqrae, self.out_dir, cfg.run.seed,
-                                                     cfg.deepspeed.dtype, texts)
+        model, self.tokenizer, self.vocab = build_lm(cfg.lm, self.vqrae, cfg.run.seed, cfg.deepspeed.dtype)
         if cfg.lm.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hf_config = model.config.to_dict()

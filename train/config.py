@@ -21,6 +21,22 @@ from common.config import ConfigError, load_config
 from train.guard import NonFiniteLossError
 
 T = TypeVar("T")
+PREPARE_COMMAND = "python scripts/prepare_world.py"  # writes the CPU default's data and foundation models
+DEMO_COMMAND = "bash scripts/cpu_demo.sh"  # runs the CPU default's phases in order
+
+
+def require_paths(paths: dict[str, str]) -> None:
+    """Refuse, in one line, a config key naming a local path that does not exist (remote URLs and brace patterns
+    are the data readers' to check); the line names the commands that write the CPU default's inputs.
+
+    Args:
+        paths: config key -> its value (empty values are not checked).
+    """
+    for key, value in paths.items():
+        if value and "://" not in value and "{" not in value and not Path(value).exists():
+            raise FileNotFoundError(f"{key}={value} not found (on the CPU default, `{PREPARE_COMMAND}` writes the data "
+                                    f"and the pretrained SigLIP and Qwen3, `{DEMO_COMMAND}` every phase's output in "
+                                    f"order; or point {key} at your own)")
 
 
 @dataclass

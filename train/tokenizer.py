@@ -1,6 +1,6 @@
 """Two-stage VQRAE tokenizer training under DeepSpeed ZeRO.
 
-    deepspeed train/tokenizer.py                                       # CPU default: tiny, stage 1, shapes world
+    deepspeed train/tokenizer.py                                       # CPU default: tiny, stage 1, the world's SigLIP
     deepspeed train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml
     deepspeed --num_gpus 8 train/tokenizer.py --config train/configs/tokenizer/siglip2-stage1.yaml \\
         model.encoder_path=/ckpt/siglip2-so400m-patch16-256 loss.lpips_vgg_path=/ckpt/vgg16-397923af.pth \\
@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import ConfigError, merge_dicts, to_dict
-from common.distributed import DistInfo, barrier
+from common.config import merge_dicts, to_dict
+from common.distributed import DistInfo
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, make_grid_png
 from tokenizer.discriminator import build_discriminator
 from tokenizer.losses import build_lpips
 from tokenizer.model import VQRAE
 from tokenizer.objective import LeCAMState, discriminator_loss, generator_loss
-from train.config import run_entry_point
+from train.config import require_paths, run_entry_point
 from train.ema import EMA
 from train.engine import build_engine, deepspeed_json
 from train.exports import EMA_FILE, TOKENIZER_CONFIG, export_tokenizer
@@ -50,7 +50,7 @@ def build_model(cfg: TokenizerTrainConfig) -> VQRAE:
         return VQRAE.from_pretrained(resolve_init(cfg.model.init_from))
     if cfg.model.encoder_path:
         return VQRAE.from_pretrained_encoder(cfg.model.vqrae, cfg.model.encoder_path)
-    log.warning("model.encoder_path is empty: the encoder is RANDOMLY initialised (fine for the CPU demo only)")
+    log.warning("model.encoder_path is empty: the encoder is RANDOMLY initialised (an ablation, not the recipe)")
     return VQRAE(cfg.model.vqrae)
 
 
@@ -66,20 +66,6 @@ def param_groups(model: VQRAE, cfg: TokenizerTrainConfig) -> list[dict]:
              "lr": cfg.optim.lr * (cfg.encoder_lr_scale if is_encoder else 1.0),
              "name": "encoder" if is_encoder else "base"}
             for (is_encoder, decay), ps in sorted(groups.items())]
-
-
-def ensure_world(path: str, samples: int, image_size: int, seed: int, info: DistInfo) -> None:
-    """Write the shapes world to `path` (which must end in /shards) unless it is already there (rank 0)."""
-    if samples <= 0 or Path(path).exists():
-        return
-    if Path(path).name != "shards":
-        raise ConfigError(f"data.world writes tar shards: the data path must end in /shards, got {path}")
-    if info.is_main:
-        from data.shapes_export import export_world
-
-        log.info("writing %d shapes-world images (seed %d) to %s", samples, seed, path)
-        export_world(Path(path).parent, samples, image_size=image_size, seed=seed, fmt="shards")
-    barrier()
 
 
 def sample_batch(cfg: TokenizerTrainConfig, image_size: int) -> torch.Tensor:
@@ -99,15 +85,14 @@ class TokenizerTrainer(TrainLoop):
     def __init__(self, cfg: TokenizerTrainConfig, info: DistInfo):
         super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
         self.cfg = cfg
+        require_paths({"data.train": cfg.data.train, "data.eval": cfg.data.eval,
+                       "model.encoder_path": cfg.model.encoder_path if cfg.stage == 1 else ""})
         model = build_model(cfg)
         cfg.model.encoder, cfg.model.quantizer, cfg.model.decoder = (model.config.encoder, model.config.quantizer,
                                                                      model.config.decoder)  # as built
         prepare_run_dir(cfg, self.out_dir, info)
         self.image_size = model.config.encoder.image_size
         self.patch = model.config.output_patch_size
-        ensure_world(cfg.data.train, cfg.data.world.train_samples, self.image_size, cfg.data.world.train_seed, info)
-        if cfg.data.eval:
-            ensure_world(cfg.data.eval, cfg.data.world.eval_samples, self.image_size, cfg.data.world.eval_seed, info)
         self.dtype = cfg.deepspeed.dtype
         self.teacher = None
         if cfg.stage == 1:

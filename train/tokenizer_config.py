@@ -26,8 +26,9 @@ MODEL_SECTIONS = ("encoder", "quantizer", "decoder")
 class ModelSection:
     """Args:
     preset: a name in tokenizer.config.PRESETS: the starting values of encoder / quantizer / decoder in stage 1.
-    encoder_path: local pretrained vision tower (stage 1; empty = random encoder, e.g. the CPU default); the tower's
-        own config then replaces encoder.tower.
+    encoder_path: local pretrained vision tower (stage 1; SigLIP2 on a cluster, the world's SigLIP on the CPU
+        default); the tower's own config then replaces encoder.tower. Empty: a randomly initialised encoder (an
+        ablation: the paper's point is that the encoder is pretrained).
     init_from: stage 2: a stage-1 export (config.json + model.safetensors) or a stage-1 run folder; its config is
         the model's, and encoder / quantizer / decoder values that differ from it are refused.
     gradient_checkpointing: recompute transformer layers in the backward pass.
@@ -48,16 +49,6 @@ class ModelSection:
 
 
 @dataclass
-class WorldConfig:
-    """The procedural shapes world written on first use to data.train / data.eval (paths ending in /shards)."""
-
-    train_samples: int = 0
-    eval_samples: int = 0
-    train_seed: int = 0
-    eval_seed: int = 1
-
-
-@dataclass
 class DataConfig:
     """Args: train / eval: dataset paths (image folder, jsonl, local tar shards, or indexed shards: a URL, brace
     pattern or shardindex.json); crop: "random" | "center" | "resize"; hflip: random flips; samples: images shown in
@@ -69,7 +60,6 @@ class DataConfig:
     hflip: bool = False
     samples: int = 8
     shards: ShardOptions = field(default_factory=ShardOptions)
-    world: WorldConfig = field(default_factory=WorldConfig)
 
 
 @dataclass

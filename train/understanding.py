@@ -33,16 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common.config import ConfigError
-from common.distributed import DistInfo, barrier
+from common.distributed import DistInfo
 from common.weights import load_exactly
 from data.llava import SKIP_REASONS, ConversationDataset, ShardConversationDataset, collate_llava, read_conversations
-from data.shapes import question_texts, world_texts
 from data.shard_cache import ShardOptions
 from llm.lm import causal_lm
-from llm.understanding import SHORT_ANSWER, build_llava, is_llava_export, load_llava, lora_config
+from llm.understanding import build_llava, is_llava_export, load_llava, lora_config
 from llm.vocab import IGNORE_INDEX
 from tokenizer import VQRAE
-from train.config import DebugConfig, RunConfig, run_entry_point
+from train.config import DebugConfig, RunConfig, require_paths, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
 from train.exports import (
     LLAVA_CONFIG,
@@ -63,8 +62,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "understanding"
 class UnderstandingModelConfig:
     """Args:
     tokenizer: the VQRAE export whose encoder is the vision tower (stage 1, and stage 2 from a projector file).
-    lm_pretrained: local causal-LM directory (e.g. Qwen3-1.7B); empty -> a tiny random Qwen3 with a tokenizer of
-        the shapes world's captions (CPU default). lm_tiny: overrides of that tiny Qwen3.
+    lm_pretrained: local causal-LM directory (Qwen3-1.7B; the CPU default: the world's Qwen3, runs/world/qwen3).
     init_from: stage 2: a stage-1 run folder or its export. projector: stage 2 instead: a stage-1
         projector.safetensors, loaded into a model built from tokenizer + lm_pretrained.
     chat_format: "auto" (ChatML for a tokenizer with its markers, e.g. Qwen's; else LLaVA's vicuna_v1, e.g. Vicuna's
@@ -74,9 +72,8 @@ class UnderstandingModelConfig:
     gradient_checkpointing: recompute the LM's and tower's layers in the backward pass.
     """
 
-    tokenizer: str = "runs/tiny-stage2/export"
+    tokenizer: str = ""
     lm_pretrained: str = ""
-    lm_tiny: dict = field(default_factory=dict)
     attn_implementation: str = "auto"
     init_from: str = ""
     projector: str = ""
@@ -106,14 +103,6 @@ class LoraSection:
 
 
 @dataclass
-class WorldSection:
-    """The shapes world written as LLaVA data to data.image_root on first use (samples > 0)."""
-
-    samples: int = 0
-    seed: int = 0
-
-
-@dataclass
 class UnderstandingDataConfig:
     """Args: conversations: a LLaVA json file; image_root: the folder its image paths are relative to; train:
     instead of those two, LLaVA samples in indexed shards (`scripts/llava_to_shards.py` writes them: an index file,
@@ -127,7 +116,6 @@ class UnderstandingDataConfig:
     shards: ShardOptions = field(default_factory=ShardOptions)
     template: str = ""
     max_length: int = 2048
-    world: WorldSection = field(default_factory=WorldSection)
 
 
 @dataclass
@@ -160,20 +148,13 @@ class UnderstandingTrainConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def shapes_texts() -> list[str]:
-    """The corpus of the CPU default's text tokenizer: the world's captions, its questions, LLaVA's short-answer
-    instruction (each a few tokens then, not spelled out byte by byte)."""
-    return [*world_texts(), *question_texts(), SHORT_ANSWER.strip()]
-
-
-def build_model(cfg: UnderstandingTrainConfig, work_dir: Path):
+def build_model(cfg: UnderstandingTrainConfig):
     """(LlavaForConditionalGeneration in fp32, processor): from a stage-1 export, or built from the VQRAE tower and
     the LM (with the stage-1 projector file loaded in stage 2)."""
     if cfg.model.init_from:
         return load_llava(find_export(cfg.model.init_from, is_llava_export, "model.init_from", "understanding export"))
     vqrae = VQRAE.from_pretrained(cfg.model.tokenizer)
-    lm, tokenizer = causal_lm(cfg.model.lm_pretrained, cfg.model.lm_tiny, work_dir, cfg.run.seed, cfg.deepspeed.dtype,
-                              cfg.model.attn_implementation, None if cfg.model.lm_pretrained else shapes_texts(),
+    lm, tokenizer = causal_lm(cfg.model.lm_pretrained, cfg.deepspeed.dtype, cfg.model.attn_implementation,
                               key="model.lm_pretrained")
     model, processor = build_llava(vqrae, lm, tokenizer, cfg.model.chat_format)
     if cfg.model.projector:  # before DeepSpeed partitions anything (the ZeRO-3 projector-loading failure)
@@ -236,26 +217,15 @@ def with_blank_image(inputs: dict[str, torch.Tensor], image_token_id: int, num_t
     return {"input_ids": widened[0], "attention_mask": widened[1], "labels": widened[2], "pixel_values": pixels}
 
 
-def ensure_world(cfg: UnderstandingTrainConfig, image_size: int, info: DistInfo) -> None:
-    """Write the shapes world's LLaVA data to data.image_root when data.world.samples > 0 and it is missing."""
-    if cfg.data.world.samples <= 0 or cfg.data.train or Path(cfg.data.conversations).is_file():
-        return
-    if info.is_main:
-        from data.shapes_export import export_llava
-
-        export_llava(cfg.data.image_root, cfg.data.world.samples, image_size, cfg.data.world.seed)
-    barrier()
-
-
 class UnderstandingTrainer(TrainLoop):
     """Stage 1 / stage 2 training of a LlavaForConditionalGeneration on LLaVA-format conversations."""
 
     def __init__(self, cfg: UnderstandingTrainConfig, info: DistInfo):
         super().__init__(cfg.run, cfg.debug, cfg.deepspeed.grad_accum_steps, info)
         self.cfg = cfg
+        require_paths(self.input_paths())
         prepare_run_dir(cfg, self.out_dir, info)
         llava, self.processor = self.build_model()
-        ensure_world(cfg, self.processor.image_processor.size["height"], info)
         if cfg.model.gradient_checkpointing:
             llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.llava_config = llava.config.to_dict()
@@ -279,6 +249,17 @@ class UnderstandingTrainer(TrainLoop):
     def describe(self) -> str:
         return f"understanding stage {self.cfg.stage}"
 
+    def input_paths(self) -> dict[str, str]:
+        """The local inputs this run reads, by config key (checked to exist before anything is built; a stage-1
+        export in model.init_from is checked where it is found)."""
+        cfg = self.cfg
+        models = {} if cfg.model.init_from else {"model.tokenizer": cfg.model.tokenizer,
+                                                 "model.lm_pretrained": cfg.model.lm_pretrained,
+                                                 "model.projector": cfg.model.projector}
+        data = {"data.train": cfg.data.train} if cfg.data.train else {
+            "data.conversations": cfg.data.conversations, "data.image_root": cfg.data.image_root}
+        return data | models
+
     def freeze(self, llava):
         """(the model to train, the LlavaForConditionalGeneration inside it): `freeze` for this run."""
         return freeze(llava, self.cfg, self.trainable_token_ids())
@@ -289,7 +270,7 @@ class UnderstandingTrainer(TrainLoop):
 
     def build_model(self):
         """(LlavaForConditionalGeneration in fp32, processor) this run starts from."""
-        return build_model(self.cfg, self.out_dir)
+        return build_model(self.cfg)
 
     def build_dataset(self) -> tuple[torch.utils.data.Dataset, str]:
         """The training items and a line describing them."""

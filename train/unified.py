@@ -135,6 +135,15 @@ class UnifiedTrainer(UnderstandingTrainer):
         return (f"unified model ({self.vocab.codebook_size} codes, generation share {self.cfg.generation.ratio}, "
                 f"images as {self.cfg.image_input})")
 
+    def input_paths(self) -> dict[str, str]:
+        gen, paths = self.cfg.generation, super().input_paths()
+        if gen.generator:
+            paths = {k: v for k, v in paths.items() if k not in ("model.tokenizer", "model.lm_pretrained")}
+            paths["generation.generator"] = gen.generator
+        else:
+            paths["model.tokenizer"] = self.cfg.model.tokenizer
+        return paths | {"generation.codes": gen.codes}
+
     def build_model(self):
         cfg, gen = self.cfg, self.cfg.generation
         if gen.generator:

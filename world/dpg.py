@@ -2,7 +2,7 @@
 and a spatial relation, each with its questions in DPG-Bench's csv layout (dependencies included), so the whole
 benchmark runs on the CPU default with the world's exact judge.
 
-    write_dpg_bench("runs/dpg-shapes", 120)   # prompts/{item_id}.txt, dpg_bench.csv, scenes.jsonl, settings
+    write_dpg_bench("runs/world/dpg", 120)    # prompts/{item_id}.txt, dpg_bench.csv, scenes.jsonl, settings
     image, scene = render_dpg_scene(0, 5)      # a real rendered image of prompt 5 (every question's answer is yes)
 
 Propositions (DPG-Bench's `tuple` column, the category before the parenthesis):
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from common.files import ensure_settings, write_atomic
-from data.shapes import (
+from world.shapes import (
     COLOR_NAMES,
     NUMBER_WORDS,
     POSITION_MARGIN,

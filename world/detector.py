@@ -1,4 +1,4 @@
-"""An exact detector for the shapes world (data/shapes.py), implementing eval.detection.Detector as "shapes-exact".
+"""An exact detector for the shapes world (world/shapes.py), implementing eval.detection.Detector as "shapes-exact".
 
 1. Every pixel takes the nearest of the ten palette colours and the background; the non-background pixels form
    8-connected components, one per object since objects are rendered apart. Components smaller than
@@ -6,7 +6,7 @@
 2. A component's colour is the palette colour nearest to the median of its core (its mask eroded by a pixel). Its
    mask is redrawn as the pixels at least half covered by that colour, the coverage of a pixel p being its
    projection (p - bg).(c - bg) / |c - bg|^2 on the background -> colour line, which is how antialiased edges mix.
-3. Its class is the shape whose template (`data.shapes.box_template`, the mask the renderer draws for that box)
+3. Its class is the shape whose template (`world.shapes.box_template`, the mask the renderer draws for that box)
    has the highest IoU with the mask, trying the mask's box and that box grown by a pixel on any sides (JPEG and
    blur eat thin tips and corners). The best template's box is the detection's box.
 4. Its score is a product of ramps (SCORE_RAMPS), each 1 for a rendered object and falling to 0 for a weird blob:
@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data.shapes import BACKGROUND, COLOR_NAMES, PALETTE, SHAPES, SUPERSAMPLE, box_template
 from eval.detection import Detection
+from world.shapes import BACKGROUND, COLOR_NAMES, PALETTE, SHAPES, SUPERSAMPLE, box_template
 
 MIN_AREA_FRACTION = 0.003  # 12 pixels at 64 px; the smallest rendered object covers about 45
 # feature -> (value scoring 0, value scoring 1), linear in between

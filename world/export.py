@@ -1,10 +1,13 @@
-"""Writing the shapes world (data/shapes.py) to disk, in the formats the real loaders read, resumably:
+"""Writing the shapes world (world/shapes.py) to disk, in the formats the real loaders read, resumably:
 
-    out_dir/images/{index:08d}.png + out_dir/captions.jsonl     image folder + jsonl
-    out_dir/shards/{shard:06d}.tar                              webdataset tar shards
-    out_dir/world.json                                          the settings; a rerun with others is refused
+    out_dir/images/{index:08d}.png + out_dir/captions.jsonl     image folder + jsonl (data/images.py)
+    out_dir/shards/{shard:06d}.tar                              webdataset tar shards (data/images.py, data/shards.py)
+    out_dir/llava_captions.json, llava_conversations.json       LLaVA's json (data/llava.py), stages 1 and 2
+    out_dir/questions.jsonl                                     evaluation questions (eval/understanding.py)
+    out_dir/world.json, out_dir/llava.json                      the settings; a rerun with others is refused
 
-    python scripts/make_shapes.py --out runs/shapes --num 100000 --format both
+    export_world("runs/world/train", 20000, image_size=32, seed=0, fmt="both")
+    export_llava("runs/world/train", 20000, image_size=32, seed=0)   # reuses the images written above
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.files import ensure_settings, write_atomic
-from data.shapes import check_image_size, render, sample_metadata
 from data.tar_files import write_tar_shard
+from llm.understanding import SHORT_ANSWER
+from world.captions import description
+from world.shapes import check_image_size, render, sample_metadata
 
 WORLD_FILE = "world.json"
+LLAVA_FILE = "llava.json"
+LLAVA_CAPTIONS = "llava_captions.json"
+LLAVA_CONVERSATIONS = "llava_conversations.json"
+QUESTIONS = "questions.jsonl"
 QA_ORDER_STREAM = 0x0DE5  # SeedSequence namespace of the question order of a conversation
 
 
@@ -29,6 +38,11 @@ def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def image_name(index: int) -> str:
+    """Sample `index`'s image path, relative to the split folder."""
+    return f"images/{index:08d}.png"
 
 
 def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, seed: int = 0, fmt: str = "folder",
@@ -66,10 +80,9 @@ def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, se
         (out / "shards").mkdir(exist_ok=True)
     lines: list[str] = []
     members: list[tuple[str, bytes]] = []
-    bar = tqdm(range(num_samples), desc="shapes world", unit="img", disable=not progress)
-    for i in bar:
+    for i in tqdm(range(num_samples), desc="shapes world", unit="img", disable=not progress):
         meta, nominal = sample_metadata(seed, i, image_size)
-        png_path = out / "images" / f"{i:08d}.png"
+        png_path = out / image_name(i)
         shard_path = out / "shards" / f"{i // shard_size:06d}.tar"
         need_png = folder and not png_path.exists()
         need_shard = shards and not shard_path.exists()
@@ -77,7 +90,7 @@ def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, se
         if need_png:
             write_atomic(png_path, png)
         if folder:
-            lines.append(json.dumps({"image": f"images/{i:08d}.png", "caption": meta["prompt"], **meta}) + "\n")
+            lines.append(json.dumps({"image": image_name(i), "caption": meta["prompt"], **meta}) + "\n")
         if need_shard:
             members += [(f"{i:08d}.png", png), (f"{i:08d}.txt", meta["prompt"].encode()),
                         (f"{i:08d}.json", json.dumps({"caption": meta["prompt"], **meta}).encode())]
@@ -91,6 +104,11 @@ def export_world(out_dir: str | Path, num_samples: int, image_size: int = 64, se
             write_atomic(path, data)
 
 
+def conversation_order(questions: int, seed: int, index: int) -> tuple[list[int], bool]:
+    """The order in which sample `index`'s conversation asks its questions, and whether it adds LLaVA-1.5's
+    short-answer instruction to every one (half of the images, drawn per image)."""
+    rng = np.random.default_rng(np.random.SeedSequence((QA_ORDER_STREAM, seed, index)))
+    return rng.permutation(questions).tolist(), bool(rng.random() < 0.5)
 
 
 def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, seed: int = 0,
@@ -98,40 +116,39 @@ def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, se
     """The world as understanding data in LLaVA's formats, resumably (images written once, settings recorded):
 
     out_dir/images/{index:08d}.png
-    out_dir/captions.json        stage 1: one {"id", "image", "conversations": [<image>, caption]} per image
-    out_dir/conversations.json   stage 2: every question of an image as one multi-turn conversation
-    out_dir/questions.jsonl      one {"question_id", "image", "text", "answer", "type"} per question (evaluation)
+    out_dir/llava_captions.json        stage 1: one {"id", "image", "conversations": [<image>, description]} per image
+    out_dir/llava_conversations.json   stage 2: every question of an image as one multi-turn conversation
+    out_dir/questions.jsonl            one {"question_id", "image", "text", "answer", "type"} per question
 
-    The evaluation questions carry LLaVA-1.5's short-answer instruction, as its evaluation prompt does; of the
-    training conversations, half (drawn per image) carry it on every question and half ask plainly, as a chat does,
-    with the same one-word answers (LLaVA-1.5's mix likewise holds both forms). A conversation asks its questions in
-    an order drawn per image (QA_ORDER_STREAM), so every question type is sometimes the first turn, the one an
-    evaluation question is asked in.
+    Stage 1's caption is the image's full description (`world.captions.description`: every object with its colour,
+    and a clear relation when there is one). The evaluation questions carry LLaVA-1.5's short-answer instruction, as
+    its evaluation prompt does; of the training conversations, half (drawn per image) carry it on every question and
+    half ask plainly, as a chat does, with the same one-word answers (LLaVA-1.5's mix likewise holds both forms). A
+    conversation asks its questions in an order drawn per image (`conversation_order`), so every question type is
+    sometimes the first turn, the one an evaluation question is asked in.
     """
-    from llm.understanding import SHORT_ANSWER
-
     check_image_size(image_size)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    ensure_settings(out / WORLD_FILE, {"version": 3, "kind": "llava", "seed": seed, "image_size": image_size,
+    ensure_settings(out / LLAVA_FILE, {"version": 4, "seed": seed, "image_size": image_size,
                                        "num_samples": num_samples})
     captions, conversations, questions = [], [], []
     for i in tqdm(range(num_samples), desc="shapes world (llava)", unit="img", disable=not progress):
         meta, nominal = sample_metadata(seed, i, image_size)
-        image = f"images/{i:08d}.png"
+        image = image_name(i)
         if not (out / image).exists():
             write_atomic(out / image, _png_bytes(render(meta["objects"], nominal, image_size)))
         captions.append({"id": f"{i:08d}", "image": image, "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": meta["prompt"]}]})
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": description(meta["objects"])}]})
         turns = []
-        rng = np.random.default_rng(np.random.SeedSequence((QA_ORDER_STREAM, seed, i)))
-        order, suffix = rng.permutation(len(meta["qa"])), SHORT_ANSWER if rng.random() < 0.5 else ""
+        order, short = conversation_order(len(meta["qa"]), seed, i)
         for k, qa in enumerate(meta["qa"][j] for j in order):
-            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"] + suffix},
+            turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"] +
+                       (SHORT_ANSWER if short else "")},
                       {"from": "gpt", "value": qa["answer"]}]
             questions.append({"question_id": f"{i:08d}-{k}", "image": image, "text": qa["question"] + SHORT_ANSWER,
                               "answer": qa["answer"], "type": qa["type"]})
         conversations.append({"id": f"{i:08d}", "image": image, "conversations": turns})
-    write_atomic(out / "captions.json", json.dumps(captions))
-    write_atomic(out / "conversations.json", json.dumps(conversations))
-    write_atomic(out / "questions.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
+    write_atomic(out / LLAVA_CAPTIONS, json.dumps(captions))
+    write_atomic(out / LLAVA_CONVERSATIONS, json.dumps(conversations))
+    write_atomic(out / QUESTIONS, "".join(json.dumps(q) + "\n" for q in questions))

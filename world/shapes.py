@@ -19,9 +19,9 @@ Conventions:
 
 GenEval's vocabulary (task tags, colour names, relations) and its position rule are the scorer's own objects
 (eval/geneval_scoring.py, eval/detection.py), so a caption this world calls true is true by the scorer's code.
-Writing the world to disk (image folder + jsonl, webdataset shards) is data/shapes_export.py:
+Writing the world to disk (image folder + jsonl, webdataset shards, LLaVA json) is world/export.py:
 
-    python scripts/make_shapes.py --out runs/shapes --num 100000 --format both
+    python scripts/prepare_world.py data      # the CPU default's splits, in every format (world/prepare.py)
 """
 
 from __future__ import annotations
@@ -367,7 +367,8 @@ def question_texts() -> list[str]:
 def make_qa(rng: np.random.Generator, objects: list[dict]) -> list[dict]:
     """Question-answer pairs true of `objects`: one colour question (a class present once), one count question,
     two existence questions (one present and one absent class, so yes/no balance), one position question (two
-    classes present once each, relation clear under GenEval's rule, yes or no with equal chance)."""
+    classes present once each, relation clear under GenEval's rule, yes or no with equal chance; its "pair" holds
+    the two shapes, asked-about first)."""
     counts = {s: sum(o["shape"] == s for o in objects) for s in SHAPE_NAMES}
     present = [s for s in SHAPE_NAMES if counts[s]]
     absent = [s for s in SHAPE_NAMES if not counts[s]]
@@ -393,7 +394,7 @@ def make_qa(rng: np.random.Generator, objects: list[dict]) -> list[dict]:
         if choices:
             r = choices[rng.integers(len(choices))]
             qa.append({"question": position_question(a["shape"], r, b["shape"]), "answer": "yes" if want_yes else "no",
-                       "type": "position"})
+                       "type": "position", "pair": [a["shape"], b["shape"]]})
     return qa
 
 
