@@ -72,10 +72,10 @@ class ChatFormat:
 
 CHAT_FORMATS = {f.name: f for f in (
     # ChatML, Qwen's turn format.
-    ChatFormat("chatml",
+    ChatFormat("chatml",  # the newline after each turn is an expression: one after a block tag would be trimmed
                "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
                "{% if message['role'] == 'assistant' %}{% generation %}" + _CONTENT + "<|im_end|>{% endgeneration %}"
-               "{% else %}" + _CONTENT + "<|im_end|>{% endif %}\n{% endfor %}"
+               "{% else %}" + _CONTENT + "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
                "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
     # LLaVA-1.5's conv_vicuna_v1 (Vicuna / LLaMA-family LLMs): "<s>SYSTEM USER: q ASSISTANT: a</s>USER: ...".

@@ -108,19 +108,20 @@ def geneval_rows(models: dict[str, TextToImage], prompts: Path, out: Path, n: in
 
 def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampling: SamplingConfig
              ) -> dict[str, dict]:
-    """DPG-Bench (the shapes world's set, the exact judge) of the generators, of real rendered images (4 renders of
-    each prompt's scene: the ceiling) and of blank images (the floor)."""
+    """DPG-Bench (the shapes world's set in `prompt_set`, written by scripts/prepare_world.py; the exact judge) of the
+    generators, of real rendered images (4 renders of each prompt's scene: the ceiling) and of blank images (the
+    floor)."""
     from PIL import Image
 
-    from eval.dpg_bench import SHAPES_PROMPTS, score_folder, tile
     from eval.dpg_bench import generate as generate_dpg
     from eval.dpg_bench import read_prompts as dpg_prompts
-    from eval.dpg_judges import ShapesJudge
+    from eval.dpg_bench import score_folder, tile
     from eval.dpg_scoring import read_question_csv
-    from world.dpg import render_dpg_scene, write_dpg_bench
+    from world.dpg import render_dpg_scene
+    from world.judge import ShapesJudge
     from world.shapes import BACKGROUND
 
-    questions = read_question_csv(write_dpg_bench(prompt_set, SHAPES_PROMPTS))
+    questions = read_question_csv(prompt_set / "dpg_bench.csv")
     prompts = dpg_prompts(prompt_set / "prompts")
     size = next(iter(models.values())).vqrae.config.encoder.image_size
     fixed = {"real rendered images": lambda i: render_dpg_scene(0, i, size)[0],

@@ -27,8 +27,8 @@ SCRIPT = REPO / "scripts" / "ablate_codebook.py"
 
 def sweep(world: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    trainer = [f"data.train={world}/train/shards", f"data.eval={world}/eval/shards", "data.world.train_samples=0",
-               "data.world.eval_samples=0", "deepspeed.micro_batch_size=8", "run.log_every=1", "run.sample_every=0",
+    trainer = [f"data.train={world}/train/shards", f"data.eval={world}/eval/shards", "model.encoder_path=",
+               "deepspeed.micro_batch_size=8", "run.log_every=1", "run.sample_every=0",
                "run.tensorboard=false", "run.ckpt_every=0"]
     return subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--device", "cpu", *extra, *trainer],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

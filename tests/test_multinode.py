@@ -29,7 +29,7 @@ def _launch(node: int, port: int, out: Path, url: str, cache: Path, log: Path, *
            "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), str(SCRIPT),
            f"data.train={url}", f"data.eval={url}", f"run.output_dir={out}", f"run.steps={STEPS}", "run.ckpt_every=3",
            f"deepspeed.micro_batch_size={MICRO_BATCH}", "deepspeed.zero_stage=2", "run.log_every=1",
-           "run.sample_every=0", "run.tensorboard=false", "loss.gan_weight=0", "data.world.train_samples=0", "data.world.eval_samples=0",
+           "run.sample_every=0", "run.tensorboard=false", "loss.gan_weight=0", "model.encoder_path=",
            f"data.shards.window={WINDOW}", f"run.seed={SEED}", "debug.sample_log=true", "run.num_workers=1", *extra]
     environment = {**env(), "VQRAE_SHARD_CACHE": str(cache)}  # each node its own disk
     return subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,

@@ -37,7 +37,7 @@ def world(tmp_path_factory) -> Path:
 def args(world: Path, out: Path, *extra: str) -> list[str]:
     return [f"data.train={world}/train/shards", f"data.eval={world}/eval/shards", f"run.output_dir={out}",
             "deepspeed.micro_batch_size=8", "run.log_every=1", "run.sample_every=0", "run.tensorboard=false",
-            "loss.gan_start=3", "loss.disc_start=3", "data.world.train_samples=0", *extra]
+            "loss.gan_start=3", "loss.disc_start=3", "model.encoder_path=", *extra]
 
 
 def env() -> dict[str, str]:

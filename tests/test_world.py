@@ -290,3 +290,23 @@ def test_probes_read_a_perfect_feature_perfectly_and_know_the_majority():
     chance = attribute_probes(noise[:200], metas[:200], noise[200:], metas[200:])
     assert chance["color"] < 0.4 and 0.0 < chance["majority color"] < 0.3
     assert np.isclose(chance["majority presence"], scores["majority presence"])
+
+
+def test_lm_conversations_are_qwens_chatml_with_the_answers_supervised():
+    from llm.text_tokenizer import CHATML_TEMPLATE
+    from llm.understanding import CHAT_FORMATS
+    from world.lm import chat_tokens, conversation
+    from world.shapes import shapes_world_tokenizer
+
+    tokenizer = shapes_world_tokenizer()
+    for index in range(10):
+        meta, _ = sample_metadata(0, index, 32)
+        messages = conversation(meta, 0, index)
+        ids, labels = chat_tokens(tokenizer, messages)
+        rendered = tokenizer.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=False)
+        assert rendered == tokenizer.apply_chat_template(messages, chat_template=CHAT_FORMATS["chatml"].template,
+                                                         tokenize=False)  # the understanding model's ChatML too
+        assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        supervised = tokenizer.decode([t for t in labels if t >= 0])
+        assert supervised == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        assert messages[0]["content"].startswith("a photo of ") and "\n" in messages[0]["content"]

@@ -4,12 +4,13 @@ world's text and saved as a causal-LM folder (`save_pretrained`) that `AutoModel
 `AutoTokenizer.from_pretrained` read, and that the generator (`lm.pretrained`) and the understanding model
 (`model.lm_pretrained`) start from, as the real recipe starts from Qwen3-0.6B.
 
-Its text, drawn per step from a split of the world on disk (captions.jsonl), every token supervised:
-- captions: one of an image's captions (world/captions.py's kinds), then the end-of-text token;
+Its text, drawn per step from a split of the world on disk (captions.jsonl):
+- captions: one of an image's captions (world/captions.py's kinds), then the end-of-text token, every token
+  supervised (language modelling);
 - conversations, in ChatML: the image's description, then its questions (the order and the short-answer instruction
-  of the LLaVA export, world/export.py) answered turn by turn. The description names the relation a position
-  question asks about, so every answer follows from the text: the model learns to read a scene and answer about
-  it, what an instruction-tuned LLM brings to LLaVA.
+  of the LLaVA export, world/export.py) answered turn by turn, the answers supervised (instruction tuning). The
+  description names the relation a position question asks about, so every answer follows from the text: the model
+  learns to read a scene and answer about it, what an instruction-tuned LLM brings to LLaVA.
 
     pretrain_lm("runs/world/train", "runs/world/qwen3", LMPretrainConfig())
 """
@@ -26,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.files import atomic_directory
 from llm.text_tokenizer import corpus_tokenizer
-from llm.understanding import SHORT_ANSWER
+from llm.understanding import CHAT_FORMATS, SHORT_ANSWER
 from llm.vocab import IGNORE_INDEX, build_tiny_qwen3
 from world.captions import CAPTION_KINDS, caption_corpus, caption_kinds, description
 from world.export import conversation_order
@@ -70,8 +71,19 @@ def conversation(meta: dict, seed: int, index: int) -> list[dict[str, str]]:
     return messages
 
 
+def chat_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation in ChatML (the understanding model's `chatml` format, whose template marks what
+    training supervises): each assistant answer and the token ending it supervised, the rest ignored, as LLaVA's
+    stage 2 and instruction tuning do."""
+    encoded = tokenizer.apply_chat_template(messages, chat_template=CHAT_FORMATS["chatml"].template, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+    ids = list(encoded["input_ids"])
+    return ids, [i if supervised else IGNORE_INDEX for i, supervised in zip(ids, encoded["assistant_masks"])]
+
+
 class WorldText:
-    """A split's documents, tokenized once: per image, one caption document of each kind and one conversation."""
+    """A split's documents, tokenized once: per image, one caption document of each kind (every token supervised)
+    and one conversation (its answers supervised)."""
 
     def __init__(self, split: Path, tokenizer: PreTrainedTokenizerBase, seed: int, progress: bool = True):
         with open(split / "captions.jsonl", encoding="utf-8") as f:
@@ -79,10 +91,9 @@ class WorldText:
         eos = tokenizer.eos_token_id
         captions = [caption_kinds(m)[k] for m in metas for k in CAPTION_KINDS]
         ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
-        self.captions = [[*row, eos] for row in ids]  # index: image * len(CAPTION_KINDS) + kind
-        chats = [tokenizer.apply_chat_template(conversation(m, seed, i), tokenize=False)
-                 for i, m in enumerate(tqdm(metas, desc="conversations", disable=not progress))]
-        self.chats = tokenizer(chats, add_special_tokens=False)["input_ids"]
+        self.captions = [([*row, eos], [*row, eos]) for row in ids]  # index: image * len(CAPTION_KINDS) + kind
+        self.chats = [chat_tokens(tokenizer, conversation(m, seed, i))
+                      for i, m in enumerate(tqdm(metas, desc="conversations", disable=not progress))]
         self.pad = tokenizer.pad_token_id
 
     def __len__(self) -> int:
@@ -90,21 +101,23 @@ class WorldText:
 
     def batch(self, generator: torch.Generator, size: int, chat_share: float) -> dict[str, torch.Tensor]:
         """`size` documents drawn with replacement, all conversations (with probability `chat_share`) or all captions
-        of kinds drawn per document (a batch of one kind wastes little on padding), right-padded; labels are the ids
-        with the padding ignored."""
+        of kinds drawn per document (a batch of one kind wastes little on padding), right-padded, with their labels
+        (padding ignored)."""
         index = torch.randint(0, len(self), (size,), generator=generator).tolist()
         if torch.rand((), generator=generator).item() < chat_share:
             docs = [self.chats[i] for i in index]
         else:
             kind = torch.randint(0, len(CAPTION_KINDS), (size,), generator=generator).tolist()
             docs = [self.captions[i * len(CAPTION_KINDS) + k] for i, k in zip(index, kind)]
-        length = max(map(len, docs))
+        length = max(len(ids) for ids, _ in docs)
         ids = torch.full((size, length), self.pad, dtype=torch.long)
+        labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros(size, length, dtype=torch.long)
-        for row, doc in enumerate(docs):
+        for row, (doc, supervised) in enumerate(docs):
             ids[row, : len(doc)] = torch.tensor(doc)
+            labels[row, : len(doc)] = torch.tensor(supervised)
             mask[row, : len(doc)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def pretrain_lm(split: str | Path, out_dir: str | Path, cfg: LMPretrainConfig, world_seed: int, work_dir: str | Path,

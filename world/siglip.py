@@ -101,13 +101,11 @@ class CaptionedImages:
         dataset = build_image_dataset(str(split / "captions.jsonl"), ImageTransform(image_size, "center"))
         items = [dataset[i] for i in tqdm(range(len(dataset)), desc="read images", disable=not progress)]
         self.pixels = torch.stack([item["pixel_values"] for item in items])  # (N, 3, H, W) in [-1, 1]
-        captions = [caption_kinds(item["meta"]) for item in items]
-        flat = [c[k] for c in captions for k in CAPTION_KINDS]
+        flat = [caption_kinds(item["meta"])[k] for item in items for k in CAPTION_KINDS]
         ids = tokenizer(flat, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
         self.ids = torch.tensor(ids).view(len(items), len(CAPTION_KINDS), max_length)
         self.image_facts = fact_matrix([image_facts(item["meta"]["objects"]) for item in items])
         self.caption_facts = fact_matrix([caption_facts(c) for c in flat]).view(len(items), len(CAPTION_KINDS), -1)
-        self.texts = flat
 
     def __len__(self) -> int:
         return len(self.pixels)
