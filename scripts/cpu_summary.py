@@ -37,6 +37,13 @@ def phase_seconds(path: Path) -> dict[str, int]:
     return out
 
 
+def number(value: float) -> str:
+    """A table's number: two decimals from 10 up (dB, DPG x 100), three for rates, two significant digits below 0.01."""
+    if abs(value) >= 10:
+        return f"{value:.2f}"
+    return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
+
+
 def summary_rows(runs: Path) -> list[dict]:
     foundation = read_json(runs / "foundation_report.json", "python scripts/foundation_report.py")
     report = read_json(runs / "cpu_report.json", "python scripts/cpu_report.py")
@@ -60,6 +67,8 @@ def summary_rows(runs: Path) -> list[dict]:
          "baseline": f"untrained {tok['untrained']['psnr']:.2f}", "output": "runs/tiny-stage2/export"},
         {"phase": "tokenizer stage 1 + 2", "measure": "GenEval of reconstructions", "value": tok["stage 2"]["recon_geneval"],
          "baseline": f"untrained {tok['untrained']['recon_geneval']:.3f}", "output": "runs/tiny-stage2/export"},
+        {"phase": "tokenizer stage 2", "measure": "encoder's squared distance to its teacher / teacher feature variance",
+         "value": tok["stage 2"]["distillation"]["relative"], "baseline": "", "output": "runs/cpu_report.json"},
         {"phase": "generator", "measure": "GenEval overall (held-out prompts)", "value": gen["trained"]["overall"],
          "baseline": f"untrained {gen['untrained']['overall']:.3f}", "output": "runs/tiny-ar/export"},
         {"phase": "generator", "measure": "DPG-Bench overall (x 100)", "value": dpg["trained"]["overall"],
@@ -90,7 +99,7 @@ def main() -> None:
     print("| phase | measure | value | baseline | output |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['phase']} | {r['measure']} | {r['value']:.3f} | {r['baseline']} | `{r['output']}` |")
+        print(f"| {r['phase']} | {r['measure']} | {number(r['value'])} | {r['baseline']} | `{r['output']}` |")
     if seconds:
         print("\nphase minutes: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items()) +
               f"; total {sum(seconds.values()) / 60:.1f} (installation not included)")

@@ -38,18 +38,21 @@ section() {  # name, time limit in seconds, command...
     echo "=== $name: exit $rc after $((SECONDS - start))s"
 }
 
-trainers() {  # tokenizer stage 1 -> stage 2 -> generator on CUDA; each must finish with an export
+trainers() {  # a small world with its foundation models, then tokenizer stage 1 -> stage 2 -> generator on CUDA
     set -e
     local dir=/tmp/gpu-checks common="deepspeed.bf16=true deepspeed.zero_stage=2 run.log_every=5 run.tensorboard=false"
     rm -rf "$dir"
+    "$PY" scripts/prepare_world.py --no-progress out=$dir/world train.samples=1024 val.samples=64 heldout.samples=64 \
+        prompts_per_task=2 val_prompts_per_task=2 dpg_prompts=4 siglip.run.steps=20 lm.run.steps=20
     "$PY" train/tokenizer.py $common run.output_dir=$dir/s1 run.steps=40 run.ckpt_every=20 run.sample_every=20 \
-        data.train=$dir/world/train/shards data.eval=$dir/world/eval/shards data.world.train_samples=1024 \
-        data.world.eval_samples=64 loss.disc_start=10 loss.gan_start=20
+        model.encoder_path=$dir/world/siglip data.train=$dir/world/train/shards data.eval=$dir/world/val/shards \
+        loss.disc_start=10 loss.gan_start=20
     "$PY" train/tokenizer.py --config train/configs/tokenizer/tiny-stage2.yaml $common run.output_dir=$dir/s2 \
         run.steps=30 run.ckpt_every=15 run.sample_every=15 model.init_from=$dir/s1 \
-        data.train=$dir/world/train/shards data.eval=$dir/world/eval/shards loss.gan_start=10
+        data.train=$dir/world/train/shards data.eval=$dir/world/val/shards loss.gan_start=10
     "$PY" train/ar_gen.py $common run.output_dir=$dir/ar run.steps=40 run.ckpt_every=20 run.sample_every=20 \
-        data.tokenizer=$dir/s2/export data.codes=$dir/codes data.images=$dir/world/train/shards
+        lm.pretrained=$dir/world/qwen3 data.tokenizer=$dir/s2/export data.codes=$dir/codes \
+        data.images=$dir/world/train/shards
     tail -n 2 $dir/s1/metrics.jsonl $dir/s2/metrics.jsonl $dir/ar/metrics.jsonl
     ls $dir/s1/export $dir/s2/export $dir/ar/export
 }
@@ -59,11 +62,12 @@ understanding() {  # understanding stage 1 (ZeRO-2) -> stage 2 (ZeRO-3) on CUDA 
     local dir=/tmp/gpu-checks common="deepspeed.bf16=true run.log_every=5 run.tensorboard=false"
     [ -d $dir/s2/export ] || { echo "needs the trainers section's export ($dir/s2/export)"; exit 1; }
     "$PY" train/understanding.py $common deepspeed.zero_stage=2 run.output_dir=$dir/und1 run.steps=40 \
-        run.ckpt_every=20 model.tokenizer=$dir/s2/export data.image_root=$dir/llava \
-        data.conversations=$dir/llava/captions.json data.world.samples=1024
+        run.ckpt_every=20 model.tokenizer=$dir/s2/export model.lm_pretrained=$dir/world/qwen3 \
+        data.image_root=$dir/world/train data.conversations=$dir/world/train/llava_captions.json
     "$PY" train/understanding.py --config train/configs/understanding/tiny-stage2.yaml $common \
         deepspeed.zero_stage=3 run.output_dir=$dir/und2 run.steps=40 run.ckpt_every=20 model.init_from=$dir/und1 \
-        data.image_root=$dir/llava data.conversations=$dir/llava/conversations.json model.gradient_checkpointing=true
+        model.tokenizer=$dir/s2/export model.lm_pretrained=$dir/world/qwen3 data.image_root=$dir/world/train \
+        data.conversations=$dir/world/train/llava_conversations.json model.gradient_checkpointing=true
     tail -n 2 $dir/und1/metrics.jsonl $dir/und2/metrics.jsonl
     ls $dir/und2/export
 }
