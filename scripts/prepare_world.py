@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"steps to run ({', '.join(STEPS)}; default all) and config overrides")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=f"yaml config (default {DEFAULT_CONFIG})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # steps, overrides and options in any order
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     steps = tuple(a for a in args.items if "=" not in a) or STEPS
     with reported_errors():

@@ -260,6 +260,18 @@ def test_vqrae_on_the_siglip_folder_holds_its_vision_tensors(prepared):
         assert torch.allclose(vqrae.encode_features(x), hidden, atol=1e-5)
 
 
+def test_prepare_command_takes_steps_overrides_and_options_in_any_order(tmp_path):
+    out = tmp_path / "w"
+    small = ["train.samples=12", "val.samples=4", "heldout.samples=4", "shard_size=8", "prompts_per_task=1",
+             "val_prompts_per_task=1", "dpg_prompts=2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_world.py"), "data", "--no-progress",
+                           f"out={out}", *small], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "data.json").is_file() and not (out / "siglip").exists()  # the data step alone ran
+    assert len((out / "train" / "captions.jsonl").read_text().splitlines()) == 12
+
+
 # ----------------------------------------------------------------------------------------------- the trainers
 
 
