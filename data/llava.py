@@ -39,10 +39,10 @@ from data.keys import epoch_and_index
 from data.shards import ShardDataset, write_index
 from data.tar_files import write_tar_shard
 from data.transforms import to_rgb
-from llm.understanding import mean_color
+from llm.understanding import chat_tokens, mean_color
+from llm.vocab import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 TEMPLATES = ("plain", "chat")
 SKIP_REASONS = ("missing_image", "unreadable_image", "truncated_image", "template_mismatch", "no_answer",
@@ -126,11 +126,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 return "template_mismatch"
             prompt, answer = self.encode(turns[0][1]), self.encode(turns[1][1] + "\n")
             return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-        encoded = self.tokenizer.apply_chat_template(
-            [{"role": role, "content": text} for role, text in turns], chat_template=self.processor.chat_template,
-            tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, mask = list(encoded["input_ids"]), encoded["assistant_masks"]
-        return ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+        return chat_tokens(self.tokenizer, [{"role": role, "content": text} for role, text in turns],
+                           self.processor.chat_template)
 
     def image(self, relative: str) -> torch.Tensor | str:
         path = self.root / relative

@@ -38,6 +38,7 @@ from transformers import (
 from common.config import ConfigError
 from common.files import atomic_directory
 from common.weights import load_exactly
+from llm.vocab import IGNORE_INDEX
 from tokenizer import VQRAE
 from tokenizer.encoder import FAMILIES
 
@@ -86,6 +87,16 @@ CHAT_FORMATS = {f.name: f for f in (
                "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
                "eos"),
 )}
+
+
+def chat_tokens(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], template: str
+                ) -> tuple[list[int], list[int]]:
+    """(ids, labels) of a conversation rendered and tokenised whole by a chat template (a `ChatFormat`'s): the tokens
+    inside its `{% generation %}` blocks (each answer and the token ending it) labelled, the rest IGNORE_INDEX."""
+    encoded = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    ids = list(encoded["input_ids"])
+    return ids, [i if supervised else IGNORE_INDEX for i, supervised in zip(ids, encoded["assistant_masks"])]
 
 
 def chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto") -> ChatFormat:

@@ -117,12 +117,12 @@ def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampli
     from eval.dpg_bench import read_prompts as dpg_prompts
     from eval.dpg_bench import score_folder, tile
     from eval.dpg_scoring import read_question_csv
-    from world.dpg import render_dpg_scene
+    from world.dpg import PROMPTS_DIR, QUESTIONS_CSV, render_dpg_scene
     from world.judge import ShapesJudge
     from world.shapes import BACKGROUND
 
-    questions = read_question_csv(prompt_set / "dpg_bench.csv")
-    prompts = dpg_prompts(prompt_set / "prompts")
+    questions = read_question_csv(prompt_set / QUESTIONS_CSV)
+    prompts = dpg_prompts(prompt_set / PROMPTS_DIR)
     size = next(iter(models.values())).vqrae.config.encoder.image_size
     fixed = {"real rendered images": lambda i: render_dpg_scene(0, i, size)[0],
              "blank images": lambda i: Image.new("RGB", (size, size), BACKGROUND)}

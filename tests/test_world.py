@@ -306,15 +306,15 @@ def test_probes_read_a_perfect_feature_perfectly_and_know_the_majority():
 
 def test_lm_conversations_are_qwens_chatml_with_the_answers_supervised():
     from llm.text_tokenizer import CHATML_TEMPLATE
-    from llm.understanding import CHAT_FORMATS
-    from world.lm import chat_tokens, conversation
+    from llm.understanding import CHAT_FORMATS, chat_tokens
+    from world.lm import conversation
     from world.shapes import shapes_world_tokenizer
 
     tokenizer = shapes_world_tokenizer()
     for index in range(10):
         meta, _ = sample_metadata(0, index, 32)
         messages = conversation(meta, 0, index)
-        ids, labels = chat_tokens(tokenizer, messages)
+        ids, labels = chat_tokens(tokenizer, messages, CHAT_FORMATS["chatml"].template)
         rendered = tokenizer.apply_chat_template(messages, chat_template=CHATML_TEMPLATE, tokenize=False)
         assert rendered == tokenizer.apply_chat_template(messages, chat_template=CHAT_FORMATS["chatml"].template,
                                                          tokenize=False)  # the understanding model's ChatML too

@@ -43,6 +43,8 @@ DPG_SEED = 0
 CSV_COLUMNS = ("item_id", "text", "keywords", "proposition_id", "dependency", "category_broad", "category_detailed",
                "tuple", "question_natural_language")
 SETTINGS_FILE = "dpg_world.json"
+PROMPTS_DIR = "prompts"  # {item_id}.txt, as DPG-Bench ships its prompts
+QUESTIONS_CSV = "dpg_bench.csv"
 
 
 def dpg_scene(seed: int, index: int, image_size: int = 32) -> tuple[dict, list[tuple[int, int, int, int]]]:
@@ -130,11 +132,11 @@ def write_dpg_bench(out_dir: str | Path, num_prompts: int, seed: int = DPG_SEED,
     scenes = []
     for index in range(num_prompts):
         scene, _ = dpg_scene(seed, index, image_size)
-        write_atomic(out / "prompts" / f"{scene['item_id']}.txt", scene["prompt"] + "\n")
+        write_atomic(out / PROMPTS_DIR / f"{scene['item_id']}.txt", scene["prompt"] + "\n")
         keywords = ", ".join(sorted({o["shape"] for o in scene["objects"]}))
         for row in scene["questions"]:
             writer.writerow({"item_id": scene["item_id"], "text": scene["prompt"], "keywords": keywords, **row})
         scenes.append(scene)
     write_atomic(out / "scenes.jsonl", "".join(json.dumps(s) + "\n" for s in scenes))
-    write_atomic(out / "dpg_bench.csv", buffer.getvalue())
-    return out / "dpg_bench.csv"
+    write_atomic(out / QUESTIONS_CSV, buffer.getvalue())
+    return out / QUESTIONS_CSV

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.files import atomic_directory
 from llm.text_tokenizer import corpus_tokenizer
-from llm.understanding import CHAT_FORMATS, SHORT_ANSWER
+from llm.understanding import CHAT_FORMATS, SHORT_ANSWER, chat_tokens
 from llm.vocab import IGNORE_INDEX, build_tiny_qwen3
 from world.captions import CAPTION_KINDS, caption_corpus, caption_kinds, description
 from world.export import conversation_order
@@ -71,16 +71,6 @@ def conversation(meta: dict, seed: int, index: int) -> list[dict[str, str]]:
     return messages
 
 
-def chat_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(ids, labels) of a conversation in ChatML (the understanding model's `chatml` format, whose template marks what
-    training supervises): each assistant answer and the token ending it supervised, the rest ignored, as LLaVA's
-    stage 2 and instruction tuning do."""
-    encoded = tokenizer.apply_chat_template(messages, chat_template=CHAT_FORMATS["chatml"].template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
-    ids = list(encoded["input_ids"])
-    return ids, [i if supervised else IGNORE_INDEX for i, supervised in zip(ids, encoded["assistant_masks"])]
-
-
 class WorldText:
     """A split's documents, tokenized once: per image, one caption document of each kind (every token supervised)
     and one conversation (its answers supervised)."""
@@ -92,7 +82,7 @@ class WorldText:
         captions = [caption_kinds(m)[k] for m in metas for k in CAPTION_KINDS]
         ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
         self.captions = [([*row, eos], [*row, eos]) for row in ids]  # index: image * len(CAPTION_KINDS) + kind
-        self.chats = [chat_tokens(tokenizer, conversation(m, seed, i))
+        self.chats = [chat_tokens(tokenizer, conversation(m, seed, i), CHAT_FORMATS["chatml"].template)
                       for i, m in enumerate(tqdm(metas, desc="conversations", disable=not progress))]
         self.pad = tokenizer.pad_token_id
 
