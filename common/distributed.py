@@ -39,8 +39,8 @@ def init_distributed(device: str = "auto", always: bool = False) -> DistInfo:
     """Join the launcher's process group (NCCL on GPUs, gloo on CPU) and pick this rank's device.
 
     Under `deepspeed` or `torchrun` (RANK / WORLD_SIZE in the environment) the group is initialised; under plain
-    `python` a one-process group is set up when `always` (DeepSpeed needs one), else none. CPU processes of one
-    machine split its cores (oversubscribed OpenMP threads stall each other).
+    `python` a one-process group is set up when `always` (DeepSpeed needs one), else none. On CPU the process runs
+    `cpu_threads()` threads.
 
     Args:
         device: "auto" (CUDA when available), "cuda" or "cpu".
@@ -61,7 +61,7 @@ def init_distributed(device: str = "auto", always: bool = False) -> DistInfo:
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     if not cuda:
-        torch.set_num_threads(max(1, _cores() // processes_on_node()))
+        torch.set_num_threads(cpu_threads())
     rank, world = rank_and_world()
     return DistInfo(rank, world, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
@@ -123,6 +123,18 @@ def shutdown() -> None:
     """Leave the process group, if any."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cpu_threads() -> int:
+    """A CPU process's threads: an explicit OMP_NUM_THREADS (e.g. to leave cores to another job on a shared machine;
+    torchrun sets it to 1 for several processes a node unless it is set), else the cores this process may run on
+    split between this job's processes on the machine (oversubscribed OpenMP threads stall each other)."""
+    explicit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if explicit:
+        if not explicit.isdigit() or int(explicit) < 1:
+            raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {explicit!r}")
+        return int(explicit)
+    return max(1, _cores() // processes_on_node())
 
 
 def _cores() -> int:

@@ -6,17 +6,18 @@ File format (LLaVA-1.5's): a json list of {"id", "image": path relative to the i
 is moved to the start of the first one, as LLaVA does.
 
 Templates:
-- "plain" (stage 1): exactly one human turn (the image) and one gpt turn (the caption); input = the image tokens +
-  caption + "\\n"; only the caption and its "\\n" are supervised.
+- "plain" (stage 1), LLaVA's `preprocess_plain`: exactly one human turn holding the image and one gpt turn (the
+  caption); the human turn's text is dropped, input = [BOS where the tokenizer adds one] + the image tokens + caption +
+  "\\n"; only the caption and its "\\n" are supervised.
 - "chat" (stage 2): multi-turn, rendered and tokenised whole by the processor's chat template (a format of
   llm/understanding.py's CHAT_FORMATS: ChatML, or LLaVA's vicuna_v1); only the assistant answers and their end-of-turn
   token are supervised, as the template's `{% generation %}` blocks mark them.
 
 The image becomes `num_image_tokens` copies of the `<image>` token id (what LlavaForConditionalGeneration fills with
-the projected features); pixels are padded to a square with the processor's mean colour (LLaVA's
-`image_aspect_ratio pad`) and then preprocessed by the processor's own image processor, so training sees exactly what
-evaluation does. A sample whose truncation would cut image tokens, whose image is missing or unreadable, or that
-does not fit the plain template (one human turn, then one gpt turn) is skipped and counted by reason in
+the projected features); pixels are the processor's own (its image processor pads to a square with the mean colour,
+LLaVA's `image_aspect_ratio pad`: llm/understanding.py's `image_processor`), so training sees exactly what evaluation
+does. A sample whose truncation would cut image tokens, whose image is missing or unreadable, or that
+does not fit the plain template (one human turn holding the image, then one gpt turn) is skipped and counted by reason in
 `collate_llava`.
 """
 
@@ -39,7 +40,7 @@ from data.keys import epoch_and_index
 from data.shards import ShardDataset, write_index
 from data.tar_files import write_tar_shard
 from data.transforms import to_rgb
-from llm.understanding import chat_tokens, mean_color
+from llm.understanding import chat_tokens, leading_special_ids
 from llm.vocab import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.tokenizer = processor.tokenizer
         self.image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         self.num_image_tokens, self.template, self.max_length = num_image_tokens, template, max_length
-        self.fill = mean_color(processor)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -122,9 +122,11 @@ class ConversationDataset(torch.utils.data.Dataset):
     def tokens(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]] | str:
         """input ids and labels of the turns, or the reason they cannot be trained on."""
         if self.template == "plain":
-            if len(turns) != 2 or turns[0][0] != "user" or turns[1][0] != "assistant":
+            if (len(turns) != 2 or turns[0][0] != "user" or turns[1][0] != "assistant"
+                    or IMAGE_PLACEHOLDER not in turns[0][1]):
                 return "template_mismatch"
-            prompt, answer = self.encode(turns[0][1]), self.encode(turns[1][1] + "\n")
+            prompt = leading_special_ids(self.tokenizer) + [self.image_id]  # the image alone, after a BOS if any
+            answer = self.encode(turns[1][1] + "\n")
             return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
         return chat_tokens(self.tokenizer, [{"role": role, "content": text} for role, text in turns],
                            self.processor.chat_template)
@@ -142,12 +144,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         return self.pixels(image)
 
     def pixels(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
-        """An RGB image padded to a square with the mean colour, then the processor's pixels (3, H, W). `seed` is
+        """The processor's pixels of an RGB image (3, H, W), padded to a square by its image processor. `seed` is
         unused: the signature of an image dataset's transform."""
-        side = max(image.size)
-        square = Image.new("RGB", (side, side), self.fill)
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        return self.processor.image_processor(images=square, return_tensors="pt")["pixel_values"][0]
+        return self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         _, i = epoch_and_index(key)
@@ -279,12 +278,13 @@ def write_llava_shards(samples: Sequence[Mapping[str, Any]], image_root: str | P
 def collate_llava(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded batch (pad id, attention 0, label IGNORE_INDEX); pixel_values of the samples with an image, in
     order (None when there is none); `tasks`: each row's "task" (data.mix; "und" when a sample has none); `skipped`:
-    how many samples were dropped, `skip_reasons`: reason -> count."""
+    how many samples were dropped for their image (missing or unreadable: the trainers' skipped_images),
+    `skip_reasons`: every dropped sample's reason -> count. With nothing kept, input_ids is None."""
     kept = [s for s in samples if "skipped" not in s]
     reasons = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
-    skipped = {"skipped": len(samples) - len(kept), "skip_reasons": reasons}
+    skipped = {"skipped": reasons["missing_image"] + reasons["unreadable_image"], "skip_reasons": reasons}
     if not kept:
-        return {"input_ids": None, "examples": 0, **skipped}
+        return {"input_ids": None, "pixel_values": None, "examples": 0, "tasks": [], **skipped}
     length = max(s["input_ids"].numel() for s in kept)
     ids = torch.full((len(kept), length), pad_id, dtype=torch.long)
     labels = torch.full((len(kept), length), IGNORE_INDEX, dtype=torch.long)

@@ -17,31 +17,30 @@ from common.config import ConfigError
 from data.codes import CodeDataset
 from data.keys import epoch_and_index
 from data.transforms import sample_seed
+from llm.generator import SequenceFormat
 from llm.vocab import (
     IGNORE_INDEX,
     ImageVocab,
-    build_prompt_ids,
     build_sequence,
     caption_problem,
-    unconditional_prompt_ids,
 )
 
 
 class CaptionCodeSequences(torch.utils.data.Dataset):
     """Args:
     codes: extracted codes + captions. tokenizer: the expanded text tokenizer. vocab: its image vocabulary.
-    template: "plain" | "chat". uncond: "pad" | "empty" (must match the sampler's). caption_dropout: probability of
-    the unconditional prompt. seed: the run's data seed.
+    fmt: the sequence format (llm.generator.SequenceFormat, pinned; the sampler's must be the same). caption_dropout:
+    probability of the unconditional prompt. seed: the run's data seed.
     """
 
     def __init__(self, codes: CodeDataset, tokenizer: PreTrainedTokenizerBase, vocab: ImageVocab,
-                 template: str = "plain", uncond: str = "pad", caption_dropout: float = 0.1, seed: int = 0):
+                 fmt: SequenceFormat = SequenceFormat(), caption_dropout: float = 0.1, seed: int = 0):
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
         if codes.codebook_size != vocab.codebook_size:
             raise ValueError(f"codes use {codes.codebook_size} codes but the vocabulary has {vocab.codebook_size}")
         self.codes, self.tokenizer, self.vocab = codes, tokenizer, vocab
-        self.template, self.uncond, self.dropout, self.seed = template, uncond, caption_dropout, seed
+        self.fmt, self.dropout, self.seed = fmt, caption_dropout, seed
         self._check_captions()
 
     def _check_captions(self) -> None:
@@ -65,10 +64,10 @@ class CaptionCodeSequences(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         epoch, i = epoch_and_index(key)
         row = self.codes[i]
-        prompt = build_prompt_ids(self.tokenizer, row["caption"], self.template)
+        prompt = self.fmt.prompt_ids(self.tokenizer, row["caption"])
         drop = self.dropped(epoch, i)
         if drop:
-            prompt = unconditional_prompt_ids(self.tokenizer, prompt, self.vocab, self.uncond, self.template)
+            prompt = self.fmt.uncond_ids(self.tokenizer, prompt, self.vocab)
         input_ids, labels = build_sequence(prompt, row["codes"], self.vocab)
         return {"input_ids": input_ids, "labels": labels, "dropped": drop, "caption": row["caption"]}
 

@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.score_only is None:
             from llm.pipeline import TextToImage
 
-            sampling = sampling_from_arguments(args)
             t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype_of(args.dtype))
+            sampling = sampling_from_arguments(args, t2i.recommended)
             generate(t2i, read_prompts(args.prompts), images, sampling, args.prompts_per_batch,
                      str(args.model.resolve()))
         summary = score_folder(images, questions, judge, out)

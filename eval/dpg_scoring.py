@@ -1,10 +1,14 @@
-"""DPG-Bench's scoring rules (ELLA's `compute_dpg_bench.py`), with the two upstream bugs the same team fixed in its
-VGT copy fixed here too, as the "fixed" variant every summary names:
+"""DPG-Bench's scoring rules (ELLA's `compute_dpg_bench.py`), as the "fixed" variant every summary names:
 
-- every csv row is read (upstream skipped the first data row: `if i == 0: continue` after pandas had consumed the
-  header);
-- category scores average every crop's question scores after dependency zeroing (upstream used the last crop's
-  scores from before the zeroing).
+- every csv row is read (ELLA's script skips the first data row: `if i == 0: continue` after pandas had consumed the
+  header; hustvl's copy in VGT reads them all);
+- category scores ("l1", "l2") average every crop's question scores after dependency zeroing, as the overall score
+  does. Published category tables are not computed so: ELLA's script averages the last crop's scores from before
+  the zeroing, hustvl/VGT's copy every crop's, still before the zeroing. The latter are reported beside ours as
+  "upstream" (before zeroing, every crop): the numbers to compare with a paper's table. They read higher than ours
+  for attribute, relation and other, whose questions depend on an entity.
+- Crops: ELLA's script scores `--pic-num` crops of each tile, 1 by default (the top-left image alone); its
+  `dist_eval.sh`, which published numbers come from, passes 4. Here every image of the tile is scored (4).
 
 Per prompt: each of the 4 crops of its 2x2 tile answers every question; a question scores 1 when the judge's answer
 is "yes" (case, surrounding space and final punctuation ignored; upstream's mPLUG answers in lower case), then, in
@@ -89,37 +93,45 @@ def crop_scores(questions: Sequence[Question], answers: Mapping[int, str]) -> di
 
 
 def score_prompt(questions: Sequence[Question], answers: Sequence[Mapping[int, str]]) -> dict[str, Any]:
-    """A prompt's score from its crops' answers (one mapping proposition id -> answer per crop)."""
+    """A prompt's score from its crops' answers (one mapping proposition id -> answer per crop); per question its
+    crops' scores after dependency zeroing ("question_scores") and before it ("raw_question_scores")."""
     if not answers:
         raise ValueError("a prompt needs the answers of at least one crop")
     crops = [crop_scores(questions, a) for a in answers]
     per_crop = [sum(c.values()) / len(c) for c in crops]
     return {"score": sum(per_crop) / len(per_crop), "crop_scores": per_crop,
-            "question_scores": [[c[q.proposition_id] for c in crops] for q in questions]}
+            "question_scores": [[c[q.proposition_id] for c in crops] for q in questions],
+            "raw_question_scores": [[float(is_yes(a[q.proposition_id])) for a in answers] for q in questions]}
 
 
 def summarize(prompts: Mapping[str, Sequence[Question]], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Overall and L1 / L2 category scores (x 100) over the scored prompts (`results`: item_id -> score_prompt)."""
+    """Overall and L1 / L2 category scores (x 100) over the scored prompts (`results`: item_id -> score_prompt):
+    categories after dependency zeroing ("l1", "l2") and, comparable with published tables, before it ("upstream")."""
     if not results:
         raise ValueError("no scored prompts")
-    l1: dict[str, list[float]] = defaultdict(list)
-    l2: dict[str, list[float]] = defaultdict(list)
-    for item, result in results.items():
-        for q, scores in zip(prompts[item], result["question_scores"]):
-            l2[q.category].extend(scores)
-            l1[q.broad_category].extend(scores)
 
     def mean100(values: Sequence[float]) -> float:
         return 100.0 * sum(values) / len(values)
 
-    return {"variant": VARIANT, "prompts": len(results),
-            "overall": mean100([r["score"] for r in results.values()]),
-            "l1": {k: mean100(v) for k, v in sorted(l1.items())}, "l2": {k: mean100(v) for k, v in sorted(l2.items())}}
+    def categories(key: str) -> dict[str, dict[str, float]]:
+        l1: dict[str, list[float]] = defaultdict(list)
+        l2: dict[str, list[float]] = defaultdict(list)
+        for item, result in results.items():
+            for q, scores in zip(prompts[item], result[key]):
+                l2[q.category].extend(scores)
+                l1[q.broad_category].extend(scores)
+        return {"l1": {k: mean100(v) for k, v in sorted(l1.items())},
+                "l2": {k: mean100(v) for k, v in sorted(l2.items())}}
+
+    return {"variant": VARIANT, "prompts": len(results), "overall": mean100([r["score"] for r in results.values()]),
+            **categories("question_scores"), "upstream": categories("raw_question_scores")}
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
+    upstream = summary["upstream"]
     lines = [f"DPG-Bench ({summary['variant']} scoring), {summary['prompts']} prompts: overall "
-             f"{summary['overall']:.2f}"]
-    lines += [f"  {k:<24}{v:>8.2f}" for k, v in summary["l1"].items()]
-    lines += ["  L2:"] + [f"    {k:<22}{v:>8.2f}" for k, v in summary["l2"].items()]
+             f"{summary['overall']:.2f}",
+             f"  {'category':<24}{'zeroed':>8}{'upstream':>10}   (upstream: before dependency zeroing, as published)"]
+    lines += [f"  {k:<24}{v:>8.2f}{upstream['l1'][k]:>10.2f}" for k, v in summary["l1"].items()]
+    lines += ["  L2:"] + [f"    {k:<22}{v:>8.2f}{upstream['l2'][k]:>10.2f}" for k, v in summary["l2"].items()]
     return "\n".join(lines)

@@ -3,9 +3,10 @@
     # the official benchmark (553 prompts, 4 images each), Mask2Former + CLIP from local directories
     python eval/geneval.py --model runs/qwen3-0.6b-ar/export --out outputs/geneval \
         --mask2former /ckpt/mask2former-swin-s-coco-instance --clip /ckpt/clip-vit-large-patch14
-    # the CPU default: held-out prompts of the shapes world, scored by its exact detector (world/detector.py)
+    # the CPU default: held-out prompts of the shapes world, scored by its exact detector (world/detector.py,
+    # picked by --detector auto since it knows every class the prompts name)
     python eval/geneval.py --model runs/tiny-ar/export --prompts runs/world/geneval_prompts.jsonl \
-        --detector shapes --out runs/tiny-ar/geneval
+        --out runs/tiny-ar/geneval
     # score an existing folder only (any generator that wrote GenEval's layout)
     python eval/geneval.py --score-only --out outputs/geneval --mask2former ... --clip ...
 
@@ -38,6 +39,11 @@ SETTINGS_FILE = "generation.json"
 DETECTOR_PLUGINS = "vqrae.geneval_detectors"  # entry-point group: name -> a Detector class built without arguments
 
 OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
+
+
+def prompt_classes(rows: list[dict]) -> set[str]:
+    """The object classes prompt rows name (their "include" and "exclude" entries)."""
+    return {item["class"] for r in rows for key in ("include", "exclude") for item in r.get(key, [])}
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -83,10 +89,15 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
                 f.write(json.dumps(prompts[i]) + "\n")
 
 
-def build_detector(args: argparse.Namespace):
-    """Mask2Former + CLIP from local checkpoints, or a detector a package declares (DETECTOR_PLUGINS)."""
-    if args.detector != "mask2former":
-        return load_plugin(DETECTOR_PLUGINS, args.detector)()
+def build_detector(args: argparse.Namespace, classes: set[str]):
+    """Mask2Former + CLIP from local checkpoints, or a detector a package declares (DETECTOR_PLUGINS); "auto": the
+    first declared detector whose `classes` hold every class of the prompts (`classes`), else Mask2Former."""
+    name = args.detector
+    if name == "auto":
+        known = {n: set(getattr(load_plugin(DETECTOR_PLUGINS, n), "classes", ())) for n in plugin_names(DETECTOR_PLUGINS)}
+        name = next((n for n, c in known.items() if classes and classes <= c), "mask2former")
+    if name != "mask2former":
+        return load_plugin(DETECTOR_PLUGINS, name)()
     from eval.detectors import Mask2FormerClipDetector
 
     if not args.mask2former or not args.clip:
@@ -98,28 +109,37 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="generator export (train/ar_gen.py); not needed with --score-only")
     parser.add_argument("--prompts", type=Path, default=OFFICIAL_PROMPTS)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (required)")
     parser.add_argument("-n", "--images-per-prompt", type=int, default=4)
     parser.add_argument("--prompts-per-batch", type=int, default=4)
     add_sampling_arguments(parser, seed=42)
     add_device_arguments(parser)
-    parser.add_argument("--detector", default="mask2former", help="mask2former, or a declared detector: "
+    parser.add_argument("--detector", default="auto", help="auto (a declared detector that knows every class of the "
+                        "prompts, else mask2former), mask2former, or a declared detector: "
                         + ", ".join(plugin_names(DETECTOR_PLUGINS)))
     parser.add_argument("--mask2former", default="", help="local Mask2Former COCO instance checkpoint directory")
     parser.add_argument("--clip", default="", help="local CLIP ViT-L/14 directory")
     parser.add_argument("--score-only", action="store_true")
     args = parser.parse_args(argv)
-    if args.model is None and not args.score_only:
-        parser.error("--model is required unless --score-only")
-    with reported_errors():
-        detector = build_detector(args)
-        if not args.score_only:
-            sampling = sampling_from_arguments(args)
-            from llm.pipeline import TextToImage
+    with reported_errors():  # what is wrong, in the order a user fixes it: the model, the output, the detector
+        from llm.pipeline import TextToImage
 
+        if not args.score_only:
+            if args.model is None:
+                raise ValueError("--model is required (a generator export) unless --score-only")
+            TextToImage.check(args.model)
+        if args.out is None:
+            raise ValueError("--out is required (where the images and scores go)")
+        if args.score_only:
+            rows = [json.loads(p.read_text().splitlines()[0]) for p in sorted(args.out.glob("*/metadata.jsonl"))]
+        else:
+            rows = read_prompts(args.prompts)
+        detector = build_detector(args, prompt_classes(rows))
+        if not args.score_only:
             t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype_of(args.dtype))
-            generate(t2i, read_prompts(args.prompts), args.out, args.images_per_prompt, sampling,
-                     args.prompts_per_batch, str(args.model.resolve()))
+            sampling = sampling_from_arguments(args, t2i.recommended)
+            generate(t2i, rows, args.out, args.images_per_prompt, sampling, args.prompts_per_batch,
+                     str(args.model.resolve()))
         results = evaluate_folder(args.out, detector, ScoringConfig())
     summary = summarize(results)
     summary["detector"] = detector.name

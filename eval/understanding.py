@@ -104,7 +104,9 @@ def format_summary(summary: dict[str, Any], benchmark: str) -> str:
         return "\n".join([*lines, f"{'overall':<12}{summary['overall']:>8.3f}{summary['questions']:>8}"])
     if benchmark == "mme":
         return f"MME ({summary['variant']}): perception {summary['perception']:.1f}, cognition {summary['cognition']:.1f}"
-    return f"POPE ({summary['variant']}): mean F1 {summary['mean_f1']:.4f}"
+    if summary["variant"] == "lmms-eval":  # its pope task: one F1 over every question
+        return f"POPE (lmms-eval): F1 {summary['all']['f1']:.4f} over {summary['all']['questions']} questions"
+    return f"POPE (llava): mean F1 over the categories {summary['mean_f1']:.4f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmark", choices=BENCHMARKS, default="shapes")
     parser.add_argument("--variant", choices=VARIANTS, default="llava", help="MME / POPE answer parsing")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="longest answer (LLaVA's 128; an answer ends at the end of its turn)")
     parser.add_argument("--blank-images", action="store_true", help="answer on mean-coloured images (a baseline)")
     add_device_arguments(parser)
     args = parser.parse_args(argv)

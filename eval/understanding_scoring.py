@@ -87,15 +87,16 @@ def score_mme(records: Iterable[Mapping[str, Any]], variant: str = "llava") -> d
 
 
 def parse_pope(answer: str, variant: str = "llava") -> str:
-    """A POPE answer as "yes" or "no".
+    """A POPE prediction.
 
-    llava (eval_pope): the text before the first "."; commas removed; split on spaces; "no" when a word is exactly
-    "No", "not" or "no", else "yes" (an empty answer is "yes"). lmms-eval: "yes" only when the answer, lower-cased
-    and stripped, is exactly "yes"; "no" otherwise.
+    llava (eval_pope): "yes" or "no": the text before the first "."; commas removed; split on spaces; "no" when a word
+    is exactly "No", "not" or "no", else "yes" (an empty answer is "yes"). lmms-eval (its pope task): the answer
+    lower-cased and stripped, kept as it is: only an exact "yes" or "no" counts as one, anything else ("yes.",
+    "there is") is neither (wrong, and outside precision and recall).
     """
     _check_variant(variant)
     if variant == "lmms-eval":
-        return "yes" if answer.lower().strip() == "yes" else "no"
+        return answer.lower().strip()
     text = answer.split(".")[0] if "." in answer else answer
     words = text.replace(",", "").split(" ")
     return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
@@ -105,34 +106,42 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else 0.0
 
 
+def _pope_metrics(c: Mapping[str, int], variant: str) -> dict[str, Any]:
+    """accuracy, precision, recall, f1 and yes_ratio of counts tp / fp / tn / fn / other (a prediction neither yes nor
+    no) / label_yes."""
+    total = c["tp"] + c["fp"] + c["tn"] + c["fn"] + c["other"]
+    precision, recall = _ratio(c["tp"], c["tp"] + c["fp"]), _ratio(c["tp"], c["tp"] + c["fn"])
+    yes = c["tp"] + c["fp"] if variant == "llava" else c["label_yes"]
+    return {"accuracy": _ratio(c["tp"] + c["tn"], total), "precision": precision, "recall": recall,
+            "f1": _ratio(2 * precision * recall, precision + recall), "yes_ratio": _ratio(yes, total),
+            "questions": total, **c}
+
+
 def score_pope(records: Iterable[Mapping[str, Any]], variant: str = "llava") -> dict[str, Any]:
-    """POPE scores per category (positive = "yes"): accuracy, precision, recall, f1, yes_ratio, and mean_f1 over
-    the categories (the published POPE number). yes_ratio is the share of predictions that are yes (llava), or of
-    labels that are yes (lmms-eval). A ratio with an empty denominator is 0.
+    """POPE scores (positive = "yes"): accuracy, precision, recall, f1, yes_ratio per category and over all
+    questions ("all": what lmms-eval's `pope` task reports), and mean_f1 over the categories (the published POPE
+    number, LLaVA's). yes_ratio is the share of predictions that are yes (llava), or of labels that are yes
+    (lmms-eval). A ratio with an empty denominator is 0.
 
     Args:
         records: dicts with "category", "answer" and "label" ("yes" / "no").
-        variant: "llava" or "lmms-eval".
+        variant: "llava" or "lmms-eval" (see `parse_pope`).
     """
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
+    zero = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "other": 0, "label_yes": 0}
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict(zero))
     for r in records:
         label = str(r["label"]).strip().lower()
         if label not in ("yes", "no"):
             raise ValueError(f"POPE labels are yes / no, got {r['label']!r}")
         pred = parse_pope(str(r["answer"]), variant)
-        key = ("t" if pred == label else "f") + ("p" if pred == "yes" else "n")
+        key = "other" if pred not in ("yes", "no") else ("t" if pred == label else "f") + ("p" if pred == "yes" else "n")
         counts[r["category"]][key] += 1
+        counts[r["category"]]["label_yes"] += label == "yes"
     if not counts:
         raise ValueError("no POPE records to score")
-    categories = {}
-    for name, c in counts.items():
-        total = sum(c.values())
-        precision, recall = _ratio(c["tp"], c["tp"] + c["fp"]), _ratio(c["tp"], c["tp"] + c["fn"])
-        yes = c["tp"] + c["fp"] if variant == "llava" else c["tp"] + c["fn"]
-        categories[name] = {"accuracy": _ratio(c["tp"] + c["tn"], total), "precision": precision, "recall": recall,
-                            "f1": _ratio(2 * precision * recall, precision + recall), "yes_ratio": yes / total,
-                            "questions": total, **c}
-    return {"variant": variant, "categories": categories,
+    categories = {name: _pope_metrics(c, variant) for name, c in counts.items()}
+    everything = {k: sum(c[k] for c in counts.values()) for k in zero}
+    return {"variant": variant, "categories": categories, "all": _pope_metrics(everything, variant),
             "mean_f1": sum(c["f1"] for c in categories.values()) / len(categories)}
 
 

@@ -8,15 +8,15 @@ VQRAE decoder).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llm.generator import SequenceFormat, load_generator
-from llm.sampler import Engine, SamplingConfig
-from llm.vocab import ImageVocab, build_prompt_ids, unconditional_prompt_ids
+from llm.generator import SequenceFormat, load_generator, require_generator_export
+from llm.sampler import Engine, SamplingConfig, load_recommended
+from llm.vocab import ImageVocab
 from tokenizer import VQRAE
 
 
@@ -29,9 +29,19 @@ class TextToImage:
     vocab: ImageVocab
     vqrae: VQRAE
     fmt: SequenceFormat = SequenceFormat()
+    recommended: dict = field(default_factory=dict)  # the export's sampling settings (llm.sampler.load_recommended)
 
     def __post_init__(self) -> None:
         self.engine = Engine(self.model, self.vocab)
+
+    @staticmethod
+    def check(directory: str | Path) -> None:
+        """One FileNotFoundError naming what `directory` lacks to draw (a generator or a unified export), before
+        anything is loaded."""
+        from llm.unified import is_unified_export
+
+        if not is_unified_export(directory):
+            require_generator_export(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
@@ -41,7 +51,8 @@ class TextToImage:
         if is_unified_export(directory):  # drawing with the one model that also understands
             return load_unified(directory, device, dtype).text_to_image()
         model, tokenizer, vocab, fmt, vqrae = load_generator(directory, device, dtype)
-        return cls(model=model, tokenizer=tokenizer, vocab=vocab, vqrae=vqrae, fmt=fmt)
+        return cls(model=model, tokenizer=tokenizer, vocab=vocab, vqrae=vqrae, fmt=fmt,
+                   recommended=load_recommended(directory))
 
     @property
     def num_tokens(self) -> int:
@@ -49,9 +60,8 @@ class TextToImage:
 
     def prompt_rows(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Conditional and unconditional prompt ids, in the format the model was trained on."""
-        cond = [build_prompt_ids(self.tokenizer, p, self.fmt.template) for p in prompts]
-        uncond = [unconditional_prompt_ids(self.tokenizer, c, self.vocab, self.fmt.uncond, self.fmt.template)
-                  for c in cond]
+        cond = [self.fmt.prompt_ids(self.tokenizer, p) for p in prompts]
+        uncond = [self.fmt.uncond_ids(self.tokenizer, c, self.vocab) for c in cond]
         return cond, uncond
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ Per step: one forward over the conditional rows and, when cfg_scale != 1, the un
 logits restricted to the code tokens; classifier-free guidance u + s (c - u); temperature; top-k; top-p; a draw from
 the image's own random stream (seed, image id), so a prompt's codes do not depend on its batch (greedy when
 temperature == 0). Every setting lives in `SamplingConfig` and is recorded with the outputs (`to_dict()`); nothing is
-read from a checkpoint's generation_config.
+read from a checkpoint's generation_config. A generator export carries the settings it was tuned and reported with
+(RECOMMENDED_FILE: guidance, temperature, top-k, top-p), which every command-line consumer takes as its defaults.
 
 Backends (SamplingConfig.backend):
 - "fused" (default) for Llama-family decoders (Qwen3, Qwen2, Llama): `llm.fused`, the model's own weights in one
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +38,8 @@ BACKENDS = ("fused", "hf")
 MAX_CACHED_SHAPES = 4  # KV caches / CUDA graphs kept per Engine, keyed by (rows, cache length)
 CACHE_ALIGN = 64  # cache lengths are rounded up to this, so prompts of similar length share a cache and a graph
 IMAGE_STREAM = 0x1A6E5  # SeedSequence namespace of the per-image sampling streams
+RECOMMENDED_FILE = "sampling.json"  # in an export: the sampling settings it was tuned and reported with
+RECOMMENDED_FIELDS = ("cfg_scale", "temperature", "top_k", "top_p")  # what changes the images' distribution
 
 
 @dataclass(frozen=True)
@@ -91,26 +96,61 @@ PRESETS: dict[str, SamplingConfig] = {
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
     """One option per SamplingConfig field (--cfg-scale, --temperature, --top-k, --top-p, --seed, --backend,
-    --[no-]cuda-graph, --[no-]compile); `defaults` change a field's default for this program (e.g. seed=42). Read
-    them back with `sampling_from_arguments`."""
+    --[no-]cuda-graph, --[no-]compile); `defaults` change a field's default for this program (e.g. seed=42). The
+    options of RECOMMENDED_FIELDS default to the export's recommendation, else to those defaults. Read them back with
+    `sampling_from_arguments`."""
     unknown = set(defaults) - {f.name for f in dataclasses.fields(SamplingConfig)}
     if unknown:
         raise TypeError(f"not SamplingConfig fields: {sorted(unknown)}")
     group = parser.add_argument_group("sampling")
+    fallback = {}
     for f in dataclasses.fields(SamplingConfig):
         default = defaults.get(f.name, f.default)
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-        else:
-            kind = {"float": float, "int": int, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
-                               help=f"{f.metadata['help']} (default {default})")
+            continue
+        kind = {"float": float, "int": int, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        shown = f"default {default}"
+        if f.name in RECOMMENDED_FIELDS:  # unset: the export's recommendation, else `default`
+            fallback[f.name], shown, default = default, f"default: the model's {RECOMMENDED_FILE}, else {default}", None
+        group.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
+                           help=f"{f.metadata['help']} ({shown})")
+    parser.set_defaults(sampling_fallback=fallback)
 
 
-def sampling_from_arguments(args: argparse.Namespace) -> SamplingConfig:
-    """The SamplingConfig of options added by `add_sampling_arguments` (ValueError on a bad value)."""
-    return SamplingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)})
+def sampling_from_arguments(args: argparse.Namespace, recommended: dict | None = None) -> SamplingConfig:
+    """The SamplingConfig of options added by `add_sampling_arguments` (ValueError on a bad value): an option given
+    on the command line, else the model's `recommended` settings (`load_recommended`), else the program's default."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingConfig)}
+    for name in RECOMMENDED_FIELDS:
+        if values[name] is None:
+            values[name] = (recommended or {}).get(name, args.sampling_fallback[name])
+    return SamplingConfig(**values)
+
+
+def recommended_settings(sampling: SamplingConfig) -> dict:
+    """The RECOMMENDED_FIELDS of `sampling`."""
+    return {name: getattr(sampling, name) for name in RECOMMENDED_FIELDS}
+
+
+def save_recommended(directory: str | Path, settings: dict) -> None:
+    """Write recommended sampling settings (`recommended_settings`) into directory/RECOMMENDED_FILE."""
+    SamplingConfig(**settings)
+    (Path(directory) / RECOMMENDED_FILE).write_text(json.dumps(settings, indent=2))
+
+
+def load_recommended(directory: str | Path) -> dict:
+    """An export's recommended sampling settings ({} for an export without them); checked as a SamplingConfig."""
+    path = Path(directory) / RECOMMENDED_FILE
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text())
+    unknown = set(settings) - set(RECOMMENDED_FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: unknown sampling settings {sorted(unknown)}")
+    SamplingConfig(**settings)  # a bad value is refused here, naming it
+    return settings
 
 
 # ----------------------------------------------------------------------------------------------- sampling math

@@ -28,12 +28,13 @@ from transformers import (
     AutoProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaProcessor,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    SiglipImageProcessor,
 )
+from transformers.image_utils import PILImageResampling
 
 from common.config import ConfigError
 from common.files import atomic_directory
@@ -79,9 +80,11 @@ CHAT_FORMATS = {f.name: f for f in (
                "{% else %}" + _CONTENT + "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
                "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
-    # LLaVA-1.5's conv_vicuna_v1 (Vicuna / LLaMA-family LLMs): "<s>SYSTEM USER: q ASSISTANT: a</s>USER: ...".
+    # LLaVA-1.5's conv_vicuna_v1 (Vicuna / LLaMA-family LLMs): "SYSTEM USER: q ASSISTANT: a</s>USER: ...". The BOS
+    # is the tokenizer's to add, as in LLaVA and llava-hf's templates (a template writing it gets two from the
+    # standard `processor(text=apply_chat_template(...))`).
     ChatFormat("vicuna_v1",
-               "{{ bos_token }}" + VICUNA_SYSTEM + " {% for message in messages %}"
+               VICUNA_SYSTEM + " {% for message in messages %}"
                "{% if message['role'] == 'assistant' %}ASSISTANT: {% generation %}" + _CONTENT +
                "{{ eos_token }}{% endgeneration %}{% else %}USER: " + _CONTENT + " {% endif %}{% endfor %}"
                "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
@@ -92,11 +95,26 @@ CHAT_FORMATS = {f.name: f for f in (
 def chat_tokens(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], template: str
                 ) -> tuple[list[int], list[int]]:
     """(ids, labels) of a conversation rendered and tokenised whole by a chat template (a `ChatFormat`'s): the tokens
-    inside its `{% generation %}` blocks (each answer and the token ending it) labelled, the rest IGNORE_INDEX."""
+    inside its `{% generation %}` blocks (each answer and the token ending it) labelled, the rest IGNORE_INDEX; the
+    tokens the tokenizer puts before a text (`leading_special_ids`: LLaMA's BOS) first, unless the template wrote a
+    BOS itself, as `processor(text=...)` does at evaluation."""
     encoded = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=True)
     ids = list(encoded["input_ids"])
-    return ids, [i if supervised else IGNORE_INDEX for i, supervised in zip(ids, encoded["assistant_masks"])]
+    labels = [i if supervised else IGNORE_INDEX for i, supervised in zip(ids, encoded["assistant_masks"])]
+    prefix = [] if tokenizer.bos_token is not None and ids[:1] == [tokenizer.bos_token_id] else \
+        leading_special_ids(tokenizer)
+    return prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
+
+
+def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a tokenizer puts before any text of its own accord (LLaMA's BOS; none for Qwen)."""
+    text = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    starts = [i for i in range(len(full) - len(text) + 1) if full[i : i + len(text)] == text]
+    if not starts:
+        raise ConfigError("the tokenizer changes a text's own tokens when it adds its special tokens")
+    return full[: starts[0]]
 
 
 def chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto") -> ChatFormat:
@@ -165,15 +183,20 @@ def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def mean_color(processor: LlavaProcessor) -> tuple[int, int, int]:
-    """The processor's mean colour as 8-bit RGB: the fill of LLaVA's pad-to-square and of a blank image."""
-    return tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
+    """The processor's mean colour as 8-bit RGB, truncated as LLaVA's `expand2square` fill is (0.5 -> 127): the fill
+    of the pad to a square and of a blank image."""
+    return tuple(int(255 * m) for m in processor.image_processor.image_mean)
 
 
-def image_processor(vqrae: VQRAE) -> SiglipImageProcessor:
-    """Resize to the encoder's square resolution (bicubic), scale to [0, 1], normalise by its mean / std."""
+def image_processor(vqrae: VQRAE) -> LlavaImageProcessor:
+    """LLaVA-1.5's `image_aspect_ratio pad` inside the processor itself, so training, evaluation, the chat and a plain
+    transformers user see the same pixels: pad to a square with the mean colour (`mean_color`), resize to the
+    encoder's resolution (bicubic), scale to [0, 1], normalise by its mean / std. A square image gets exactly what
+    SigLIP's own image processor gives."""
     cfg = vqrae.config.encoder
-    return SiglipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
-                                image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+    return LlavaImageProcessor(do_pad=True, do_center_crop=False, resample=PILImageResampling.BICUBIC,
+                               size={"height": cfg.image_size, "width": cfg.image_size},
+                               image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
 
 
 def export_vision_tower(vqrae_dir: str | Path, out_dir: str | Path) -> Path:
@@ -248,9 +271,20 @@ def build_llava(vqrae: VQRAE, lm: PreTrainedModel, tokenizer: PreTrainedTokenize
 def save_llava(model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path,
                extra: Callable[[Path], None] | None = None) -> Path:
     """Write an export folder (config, safetensors, processor, tokenizer, chat template) atomically; `extra`: a
-    function writing more files into the folder (given its path) before it appears."""
+    function writing more files into the folder (given its path) before it appears. A plain `generate` on the export
+    stops at the chat format's end of turn: its generation config names it (and the LM's own EOS), and, where the two
+    differ (ChatML), the saved tokenizer's EOS is the end of turn, as in Qwen's chat checkpoints (lmms-eval's llava_hf
+    stops at the tokenizer's EOS)."""
+    end, eos = end_of_turn_id(processor), processor.tokenizer.eos_token_id
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = [end] if eos in (None, end) else [end, eos]
+    config.pad_token_id = processor.tokenizer.pad_token_id
+    if end != eos:
+        processor = copy.deepcopy(processor)
+        processor.tokenizer.eos_token = processor.tokenizer.convert_ids_to_tokens(end)
     with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
+        config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)

@@ -7,6 +7,7 @@ image vocabulary, the sequence format and the VQRAE beside it:
     DIR/config.json, model.safetensors, processor + tokenizer files   LlavaForConditionalGeneration + AutoProcessor
     DIR/image_vocab.json, sequence_format.json                        where the codes live, the prompt format
     DIR/vqrae/                                                        the VQRAE export (encoder = tower, decoder)
+    DIR/sampling.json                                                 its recommended sampling settings
 
     llava, processor = load_llava(DIR)            # transformers alone: understanding
     unified = load_unified(DIR)                    # both: unified.llava answers, unified.text_to_image() draws
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration, Ll
 
 from common.config import ConfigError
 from llm.generator import FORMAT_FILE, VQRAE_DIR, SequenceFormat
+from llm.sampler import load_recommended, save_recommended
 from llm.understanding import is_llava_export, load_llava, save_llava
 from llm.vocab import VOCAB_FILE, ImageVocab, expand_vocabulary
 from tokenizer import VQRAE
@@ -81,21 +83,27 @@ def check_tokenizer_side(vocab: ImageVocab, processor: LlavaProcessor) -> None:
 
 
 def save_unified(directory: str | Path, llava: LlavaForConditionalGeneration, processor: LlavaProcessor,
-                 vocab: ImageVocab, fmt: SequenceFormat, vqrae_dir: str | Path) -> Path:
-    """Write a unified export (see the module docstring) atomically; `vqrae_dir` (a VQRAE export) is copied in."""
+                 vocab: ImageVocab, fmt: SequenceFormat, vqrae_dir: str | Path, recommended: dict | None = None
+                 ) -> Path:
+    """Write a unified export (see the module docstring) atomically; `vqrae_dir` (a VQRAE export) is copied in;
+    `recommended`: its sampling settings (`llm.sampler.recommended_settings`)."""
     check_tokenizer_side(vocab, processor)
-    return save_llava(llava, processor, directory, unified_files(vocab, fmt, vqrae_dir))
+    return save_llava(llava, processor, directory, unified_files(vocab, fmt, vqrae_dir, recommended))
 
 
-def unified_files(vocab: ImageVocab, fmt: SequenceFormat, vqrae_dir: str | Path) -> Callable[[Path], None]:
+def unified_files(vocab: ImageVocab, fmt: SequenceFormat, vqrae_dir: str | Path, recommended: dict | None = None
+                  ) -> Callable[[Path], None]:
     """What a unified export holds beyond the LLaVA export (the tokenizer is the processor's, written by it): a
-    function writing the image vocabulary, the sequence format and a copy of the VQRAE export into a folder."""
+    function writing the image vocabulary, the sequence format, the recommended sampling settings (when given) and a
+    copy of the VQRAE export into a folder."""
     if not (Path(vqrae_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{vqrae_dir} is not a VQRAE export (no config.json)")
 
     def write(directory: Path) -> None:
         vocab.save(directory)
         fmt.save(directory)
+        if recommended:
+            save_recommended(directory, recommended)
         shutil.copytree(vqrae_dir, directory / VQRAE_DIR)
 
     return write
@@ -143,6 +151,7 @@ class UnifiedModel:
     vocab: ImageVocab
     fmt: SequenceFormat
     vqrae: VQRAE
+    recommended: dict = field(default_factory=dict)  # its sampling settings (llm.sampler.load_recommended)
 
     def inputs_hook(self) -> Callable[[dict], dict] | None:
         """What `llm.understanding.answer` / `reply` apply to the model inputs: None for continuous features; the
@@ -157,7 +166,7 @@ class UnifiedModel:
         from llm.pipeline import TextToImage
 
         return TextToImage(model=language_model_view(self.llava), tokenizer=self.processor.tokenizer,
-                           vocab=self.vocab, vqrae=self.vqrae, fmt=self.fmt)
+                           vocab=self.vocab, vqrae=self.vqrae, fmt=self.fmt, recommended=self.recommended)
 
 
 def load_unified(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -172,7 +181,7 @@ def load_unified(directory: str | Path, device: str | torch.device = "cpu", dtyp
     check_tokenizer_side(vocab, processor)
     fmt = SequenceFormat.load(directory)
     vqrae = VQRAE.from_pretrained(directory / VQRAE_DIR, device=device).eval()
-    return UnifiedModel(llava, processor, vocab, fmt, vqrae)
+    return UnifiedModel(llava, processor, vocab, fmt, vqrae, load_recommended(directory))
 
 
 def load_answerer(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32

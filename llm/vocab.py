@@ -48,7 +48,8 @@ VOCAB_FILE = "image_vocab.json"
 TEMPLATES = ("plain", "chat")
 UNCOND_MODES = ("pad", "empty")
 INITS = ("mean", "codebook")
-FALLBACK_CHAT = "User: {caption}\nAssistant:"  # used by template "chat" when the tokenizer has no chat template
+# The chat template of template "chat" for a tokenizer that has none (jinja, as any chat template).
+FALLBACK_CHAT = "User: {{ messages[0]['content'] }}\nAssistant:"
 IMAGE_TOKEN_PATTERN = re.compile(r"<\|(?:image_start|image_end|img_\d+)\|>")  # what a caption must never contain
 
 
@@ -296,7 +297,14 @@ def caption_problem(caption: str, tokenizer: PreTrainedTokenizerBase) -> str | N
     return None
 
 
-def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str, template: str = "plain") -> list[int]:
+def prompt_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> str:
+    """The chat template template "chat" renders with: `chat_template` (the one a generator trained with, pinned in
+    its sequence format), else the tokenizer's own, else FALLBACK_CHAT."""
+    return chat_template or getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT
+
+
+def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str, template: str = "plain",
+                     chat_template: str | None = None) -> list[int]:
     """Token ids of the text that precedes <|image_start|>.
 
     Args:
@@ -304,7 +312,8 @@ def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str, template:
         caption: the image caption; one holding an image-token or special-token string is refused (a caption must
             never inject a code token or break the template).
         template: "plain" (the caption, with the tokenizer's own BOS if it adds one) or "chat" (one user turn
-            through the tokenizer's chat template with the generation prompt, else FALLBACK_CHAT).
+            through `prompt_chat_template(tokenizer, chat_template)` with the generation prompt).
+        chat_template: see `prompt_chat_template`.
     """
     problem = caption_problem(caption, tokenizer)
     if problem:
@@ -312,18 +321,16 @@ def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, caption: str, template:
     if template == "plain":
         return list(tokenizer(caption, add_special_tokens=True)["input_ids"])
     if template == "chat":
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": caption}], tokenize=False, add_generation_prompt=True)
-        else:
-            text = FALLBACK_CHAT.format(caption=caption)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
+                                             add_generation_prompt=True,
+                                             chat_template=prompt_chat_template(tokenizer, chat_template))
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
 
 
 def unconditional_prompt_ids(
     tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], vocab: ImageVocab, mode: str = "pad",
-    template: str = "plain",
+    template: str = "plain", chat_template: str | None = None,
 ) -> list[int]:
     """The prompt of the unconditional (caption-dropped) row for classifier-free guidance.
 
@@ -332,13 +339,13 @@ def unconditional_prompt_ids(
         prompt_ids: the conditional prompt from `build_prompt_ids`.
         vocab: the image vocabulary (pad id).
         mode: "pad" (Janus: every non-special token -> pad, same length) or "empty" (prompt of an empty caption).
-        template: the template `prompt_ids` was built with (used by mode "empty").
+        template, chat_template: what `prompt_ids` was built with (used by mode "empty").
     """
     if mode == "pad":
         keep = set(tokenizer.all_special_ids) - {vocab.pad_id}
         return [t if t in keep else vocab.pad_id for t in prompt_ids]
     if mode == "empty":
-        return build_prompt_ids(tokenizer, "", template)
+        return build_prompt_ids(tokenizer, "", template, chat_template)
     raise ValueError(f"unconditional mode must be one of {UNCOND_MODES}, got {mode!r}")
 
 

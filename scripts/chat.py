@@ -19,9 +19,12 @@ question only, as LLaVA's CLI does; a message with no image attached is a text-o
     /reset              forget the image and the history
     /help, /quit        (an empty line or end of input quits too)
 
-Drawing requests in plain words: a message starting with "draw", "paint", "generate" or "create", optionally
-followed by "me", then by "an image of", "a picture of" or "a drawing of", is `/draw` of the rest ("draw a photo of a
-red circle" -> "a photo of a red circle"; "generate an image of two squares" -> "two squares").
+Drawing requests in plain words: a message that is not a question (no "?" at its end) starting with "draw" or
+"paint" (optionally "me", then "an image of", "a picture of" or "a drawing of"), or with "generate" or "create"
+followed by one of those three, is `/draw` of the rest ("draw a photo of a red circle" -> "a photo of a red
+circle"; "generate an image of two squares" -> "two squares"; "Create a caption for this image" is a question).
+Drawing uses the generator export's recommended sampling settings (its sampling.json: what it was tuned and
+reported with) unless draw.* settings say otherwise.
 
 Answers stream token by token; --json prints one JSON object per turn instead ({"kind", "text" or "paths", ...,
 "seconds"}). Bad input (a missing file, not an image, an unknown command, an absent model) is one line and the chat
@@ -60,8 +63,10 @@ MAKES = {"und": "deepspeed train/understanding.py, then its stage 2 (train/confi
          "gen": "deepspeed train/ar_gen.py", "tok": "deepspeed train/tokenizer.py"}
 KIND_NAMES = {"und": "an understanding", "gen": "a generator", "tok": "a VQRAE"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-DRAW_REQUEST = re.compile(r"^\s*(?:please\s+)?(?:draw|paint|generate|create)\s+(?:me\s+)?"
-                          r"(?:(?:an?\s+)?(?:image|picture|drawing)\s+of\s+)?(?P<prompt>\S.*)$", re.IGNORECASE)
+_OF_AN_IMAGE = r"(?:an?\s+)?(?:image|picture|drawing)\s+of\s+"
+DRAW_REQUEST = re.compile(r"^\s*(?:please\s+)?(?:(?:draw|paint)\s+(?:me\s+)?(?:" + _OF_AN_IMAGE + r")?"
+                          r"|(?:generate|create)\s+(?:me\s+)?" + _OF_AN_IMAGE + r")(?P<prompt>[^?]*[^?\s])\s*$",
+                          re.IGNORECASE)
 
 
 @dataclass
@@ -90,6 +95,12 @@ class ChatSettings:
     answer: AnswerSettings = field(default_factory=AnswerSettings)
     draw: DrawSettings = field(default_factory=DrawSettings)
 
+    @classmethod
+    def for_models(cls, models: Models) -> ChatSettings:
+        """The defaults, drawing with the generator's recommended sampling settings (when it has them)."""
+        recommended = models.gen.recommended if models.gen is not None else {}
+        return cls(draw=DrawSettings(**recommended))
+
 
 def default_export(key: str) -> Path | None:
     """The CPU default's export for --und / --gen when it exists (else that part is not loaded)."""
@@ -104,12 +115,17 @@ def draw_prompt(message: str) -> str | None:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """An image file as RGB, or one clear error."""
+    """An image file as RGB, or one clear error; one of more pixels than PIL's MAX_IMAGE_PIXELS is refused (PIL
+    itself only warns below twice that)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no image file {path}")
     try:
         with Image.open(path) as image:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and image.width * image.height > limit:
+                raise ValueError(f"{path} is too large an image ({image.width}x{image.height} pixels, more than "
+                                 f"{limit})")
             return to_rgb(image.copy())
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path} is too large an image ({e})") from e
@@ -202,7 +218,7 @@ class Session:
     def __init__(self, models: Models, out_dir: Path, settings: ChatSettings | None = None,
                  sink: Callable[[str], None] | None = None):
         self.models, self.out_dir = models, out_dir
-        self.settings = settings or ChatSettings()
+        self.settings = settings or ChatSettings.for_models(models)
         self.sink = sink or (lambda text: None)
         self.image: Image.Image | None = None
         self.image_path: str | None = None
@@ -367,17 +383,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("settings", nargs="*", help="initial settings, key=value (see /settings)")
     args = parser.parse_args(argv)
     with reported_errors():
-        settings = apply_overrides(ChatSettings(), args.settings)
+        apply_overrides(ChatSettings(), args.settings)  # a bad setting is refused before the models load
         models = Models.from_arguments(args)
+        settings = apply_overrides(ChatSettings.for_models(models), args.settings)
     missing = [f"--{k} ({MAKES[k]})" for k, model in (("und", models.und), ("gen", models.gen)) if model is None]
     if missing and not args.json:
         print("not loaded: " + "; ".join(missing), file=sys.stderr)
+    if models.gen is not None and not args.json:
+        source = "the generator's recommendation" if models.gen.recommended else "the defaults"
+        print(f"drawing with {source}: cfg_scale {settings.draw.cfg_scale}, temperature {settings.draw.temperature} "
+              "(/settings changes them)", file=sys.stderr)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     session = Session(models, args.out, settings)
-    first = ([f"/image {args.image}"] if args.image else []) + ([args.prompt] if args.prompt else [])
-    interactive = not first and sys.stdin.isatty()
-    lines = first if args.prompt else [*first, *(input_lines(">>> ") if interactive else sys.stdin)]
+    if args.image is not None:  # an image that cannot be read ends the chat, rather than answering blind
+        with reported_errors():
+            record = session.attach(str(args.image))
+        print(json.dumps(record) if args.json else record["text"], flush=True)
+    interactive = args.image is None and args.prompt is None and sys.stdin.isatty()
+    # lazily: a line typed at a terminal is answered before the next is read
+    lines = [args.prompt] if args.prompt is not None else input_lines(">>> ") if interactive else sys.stdin
     chat(session, lines, sys.stdout, args.json, interactive)
 
 

@@ -34,8 +34,12 @@ def main() -> None:
     add_device_arguments(parser)
     args = parser.parse_args()
     with reported_errors():
-        sampling = sampling_from_arguments(args)
+        if args.n < 1:
+            raise ValueError(f"-n (images to sample) must be at least 1, got {args.n}")
+        TextToImage.check(args.model)
         t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype_of(args.dtype))
+        sampling = sampling_from_arguments(args, t2i.recommended)
+        print(f"sampling: {sampling.to_dict()} (options not given: the model's recommendation, else the defaults)")
         images, _ = t2i.generate([args.prompt] * args.n, sampling)
     images = images.float().cpu()
     args.out.mkdir(parents=True, exist_ok=True)

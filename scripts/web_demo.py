@@ -8,14 +8,19 @@ the same loaded models.
     python scripts/web_demo.py --model runs/tiny-unified/export     # one unified model answers and draws
 
 It listens on 127.0.0.1 unless --host says otherwise (binding elsewhere prints a warning) and never makes a public
-share link. Images come only as uploads (the page cannot name a file on the server), are refused past --max-upload-mb
-or when they are not images, and each model serves one request at a time; every browser session has its own
-conversation.
+share link. Images come only as uploads (the page cannot name a file on the server), are refused past --max-upload-mb,
+past MAX_PIXELS pixels or when they are not images; the models serve one request at a time (one lock for the device
+they share: answering and drawing never run together); numbers from the page are checked before they reach the
+settings. Every browser session has its own conversation and output folder, removed when the session ends; at most
+MAX_SESSIONS folders are kept (the oldest go first). Drawing starts from the generator's recommended sampling
+settings (its sampling.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
 import tempfile
 import threading
@@ -31,19 +36,34 @@ from scripts.chat import ChatSettings, Models, Session, add_model_arguments
 
 LOCAL = "127.0.0.1"
 MAX_PIXELS = 64_000_000  # decoded size past which an upload is refused (a decompression bomb guard)
+MAX_SESSIONS = 64  # session output folders kept; the oldest is removed past this
 
 
 class Demo:
-    """The loaded models, one lock per model (one request at a time each), and the folder outputs go to (one
-    sub-folder per browser session)."""
+    """The loaded models, one lock for every model call (they share one device: a drawing's CUDA-graph capture must
+    never meet an answer), and the folder outputs go to (one sub-folder per browser session)."""
 
-    def __init__(self, models: Models, out_dir: Path):
-        self.models, self.out_dir = models, out_dir
-        self.locks = {"und": threading.Lock(), "gen": threading.Lock(), "tok": threading.Lock()}
+    def __init__(self, models: Models, out_dir: Path, max_sessions: int = MAX_SESSIONS):
+        self.models, self.out_dir, self.max_sessions = models, out_dir, max_sessions
+        self.lock = threading.Lock()
+        self.folders: list[Path] = []  # session folders, oldest first
 
     def session(self, state: Session | None) -> Session:
-        """The browser session's own conversation and output folder (made on its first request)."""
-        return state if state is not None else Session(self.models, self.out_dir / uuid.uuid4().hex, ChatSettings())
+        """The browser session's own conversation and output folder (made on its first request; past
+        max_sessions folders the oldest is removed)."""
+        if state is not None:
+            return state
+        folder = self.out_dir / uuid.uuid4().hex
+        self.folders.append(folder)
+        while len(self.folders) > self.max_sessions:
+            shutil.rmtree(self.folders.pop(0), ignore_errors=True)
+        return Session(self.models, folder, ChatSettings.for_models(self.models))
+
+    def forget(self, state: Session | None) -> None:
+        """A browser session ended: its output folder goes."""
+        if state is not None:
+            shutil.rmtree(state.out_dir, ignore_errors=True)
+            self.folders = [f for f in self.folders if f != state.out_dir]
 
     def ask(self, image: str | None, question: str, history: list, state: Session | None):
         """Understanding: (chat history, cleared question box, session). A new image starts a new conversation."""
@@ -56,7 +76,7 @@ class Demo:
         elif image is None and session.image is not None:
             session.reset()
             history = []
-        with self.locks["und"]:
+        with self.lock:
             record = call(session.ask, question.strip())
         return [*history, {"role": "user", "content": question},
                 {"role": "assistant", "content": record["text"]}], "", session
@@ -72,9 +92,10 @@ class Demo:
         session = self.session(state)
         if not prompt.strip():
             raise error("Type a prompt.")
-        call(session.change_settings, f"draw.cfg_scale={cfg_scale} draw.temperature={temperature} "
-                                      f"draw.seed={int(seed)} draw.count={int(count)}")
-        with self.locks["gen"]:
+        values = (number("CFG scale", cfg_scale, 1, 10), number("Temperature", temperature, 0, 2),
+                  number("Seed", seed, 0, 2**31 - 1, integer=True), number("Images", count, 1, 16, integer=True))
+        call(session.change_settings, "draw.cfg_scale={} draw.temperature={} draw.seed={} draw.count={}".format(*values))
+        with self.lock:
             record = checked(session.handle(f"/draw {prompt.strip()}"))
         return record["paths"], session
 
@@ -83,7 +104,7 @@ class Demo:
         session = self.session(state)
         if image is None:
             raise error("Upload an image.")
-        with self.locks["tok"]:
+        with self.lock:
             record = checked(session.handle(f"/reconstruct {image}"))
         return record["paths"][0], f"PSNR {record['psnr']:.2f} dB, {record['codes']} codes of " \
                                    f"{record['codebook_size']}", session
@@ -94,6 +115,17 @@ def error(message: str):
     import gradio as gr
 
     return gr.Error(message)
+
+
+def number(name: str, value, low: float, high: float, integer: bool = False) -> float | int:
+    """A number from the page, checked: finite, in [low, high], whole when `integer`; else the page's error."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x) or not low <= x <= high or (integer and x != int(x)):
+        raise error(f"{name} must be {'a whole number ' if integer else ''}in [{low}, {high}], got {value!r}")
+    return int(x) if integer else x
 
 
 def checked(record: dict) -> dict:
@@ -115,7 +147,7 @@ def build(demo: Demo):
     import gradio as gr
 
     with gr.Blocks(title="VQRAE") as page:
-        state = gr.State(None)
+        state = gr.State(None, delete_callback=demo.forget)  # a session that ends takes its folder with it
         gr.Markdown("# VQRAE: understand, draw, reconstruct with one tokenizer")
         with gr.Tab("Understanding"):
             with gr.Row():
@@ -134,8 +166,10 @@ def build(demo: Demo):
             with gr.Row():
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", value="a photo of a red circle", elem_id="prompt")
-                    cfg = gr.Slider(1, 10, value=5, step=0.5, label="CFG scale")
-                    temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+                    draw_defaults = ChatSettings.for_models(demo.models).draw  # the generator's recommendation
+                    cfg = gr.Slider(1, 10, value=draw_defaults.cfg_scale, step=0.5, label="CFG scale")
+                    temperature = gr.Slider(0, 2, value=draw_defaults.temperature, step=0.05,
+                                            label="Temperature (0 = greedy)")
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                     count = gr.Slider(1, 16, value=4, step=1, label="Images")
                     draw = gr.Button("Draw", variant="primary", elem_id="draw")

@@ -16,9 +16,17 @@ import torch
 from common.config import ConfigError
 from data.codes import MANIFEST, CodeDataset, write_chunk
 from data.sequences import CaptionCodeSequences, collate_sequences
+from llm.generator import SequenceFormat, load_text_side, save_generator, save_text_side
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
-from llm.vocab import IGNORE_INDEX, build_prompt_ids, build_tiny_qwen3, expand_vocabulary, unconditional_prompt_ids
+from llm.vocab import (
+    FALLBACK_CHAT,
+    IGNORE_INDEX,
+    build_prompt_ids,
+    build_tiny_qwen3,
+    expand_vocabulary,
+    unconditional_prompt_ids,
+)
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE, get_preset
 from world.export import export_world
@@ -42,7 +50,7 @@ def test_caption_dropout_and_collation(codes_dir, tmp_path):
     tokenizer = shapes_world_tokenizer(tmp_path / "tok")
     vocab = expand_vocabulary(build_tiny_qwen3(tokenizer), tokenizer, 512)
     codes = CodeDataset(codes_dir)
-    seqs = CaptionCodeSequences(codes, tokenizer, vocab, caption_dropout=0.3, seed=7)
+    seqs = CaptionCodeSequences(codes, tokenizer, vocab, SequenceFormat(), caption_dropout=0.3, seed=7)
     items = [seqs[(2, i)] for i in range(len(seqs))]
     rate = sum(it["dropped"] for it in items) / len(items)
     assert 0.22 < rate < 0.38
@@ -211,3 +219,60 @@ def test_sample_settings_are_a_sampling_config():
     assert cfg.sample.sampling == SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=5, seed=3)
     with pytest.raises(ConfigError, match="top_k must be a non-negative integer"):
         load_config(ARGenTrainConfig, data, ["sample.sampling.top_k=-2"])
+
+
+def test_a_pinned_chat_template_survives_the_text_side_and_a_changed_tokenizer_template(tmp_path):
+    """A generator trained with template "chat" builds the same prompts after an export whose tokenizer carries
+    another chat template (a unified export's LLaVA one): the template is pinned in sequence_format.json."""
+    tokenizer = shapes_world_tokenizer(tmp_path / "tok")
+    vocab = expand_vocabulary(build_tiny_qwen3(tokenizer), tokenizer, 64)
+    fmt = SequenceFormat("chat", "empty").pinned(tokenizer.chat_template)
+    assert fmt.chat_template == tokenizer.chat_template and fmt.pinned("other") == fmt  # pinned once
+    assert SequenceFormat("plain").pinned("other") == SequenceFormat("plain")  # plain renders no template
+    assert SequenceFormat("chat").pinned(None).chat_template == FALLBACK_CHAT
+    caption = "a photo of a red circle"
+    cond = fmt.prompt_ids(tokenizer, caption)
+    assert tokenizer.decode(cond) == f"<|im_start|>user\n{caption}<|im_end|>\n<|im_start|>assistant\n"
+    uncond = fmt.uncond_ids(tokenizer, cond, vocab)
+    save_text_side(tmp_path / "side", tokenizer, vocab, fmt)
+    loaded_tokenizer, _, loaded = load_text_side(tmp_path / "side")
+    loaded_tokenizer.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    assert loaded == fmt
+    assert loaded.prompt_ids(loaded_tokenizer, caption) == cond
+    assert loaded.uncond_ids(loaded_tokenizer, cond, vocab) == uncond
+    assert SequenceFormat("chat", "empty").prompt_ids(loaded_tokenizer, caption) != cond  # unpinned: it would move
+
+
+def test_drawing_commands_name_what_is_wrong_in_the_order_it_is_fixed(tmp_path):
+    """GenEval: the model first, then --out, then the detector's folders; --detector auto takes the shapes world's
+    detector for the world's prompts and Mask2Former for the official ones; generate.py -n 0 says what -n is."""
+    import argparse
+
+    from eval.geneval import OFFICIAL_PROMPTS, build_detector, prompt_classes, read_prompts
+    from world.detector import ShapesDetector
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def last_line(*argv: str) -> str:
+        proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode != 0
+        return proc.stderr.strip().splitlines()[-1]
+
+    geneval = str(REPO / "eval" / "geneval.py")
+    assert "no generator export at /nonexistent" in last_line(geneval, "--model", "/nonexistent")
+    t2i = tiny_text_to_image(tmp_path)
+    (tmp_path / "vq").mkdir()
+    t2i.vqrae.save_pretrained(tmp_path / "vq")
+    save_generator(tmp_path / "gen", t2i.model, t2i.tokenizer, t2i.vocab, SequenceFormat(), tmp_path / "vq")
+    assert "--out is required" in last_line(geneval, "--model", str(tmp_path / "gen"))
+    assert "needs --mask2former DIR and --clip DIR" in last_line(geneval, "--model", str(tmp_path / "gen"), "--out",
+                                                               str(tmp_path / "out"))
+    write_geneval_prompts(tmp_path / "world.jsonl")
+    auto = argparse.Namespace(detector="auto")
+    assert isinstance(build_detector(auto, prompt_classes(read_prompts(tmp_path / "world.jsonl"))), ShapesDetector)
+    with pytest.raises(FileNotFoundError, match="needs --mask2former"):
+        build_detector(argparse.Namespace(detector="auto", mask2former="", clip=""),
+                       prompt_classes(read_prompts(OFFICIAL_PROMPTS)))
+    assert "-n (images to sample) must be at least 1, got 0" in last_line(
+        str(REPO / "scripts" / "generate.py"), "--model", str(tmp_path / "gen"), "--prompt", "a circle", "-n", "0")

@@ -113,7 +113,12 @@ def test_reconstruct_reports_the_psnr_of_what_it_saved(models, exports, tmp_path
     ("Please draw me a picture of a cat", "a cat"),
     ("generate an image of two squares", "two squares"),
     ("paint a drawing of a blue triangle", "a blue triangle"),
-    ("create three circles", "three circles"),
+    ("create an image of three circles", "three circles"),
+    ("create three circles", None),  # "generate" / "create" draw only "an image / a picture / a drawing of" ...
+    ("Create a caption for this image", None),
+    ("Generate a description of the picture.", None),
+    ("Can you draw a circle?", None),  # a question
+    ("draw me a circle?", None),
     ("What would you draw here?", None),
     ("drawing is fun", None),
     ("draw", None),
@@ -131,9 +136,10 @@ def test_bad_input_is_one_line_and_the_chat_goes_on(exports, tmp_path, monkeypat
                         ("/settings answer.colour=1", "unknown config key"), ("/image", "needs an argument")]:
         record = chat.handle(line)
         assert record["kind"] == "error" and cause in record["text"] and "\n" not in record["text"], (line, record)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 32 is then a decompression bomb
-    record = chat.handle(f"/image {exports / 'scene.png'}")
-    assert record["kind"] == "error" and "too large an image" in record["text"] and "\n" not in record["text"]
+    for limit in (100, 600):  # 32 x 32 = 1024 pixels: PIL refuses past twice its limit and only warns below
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        record = chat.handle(f"/image {exports / 'scene.png'}")
+        assert record["kind"] == "error" and "too large an image" in record["text"] and "\n" not in record["text"]
     monkeypatch.undo()
     assert chat.handle("Is there a circle in the image?")["kind"] == "answer"  # text-only: no image attached
     assert chat.handle("/quit") is None and chat.handle("") is None
@@ -260,3 +266,122 @@ def test_web_demo_answers_draws_and_reconstructs_in_a_browser(exports, tmp_path)
         server.terminate()
         log = server.communicate(timeout=30)[0]
     assert "127.0.0.1" in log and "gradio.live" not in log, log[-2000:]
+
+
+def test_a_terminal_chat_answers_each_line_as_it_is_typed(exports, tmp_path):
+    """Through a pseudo-terminal, as a user types: the answer to a line comes before the next line is typed, and
+    /quit ends the session (nothing is read ahead until end of input)."""
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "scripts/chat.py", "--und", str(exports / "und"), "--gen",
+                             str(exports / "gen"), "--out", str(tmp_path), "--device", "cpu",
+                             "answer.max_new_tokens=4"], cwd=REPO, env=env, stdin=follower, stdout=follower,
+                            stderr=follower, close_fds=True)
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120) -> bytes:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < end and proc.poll() is None, seen.decode(errors="replace")[-2000:]
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 4096)
+        return seen
+
+    try:
+        read_until(b">>> ")
+        os.write(leader, b"/settings draw.count=1\n")
+        read_until(b"draw.count")  # answered while the session waits for the next line
+        seen = b""
+        os.write(leader, f"/reconstruct {exports / 'scene.png'}\n".encode())
+        read_until(b"PSNR")
+        read_until(b">>> ")
+        os.write(leader, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(leader)
+
+
+def test_a_chat_whose_image_cannot_be_read_stops_with_one_line(exports):
+    proc = chat_script("--und", str(exports / "und"), "--gen", str(exports / "gen"), "--device", "cpu",
+                       "--image", str(exports / "notes.txt"), "--prompt", "What color is the circle?")
+    assert proc.returncode != 0 and "not a readable image" in proc.stderr.strip().splitlines()[-1]
+    assert proc.stdout == ""  # nothing answered without the image
+
+
+def test_drawing_defaults_to_the_generators_recommended_sampling(exports, tmp_path):
+    import shutil
+
+    from llm.sampler import load_recommended, save_recommended
+
+    shutil.copytree(exports / "gen", tmp_path / "gen")
+    save_recommended(tmp_path / "gen", {"cfg_scale": 2.5, "temperature": 0.9, "top_k": 0, "top_p": 1.0})
+    assert load_recommended(tmp_path / "gen")["cfg_scale"] == 2.5 and load_recommended(exports / "gen") == {}
+    models = Models(None, tmp_path / "gen", None, "cpu", torch.float32)
+    chat = Session(models, tmp_path / "out")
+    assert (chat.settings.draw.cfg_scale, chat.settings.draw.temperature) == (2.5, 0.9)
+    record = chat.handle("/draw a photo of a red circle")
+    expected, _ = models.gen.generate(["a photo of a red circle"] * 4, SamplingConfig(cfg_scale=2.5, temperature=0.9))
+    assert np.array_equal(np.asarray(Image.open(record["paths"][0])), np.asarray(to_pil(expected[0])))
+    proc = chat_script("--gen", str(tmp_path / "gen"), "--und", str(exports / "und"), "--device", "cpu", "--prompt",
+                       "/settings")
+    assert "drawing with the generator's recommendation: cfg_scale 2.5" in proc.stderr
+
+
+def test_web_demo_runs_one_model_call_at_a_time_and_checks_the_pages_numbers(models, exports, tmp_path, monkeypatch):
+    """Answering and drawing requests from two browser sessions at once never run together (one device, one lock);
+    a number the page sends that is not one is refused before the settings; a session's folder goes when it ends,
+    and past max_sessions the oldest goes."""
+    import threading
+    import time
+
+    pytest.importorskip("gradio")
+    import llm.understanding
+    from scripts.web_demo import Demo
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def exclusive(fn):
+        def run(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.2)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    running[0] -= 1
+        return run
+
+    monkeypatch.setattr(llm.understanding, "reply", exclusive(llm.understanding.reply))
+    monkeypatch.setattr(models.gen, "generate", exclusive(models.gen.generate))
+    demo = Demo(models, tmp_path, max_sessions=2)
+    calls = [lambda: demo.ask(str(exports / "scene.png"), "What color is the circle?", [], None),
+             lambda: demo.draw("a photo of a circle", 2.5, 1.0, 0, 1, None)] * 2
+    threads = [threading.Thread(target=c) for c in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1  # never two model calls at once
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) <= 2  # capped at max_sessions
+    import gradio as gr
+
+    for bad in ({"cfg_scale": float("nan")}, {"cfg_scale": "five"}, {"count": 2.5}, {"count": 0}, {"seed": -1},
+                {"temperature": None}):
+        values = {"cfg_scale": 2.5, "temperature": 1.0, "seed": 0, "count": 1} | bad
+        with pytest.raises(gr.Error):
+            demo.draw("a circle", values["cfg_scale"], values["temperature"], values["seed"], values["count"], None)
+    _, session = demo.draw("a circle", 2.5, 1.0, 3, 1, None)
+    assert session.settings.draw.seed == 3 and session.out_dir.is_dir()
+    demo.forget(session)
+    assert not session.out_dir.exists()

@@ -174,3 +174,18 @@ def test_default_num_workers_follows_the_cores_and_processes(monkeypatch):
     assert default_num_workers() == 8  # capped
     monkeypatch.setattr("os.sched_getaffinity", lambda _: {0, 1})
     assert default_num_workers() == 2
+
+
+def test_cpu_threads_honour_an_explicit_omp_num_threads(monkeypatch):
+    from common.distributed import cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(16)))
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert cpu_threads() == 4  # the cores split between the job's processes
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user sharing the machine
+    assert cpu_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer, got 'two'"):
+        cpu_threads()

@@ -14,7 +14,15 @@ import pytest
 from PIL import Image
 
 from eval.dpg_bench import crops, generate, read_prompts, score_folder, tile
-from eval.dpg_scoring import Question, crop_scores, is_yes, read_question_csv, score_prompt, summarize
+from eval.dpg_scoring import (
+    Question,
+    crop_scores,
+    format_summary,
+    is_yes,
+    read_question_csv,
+    score_prompt,
+    summarize,
+)
 from llm.sampler import SamplingConfig
 from tests.test_ar_gen import tiny_text_to_image
 from world.dpg import CSV_COLUMNS, dpg_scene, render_dpg_scene, write_dpg_bench
@@ -41,6 +49,11 @@ def test_dependency_zeroing_crop_average_and_categories():
     # categories over both crops after zeroing (upstream: the last crop's scores before zeroing)
     assert summary["l2"] == {"attribute - color": 50.0, "entity - whole": 50.0, "relation - spatial": 0.0}
     assert summary["l1"] == {"attribute": 50.0, "entity": 50.0, "relation": 0.0}
+    # upstream-comparable (hustvl/VGT's copy, published tables): every crop, before the zeroing
+    assert summary["upstream"]["l2"] == {"attribute - color": 100.0, "entity - whole": 50.0,
+                                         "relation - spatial": 100.0}
+    assert summary["upstream"]["l1"] == {"attribute": 100.0, "entity": 50.0, "relation": 100.0}
+    assert "upstream" in format_summary(summary) and "100.00" in format_summary(summary)
     assert [is_yes(a) for a in ("yes", " Yes!", "YES.", "yes, it is", "no", "", "yess")] == \
         [True, True, True, False, False, False, False]
 

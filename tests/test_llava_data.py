@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor, SiglipImageProcessor
 
 from common.config import ConfigError
 from data.llava import (
@@ -24,7 +26,7 @@ from data.serve import ShardServer
 from data.shard_cache import ShardOptions
 from data.shards import write_index
 from data.tar_files import write_tar_shard
-from llm.understanding import build_processor
+from llm.understanding import _model_inputs, build_processor, mean_color
 from tokenizer import VQRAE, get_preset
 from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
 from world.shapes import shapes_world_tokenizer
@@ -80,16 +82,38 @@ def test_chat_template_supervises_every_answer_and_matches_evaluation(world):
     assert torch.equal(item["pixel_values"], evaluation["pixel_values"][0])
 
 
-def test_images_are_padded_to_a_square_with_the_mean_colour(world, tmp_path):
+def expand2square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's expand2square, written from its code: the image centred on a square of its longer side."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+@pytest.mark.parametrize("size", [(41, 20), (20, 45), (64, 64), (16, 16)])
+def test_every_path_pads_images_to_a_square_as_llava_does(world, tmp_path, size):
+    """Training, answering (answer / caption / reply: the chat and the web demo) and the exported processor alone
+    (a transformers user, lmms-eval's llava_hf) give the pixels of LLaVA's expand2square, filled with its int() mean
+    colour, then SigLIP's resize and normalisation."""
     _, processor = world
-    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "wide.png")
-    sample = {"id": "w", "image": "wide.png", "conversations": [{"from": "human", "value": "<image>"},
-                                                                {"from": "gpt", "value": "a red bar"}]}
-    item = ConversationDataset([sample], tmp_path, processor, 64, "plain")[0]
-    square = Image.new("RGB", (40, 40), (128, 128, 128))  # SigLIP's mean 0.5 -> 128
-    square.paste(Image.new("RGB", (40, 20), (255, 0, 0)), (0, 10))
-    expected = processor.image_processor(images=square, return_tensors="pt")["pixel_values"][0]
-    assert torch.equal(item["pixel_values"], expected)
+    image = Image.fromarray(np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    image.save(tmp_path / "x.png")
+    fill = tuple(int(m * 255) for m in processor.image_processor.image_mean)
+    assert fill == mean_color(processor) == (127, 127, 127)  # SigLIP's 0.5: LLaVA truncates, never rounds to 128
+    side = processor.image_processor.size["height"]
+    siglip = SiglipImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    reference = siglip(images=expand2square(image, fill), return_tensors="pt")["pixel_values"][0]
+    sample = {"id": "x", "image": "x.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                             {"from": "gpt", "value": "noise"}]}
+    assert torch.equal(ConversationDataset([sample], tmp_path, processor, 64, "plain")[0]["pixel_values"], reference)
+    assert torch.equal(_model_inputs(torch.nn.Linear(1, 1), processor, ["<image>"], [image])["pixel_values"][0],
+                       reference)
+    processor.save_pretrained(tmp_path / "export")
+    alone = AutoProcessor.from_pretrained(tmp_path / "export")
+    assert torch.equal(alone(images=[image], text=["<image>"], return_tensors="pt")["pixel_values"][0], reference)
 
 
 def test_skipped_samples_are_counted_by_reason_and_collation(world, tmp_path):
@@ -109,7 +133,7 @@ def test_skipped_samples_are_counted_by_reason_and_collation(world, tmp_path):
     assert items[1]["pixel_values"] is None and processor.image_token_id not in items[1]["input_ids"].tolist()
     batch = collate_llava(items, pad_id=processor.tokenizer.pad_token_id)
     assert batch["examples"] == 2 and batch["pixel_values"].shape == (1, 3, 64, 64)
-    assert batch["skipped"] == 3 and batch["skip_reasons"] == {
+    assert batch["skipped"] == 2 and batch["skip_reasons"] == {  # skipped: the images; the reasons: every sample
         "missing_image": 1, "unreadable_image": 1, "truncated_image": 0, "template_mismatch": 0, "no_answer": 1,
         "bad_sample": 0}
     n = items[1]["input_ids"].numel()
@@ -213,3 +237,17 @@ def test_a_shard_sample_whose_json_names_an_image_it_lacks_is_skipped_as_missing
     data = ShardConversationDataset(tmp_path, processor, 64, "chat")
     assert data[0] == {"skipped": "missing_image", "id": "a"}
     assert data[1]["pixel_values"] is None and processor.image_token_id not in data[1]["input_ids"].tolist()
+
+
+def test_chatml_renders_conversations_as_qwens_template_does(world):
+    """Qwen2.5 / Qwen3's rendering of a system-less conversation, written out: every turn "<|im_start|>ROLE\\n" +
+    text + "<|im_end|>\\n" (the newline after each end of turn included), then the generation prompt."""
+    _, processor = world
+    messages = [{"role": "user", "content": "Is there a circle?"}, {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "What color is it?"}]
+    qwen = ("<|im_start|>user\nIs there a circle?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n"
+            "<|im_start|>user\nWhat color is it?<|im_end|>\n<|im_start|>assistant\n")
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == qwen
+    with_image = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a circle?"}]}]
+    assert processor.apply_chat_template(with_image, add_generation_prompt=True, tokenize=False) == \
+        "<|im_start|>user\n<image>\nIs there a circle?<|im_end|>\n<|im_start|>assistant\n"

@@ -593,6 +593,16 @@ def test_sampling_options_are_the_config_fields():
                                                            backend="hf", cuda_graph=False, compile=True, seed=1)
     options = {a.dest for a in parser._actions}
     assert {f.name for f in dataclasses.fields(SamplingConfig)} <= options
+    # an export's recommendation fills what the command line leaves unset, the program's default what it lacks
+    recommended = {"cfg_scale": 2.5, "temperature": 0.9}
+    assert sampling_from_arguments(parser.parse_args([]), recommended) == SamplingConfig(cfg_scale=2.5, temperature=0.9,
+                                                                                          seed=42)
+    given = sampling_from_arguments(parser.parse_args(["--cfg-scale", "4"]), recommended)
+    assert (given.cfg_scale, given.temperature, given.top_k) == (4.0, 0.9, 0)
+    program = argparse.ArgumentParser()
+    add_sampling_arguments(program, cfg_scale=3.0)
+    assert sampling_from_arguments(program.parse_args([])).cfg_scale == 3.0
+    assert sampling_from_arguments(program.parse_args([]), recommended).cfg_scale == 2.5
 
 
 def test_attended_columns():

@@ -11,7 +11,6 @@ from transformers import LlamaForCausalLM, LogitsProcessorList
 from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig
 from llm.text_tokenizer import GENERIC_TEXTS, train_sentencepiece_tokenizer
 from llm.vocab import (
-    FALLBACK_CHAT,
     PAD_FALLBACK,
     build_prompt_ids,
     build_tiny_lm,
@@ -77,7 +76,7 @@ def test_prompts_keep_bos_and_the_unconditional_row_its_length(expanded):
     assert uncond == [tok.bos_token_id] + [vocab.pad_id] * (len(prompt) - 1)
     assert unconditional_prompt_ids(tok, prompt, vocab, "empty") == [tok.bos_token_id]
     assert build_prompt_ids(tok, CAPTIONS[0], "chat") == \
-        tok(FALLBACK_CHAT.format(caption=CAPTIONS[0]), add_special_tokens=False)["input_ids"]  # no chat template
+        tok(f"User: {CAPTIONS[0]}\nAssistant:", add_special_tokens=False)["input_ids"]  # no chat template: the fallback
 
 
 def test_the_fused_sampler_runs_llama_as_transformers_does(expanded):
@@ -127,7 +126,7 @@ def vicuna_v1(turns: list[tuple[str, str]], generation_prompt: bool) -> str:
     from llm.understanding import VICUNA_SYSTEM
 
     seps = (" ", "</s>")
-    text = "<s>" + VICUNA_SYSTEM + seps[0]
+    text = VICUNA_SYSTEM + seps[0]  # no "<s>": LLaVA's tokenizer_image_token adds the BOS
     for i, (role, message) in enumerate(turns):
         text += ("USER" if role == "user" else "ASSISTANT") + ": " + message + seps[i % 2]
     return text + ("ASSISTANT:" if generation_prompt else "")
@@ -154,6 +153,7 @@ def test_understanding_with_a_sentencepiece_llm_uses_vicuna_v1(vicuna):
     # training supervises each answer and its </s>, nothing else
     item = ConversationDataset(samples, vicuna / "world", processor, num_image_tokens=64, template="chat")[0]
     ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # one BOS, the tokenizer's
     runs, current = [], []
     for token, label in zip(ids, labels):
         if label != IGNORE_INDEX:
@@ -165,16 +165,24 @@ def test_understanding_with_a_sentencepiece_llm_uses_vicuna_v1(vicuna):
     runs += [current] if current else []
     answers = [t for r, t in turns if r == "assistant"]
     assert [tok.decode(r).strip() for r in runs] == [a + "</s>" for a in answers]
-    # the evaluation prompt is the training prefix, one BOS
+    # the evaluation prompt is the training prefix, one BOS, by the standard recipe (lmms-eval's llava_hf)
     question = turns[0][1].removeprefix("<image>\n")
     text = processor.apply_chat_template([user_turn(question, True)], add_generation_prompt=True, tokenize=False)
-    assert text == vicuna_v1([turns[0]], True) and renders_bos(tok, [text])
+    assert text == vicuna_v1([turns[0]], True) and not renders_bos(tok, [text])
     from PIL import Image
 
     image = Image.open(vicuna / "world" / samples[0]["image"]).convert("RGB")
-    prompt = processor(images=[image], text=[text], add_special_tokens=False)["input_ids"][0]
+    prompt = list(processor(images=[image], text=[text])["input_ids"][0])
     assert prompt[0] == tok.bos_token_id and prompt[1] != tok.bos_token_id
     assert ids[: len(prompt)] == list(prompt)
+    # stage 1 "plain" is LLaVA's preprocess_plain: the BOS, the image alone (the human text dropped), caption + "\n"
+    sample = read_conversations(vicuna / "world" / "llava_captions.json")[0]
+    sample["conversations"][0]["value"] = "Describe the image briefly.\n<image>"
+    plain = ConversationDataset([sample], vicuna / "world", processor, num_image_tokens=64, template="plain")[0]
+    caption = tok(sample["conversations"][1]["value"] + "\n", add_special_tokens=False)["input_ids"]
+    assert plain["input_ids"].tolist() == [tok.bos_token_id, *[processor.image_token_id] * 64, *caption]
+    assert plain["labels"].tolist() == [IGNORE_INDEX] * 65 + caption
+    assert list(processor(images=[image], text=["<image>"])["input_ids"][0]) == plain["input_ids"].tolist()[:65]
     # the export loads in transformers alone, with the format, and answers the same
     save_llava(model, processor, vicuna / "export")
     loaded = LlavaForConditionalGeneration.from_pretrained(vicuna / "export").eval()
@@ -209,7 +217,7 @@ def test_the_understanding_trainer_runs_a_sentencepiece_llm(vicuna, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["examples"] == 4 and r["answer_tokens"] > 0 for r in rows)
     processor = AutoProcessor.from_pretrained(tmp_path / "run" / "export")
-    assert processor.chat_template.startswith("{{ bos_token }}A chat between")
+    assert processor.chat_template.startswith("A chat between")  # the BOS is the tokenizer's (llava-hf)
 
 
 def test_a_tokenizer_with_no_chat_format_is_refused_in_one_line(spm_dir):

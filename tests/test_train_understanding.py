@@ -210,3 +210,27 @@ def test_stage2_trains_text_only_conversations_from_shards(world, stage1, tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert sum(r["examples"] for r in rows) == 16  # one epoch: every sample trained, the text-only ones included
     assert all(r["skipped_images"] == 0 for r in rows)
+
+
+def test_two_ranks_stay_in_step_when_one_ranks_micro_batch_is_all_unreadable(world, tmp_path):
+    """Every other image is unreadable and a micro-batch holds one sample: a rank whose micro-batch is empty runs a
+    placeholder row (under ZeRO-3, whose forward is collective) while the other trains, and the skip counts logged
+    are sums over both ranks."""
+    samples = json.loads((world / "world" / LLAVA_CAPTIONS).read_text())[:16]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for s in samples[1::2]:
+        s["image"] = str(tmp_path / "bad.png")
+    (tmp_path / "captions.json").write_text(json.dumps(samples))
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(free_port())]
+    train(*args(world, out, 1, f"data.conversations={tmp_path / 'captions.json'}", "run.steps=6",
+                "deepspeed.zero_stage=3", "deepspeed.micro_batch_size=1"), launcher=launcher)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and (out / "export" / "config.json").is_file()
+    skipped = [0] + [r["skipped_images"] for r in rows]
+    added = [b - a for a, b in zip(skipped, skipped[1:])]
+    assert set(added) <= {0, 1, 2} and 1 in added and 2 in added  # one rank empty; both: counted over both ranks
+    assert all(r["skipped_unreadable_image"] == r["skipped_images"] for r in rows)
+    empty_on_rank0 = [r for r, n in zip(rows, added) if n == 2]
+    assert all(r["examples"] == 0 and r["loss"] == 0.0 for r in empty_on_rank0)

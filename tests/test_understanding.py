@@ -118,9 +118,7 @@ texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "i
                                        add_generation_prompt=True, tokenize=False) for q in questions]
 inputs = processor(images=[Image.open(p).convert("RGB") for p in images], text=texts, return_tensors="pt",
                    padding=True)
-end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-out = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=end,
-                     pad_token_id=processor.tokenizer.pad_token_id)
+out = model.generate(**inputs, max_new_tokens=8, do_sample=False)  # the export's generation config: where to stop
 print(json.dumps([processor.tokenizer.decode(r, skip_special_tokens=True).strip()
                   for r in out[:, inputs["input_ids"].shape[1]:]]))
 print("modules:", sorted(m for m in sys.modules if m.split(".")[0] in ("tokenizer", "llm", "common", "data")))
@@ -147,6 +145,20 @@ def test_export_answers_the_same_in_transformers_alone(llava_export, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert json.loads(lines[-2]) == ours
     assert lines[-1] == "modules: []"  # this repository was never imported there
+
+
+def test_the_export_stops_a_plain_generate_at_the_end_of_turn(llava_export):
+    """ChatML's end of turn is not the LM's EOS: the export's generation config and its tokenizer's EOS name it (what
+    `generate` and lmms-eval's llava_hf stop at), and the LM's own EOS still ends a generation."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    root, _, _, _, processor = llava_export
+    end, eos = (processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+    config = GenerationConfig.from_pretrained(root / "export")
+    assert config.eos_token_id == [end, eos] and config.pad_token_id == processor.tokenizer.pad_token_id
+    exported = AutoProcessor.from_pretrained(root / "export").tokenizer
+    assert exported.eos_token_id == end and exported.decode([eos, end], skip_special_tokens=True) == ""
+    assert processor.tokenizer.eos_token_id == eos  # the training tokenizer is left as it was
 
 
 def test_replace_vision_tower_keeps_projector_and_llm(tmp_path):

@@ -36,8 +36,10 @@ def test_parse_pope_llava_rule():
     # before the first ".", commas removed, words "No" / "not" / "no" -> no; everything else yes (even "", "NO")
     expected = ["yes", "no", "no", "no", "yes", "yes", "yes", "yes", "yes", "yes", "yes", "yes", "no", "no"]
     assert [parse_pope(a) for a in TRICKY] == expected
-    lmms = ["no", "no", "no", "no", "no", "no", "no", "yes", "no", "no", "no", "no", "no", "no"]
+    # lmms-eval keeps the prediction: only an exact (lower-cased, stripped) "yes" / "no" is one
+    lmms = [a.lower().strip() for a in TRICKY]
     assert [parse_pope(a, "lmms-eval") for a in TRICKY] == lmms
+    assert [p for p in lmms if p in ("yes", "no")] == ["yes", "no", "no"]  # "No." is neither
 
 
 def test_score_mme_pairs_and_sums():
@@ -79,9 +81,15 @@ def test_score_pope_confusion_metrics():
     p = out["categories"]["popular"]  # nothing predicted yes: precision, recall, f1 0 rather than a crash
     assert (p["precision"], p["recall"], p["f1"], p["yes_ratio"]) == (0.0, 0.0, 0.0, 0.0)
     assert out["mean_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
+    assert out["all"]["tp"] == 2 and out["all"]["f1"] == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))
     lmms = score_pope([{"category": c, "answer": a, "label": y} for c, a, y in rows], "lmms-eval")
-    assert lmms["categories"]["random"]["yes_ratio"] == pytest.approx(3 / 5)  # of the labels
-    assert (lmms["categories"]["random"]["tp"], lmms["categories"]["random"]["tn"]) == (2, 2)  # "Yes, there is." no
+    r = lmms["categories"]["random"]  # "Yes" / "No" count; "Yes, there is." and "No, there is not." are neither
+    assert (r["tp"], r["fn"], r["fp"], r["tn"], r["other"]) == (2, 1, 0, 0, 2)
+    assert r["accuracy"] == pytest.approx(2 / 5) and r["precision"] == 1.0 and r["recall"] == pytest.approx(2 / 3)
+    assert r["yes_ratio"] == pytest.approx(3 / 5)  # of the labels
+    every = lmms["all"]  # lmms-eval's pope task: one F1 over all questions ("No." is neither either)
+    assert (every["tp"], every["fn"], every["fp"], every["other"]) == (2, 1, 0, 4)
+    assert every["f1"] == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3))
 
 
 def test_exact_match_per_type():

@@ -404,7 +404,13 @@ def test_unified_from_a_generator_export_keeps_its_format_and_vqrae(world, tmp_p
                                                                            "intermediate_size")})
     vqrae = VQRAE.from_pretrained(world / "tok")
     vocab = expand_vocabulary(lm, tokenizer, vqrae.config.quantizer.codebook_size)
-    save_generator(tmp_path / "gen", lm, tokenizer, vocab, SequenceFormat("plain", "empty"), world / "tok")
+    # trained with template "chat" on a chat template other than the one the LLaVA export will carry
+    tokenizer.chat_template = "{% for m in messages %}USER: {{ m['content'] }} {% endfor %}ASSISTANT:"
+    fmt = SequenceFormat("chat", "empty").pinned(tokenizer.chat_template)
+    captions = ["a photo of a red circle", "a photo of two squares"]
+    trained = [(fmt.prompt_ids(tokenizer, c), fmt.uncond_ids(tokenizer, fmt.prompt_ids(tokenizer, c), vocab))
+               for c in captions]
+    save_generator(tmp_path / "gen", lm, tokenizer, vocab, fmt, world / "tok")
     projector = world / "s1" / "checkpoints" / "step_00000003" / "projector.safetensors"
     out = tmp_path / "u"
     refused = run(SCRIPT, *unified_args(world, out, "model.init_from=",
@@ -415,8 +421,10 @@ def test_unified_from_a_generator_export_keeps_its_format_and_vqrae(world, tmp_p
     run(SCRIPT, *unified_args(world, out, "model.init_from=", f"generation.generator={tmp_path / 'gen'}",
                               f"model.projector={projector}", "run.steps=2", "generation.ratio=0.5"))
     unified = load_unified(out / "export")
-    assert unified.fmt == SequenceFormat("plain", "empty")
-    assert unified.vocab.code_range == vocab.code_range
+    assert unified.fmt == fmt and unified.vocab.code_range == vocab.code_range
+    assert unified.processor.tokenizer.chat_template != tokenizer.chat_template  # the export's is LLaVA's
+    cond, uncond = TextToImage.from_pretrained(out / "export").prompt_rows(captions)
+    assert list(zip(cond, uncond)) == trained  # the prompts it was trained on, conditional and unconditional
     from safetensors.torch import load_file
 
     start = load_file(str(projector))

@@ -321,7 +321,10 @@ def test_prompt_templates(expanded, tok_dir, tmp_path):
     assert chat == f"<|im_start|>user\n{caption}<|im_end|>\n<|im_start|>assistant\n"
     plain_tok = train_text_tokenizer(CAPTIONS, tmp_path / "nochat", vocab_size=300, chat_template=None)
     assert tok.decode(build_prompt_ids(plain_tok, caption, "chat")) != chat
-    assert plain_tok.decode(build_prompt_ids(plain_tok, caption, "chat")) == FALLBACK_CHAT.format(caption=caption)
+    assert plain_tok.decode(build_prompt_ids(plain_tok, caption, "chat")) == f"User: {caption}\nAssistant:"
+    assert build_prompt_ids(plain_tok, caption, "chat", FALLBACK_CHAT) == build_prompt_ids(plain_tok, caption, "chat")
+    # a pinned template wins over the tokenizer's own
+    assert tok.decode(build_prompt_ids(tok, caption, "chat", FALLBACK_CHAT)) == f"User: {caption}\nAssistant:"
     for template in ("alpaca", "vicuna"):  # sorting before and after "plain"
         with pytest.raises(ValueError, match="template"):
             build_prompt_ids(tok, caption, template)

@@ -34,6 +34,7 @@ from data.sequences import CaptionCodeSequences, collate_sequences
 from data.shard_cache import ShardOptions
 from data.transforms import ImageTransform
 from llm.generator import LMConfig, build_lm, save_text_side
+from llm.sampler import recommended_settings, save_recommended
 from tokenizer import VQRAE
 from train.config import DebugConfig, RunConfig, require_paths, run_entry_point
 from train.engine import DeepSpeedConfig, OptimConfig, build_engine, deepspeed_json
@@ -113,8 +114,9 @@ class ARGenTrainer(TrainLoop):
         if cfg.lm.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hf_config = model.config.to_dict()
-        self.sequences = CaptionCodeSequences(codes, self.tokenizer, self.vocab, cfg.lm.template, cfg.lm.uncond,
-                                              cfg.data.caption_dropout, cfg.run.seed)
+        self.fmt = cfg.lm.sequence_format.pinned(self.tokenizer.chat_template)
+        self.sequences = CaptionCodeSequences(codes, self.tokenizer, self.vocab, self.fmt, cfg.data.caption_dropout,
+                                              cfg.run.seed)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
         groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -124,7 +126,7 @@ class ARGenTrainer(TrainLoop):
         self.resume()
         self.loader = self.make_loader(self.sequences, functools.partial(collate_sequences, pad_id=self.vocab.pad_id),
                                        cfg.deepspeed.micro_batch_size)
-        self.samples = SampleGrid(cfg.sample, self.tokenizer, self.vocab, cfg.lm.sequence_format, self.vqrae)
+        self.samples = SampleGrid(cfg.sample, self.tokenizer, self.vocab, self.fmt, self.vqrae)
         log.info("generator: %s, %d codes x %d tokens/image, %d sequences, step %d of %d",
                  model.config.model_type, self.vocab.codebook_size, codes.num_tokens, len(codes),
                  self.state["step"], cfg.run.steps)
@@ -147,7 +149,13 @@ class ARGenTrainer(TrainLoop):
     def checkpoint_files(self) -> dict:
         meta = {"hf_config": self.hf_config, "vqrae": str(Path(self.cfg.data.tokenizer).resolve())}
         return {GENERATOR_META: lambda p: p.write_text(json.dumps(meta, indent=2)),
-                TEXT_SIDE: lambda p: save_text_side(p, self.tokenizer, self.vocab, self.cfg.lm.sequence_format)}
+                TEXT_SIDE: self.save_text_side}
+
+    def save_text_side(self, directory: Path) -> None:
+        """The text side of a checkpoint, with the sampling settings the samples are drawn with (the export's
+        recommendation)."""
+        save_text_side(directory, self.tokenizer, self.vocab, self.fmt)
+        save_recommended(directory, recommended_settings(self.cfg.sample.sampling))
 
     def finish(self, checkpoint: Path) -> None:
         if self.info.is_main:

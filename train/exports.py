@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.config import from_dict
 from llm.generator import load_text_side, save_generator
+from llm.sampler import load_recommended
 from tokenizer import VQRAE, VQRAEConfig
 from train.checkpoint import consolidated_state_dict
 
@@ -79,7 +80,7 @@ def export_generator(checkpoint: Path, directory: Path) -> None:
     fill_from_checkpoint(model, consolidated_state_dict(checkpoint, tag="model"), config.tie_word_embeddings,
                          checkpoint)
     tokenizer, vocab, fmt = load_text_side(checkpoint / TEXT_SIDE)
-    save_generator(directory, model, tokenizer, vocab, fmt, meta["vqrae"])
+    save_generator(directory, model, tokenizer, vocab, fmt, meta["vqrae"], load_recommended(checkpoint / TEXT_SIDE))
 
 
 LLAVA_CONFIG = "llava_config.json"  # the understanding model's LlavaConfig
@@ -137,4 +138,5 @@ def export_unified(checkpoint: Path, directory: Path) -> None:
 
     meta = json.loads((checkpoint / UNIFIED_META).read_text())
     export_understanding(checkpoint, directory, unified_files(ImageVocab(**meta["vocab"]),
-                                                              SequenceFormat(**meta["format"]), meta["vqrae"]))
+                                                              SequenceFormat(**meta["format"]), meta["vqrae"],
+                                                              meta.get("sampling")))

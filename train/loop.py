@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from common.config import ConfigError
-from common.distributed import DistInfo, barrier, init_distributed, setup_logging
+from common.distributed import DistInfo, all_reduce, barrier, init_distributed, setup_logging
 from train.checkpoint import Checkpointer
 from train.config import DebugConfig, RunConfig, parse_config
 from train.data_order import resumable_loader
@@ -30,9 +31,12 @@ class TrainLoop:
 
     A subclass sets `self.engine` (the main DeepSpeed engine), `self.engines` (all engines to checkpoint) and
     `self.loader` (built with `start=self.state["micro_batches"]`, so call `self.resume()` first), and implements
-    `micro_step(batch) -> (loss, metrics)` (forward only; None skips the batch). Optional hooks:
-    `after_backward`, `after_step`, `write_samples`, `checkpoint_files`, `load_checkpoint_files`, `extra_state`,
-    `finish`.
+    `micro_step(batch) -> (loss, metrics)` (forward only; None skips the batch, on every rank when on one). Optional
+    hooks: `after_backward`, `after_step`, `write_samples`, `checkpoint_files`, `load_checkpoint_files`,
+    `extra_state`, `skip_counts`, `finish`.
+
+    Skip counts (`skip_counts`) are kept per rank and logged, checkpointed and reported as sums over the ranks; a
+    resumed run gives the checkpoint's sums to rank 0 and starts the others from 0.
     """
 
     def __init__(self, run: RunConfig, debug: DebugConfig, grad_accum_steps: int, info: DistInfo):
@@ -47,7 +51,9 @@ class TrainLoop:
 
     # hooks ----------------------------------------------------------------------------------------------------
     def micro_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        """Forward one micro-batch: (loss, metrics to log), or None to skip it (e.g. every image was unreadable)."""
+        """Forward one micro-batch: (loss, metrics to log), or None to skip it (e.g. every image was unreadable); a
+        skip on one rank skips the micro-step on every rank, so under ZeRO-3 (whose forward gathers parameters
+        collectively) a trainer must run a forward on every rank instead (a row with nothing supervised)."""
         raise NotImplementedError
 
     def after_backward(self, batch: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -67,8 +73,19 @@ class TrainLoop:
         """Read what `checkpoint_files` wrote."""
 
     def extra_state(self) -> dict[str, Any]:
-        """json-able state saved with every checkpoint (restored into self.state)."""
+        """json-able state saved with every checkpoint (restored into self.state); called on every rank."""
         return {}
+
+    def skip_counts(self) -> dict[str, int]:
+        """This rank's counts of what it skipped, by name (the same names on every rank)."""
+        return {"skipped_images": self.state["skipped_images"]}
+
+    def summed_skip_counts(self) -> dict[str, int]:
+        """`skip_counts` summed over the ranks (collective: every rank calls it)."""
+        local = self.skip_counts()
+        names = sorted(local)
+        totals = all_reduce(torch.tensor([local[n] for n in names], dtype=torch.float64, device=self.info.device))
+        return {n: int(v) for n, v in zip(names, totals.tolist())}
 
     def finish(self, checkpoint: Path) -> None:
         """After the final checkpoint (every rank), e.g. export on rank 0."""
@@ -95,14 +112,17 @@ class TrainLoop:
         if path is None:
             return
         self.state.update(self.checkpointer.load(path, self.engines))
+        if not self.info.is_main:  # the checkpoint holds sums over the ranks: rank 0 carries them on
+            self.state["skipped_images"] = 0
         self.load_checkpoint_files(path)
         log.info("resumed from %s (step %d)", path, self.state["step"])
         if self.info.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.state["step"])
 
     def save(self) -> Path:
-        return self.checkpointer.save(self.state["step"], self.engines, {**self.state, **self.extra_state()},
-                                      self.checkpoint_files())
+        summed = {"skipped_images": self.summed_skip_counts()["skipped_images"]}
+        return self.checkpointer.save(self.state["step"], self.engines,
+                                      {**self.state, **self.extra_state(), **summed}, self.checkpoint_files())
 
     def fit(self, total_steps: int, config: Any = None) -> None:
         """Train until `total_steps` optimizer steps, from wherever `resume()` left the state: micro-steps with the
@@ -125,7 +145,9 @@ class TrainLoop:
                     seen.flush()
                 st["skipped_images"] += batch.get("skipped", 0)
                 result = self.micro_step(batch)
-                if result is None:
+                skipped = all_reduce(torch.tensor([float(result is None)], device=self.info.device),
+                                     dist.ReduceOp.MAX)
+                if skipped.item():  # on any rank: every rank skips it, so all stay in step
                     continue
                 loss, metrics = result
                 st["attempts"] += 1
@@ -148,8 +170,7 @@ class TrainLoop:
                 scalars |= {"loss": float(loss.detach()), **self.learning_rates()}
                 logger.advance(1, {k: scalars[k] for k in ("loss", "code_usage") if k in scalars})
                 if run.log_every and step % run.log_every == 0:
-                    logger.log(step, scalars | {"skipped_images": st["skipped_images"],
-                                                "skipped_nonfinite": guard.skipped})
+                    logger.log(step, scalars | self.summed_skip_counts() | {"skipped_nonfinite": guard.skipped})
                 if run.sample_every and step % run.sample_every == 0:
                     self.write_samples(step)
                 if run.ckpt_every and step % run.ckpt_every == 0:
@@ -166,7 +187,7 @@ class TrainLoop:
         self.finish(latest)
         barrier()
         log.info("done: step %d (skipped %d unreadable images, %d non-finite micro-steps)", st["step"],
-                 st["skipped_images"], guard.skipped)
+                 self.summed_skip_counts()["skipped_images"], guard.skipped)
 
 
 def run_trainer(trainer: type[TrainLoop], cfg_cls: type, default_config: Path, description: str,

@@ -15,7 +15,7 @@ from data.transforms import make_grid_png
 from llm.fused import has_peft_adapters
 from llm.generator import SequenceFormat
 from llm.sampler import Engine, SamplingConfig
-from llm.vocab import ImageVocab, build_prompt_ids, unconditional_prompt_ids
+from llm.vocab import ImageVocab
 from tokenizer import VQRAE
 
 
@@ -35,8 +35,8 @@ class SampleGrid:
     def __init__(self, section: SampleSection, tokenizer: PreTrainedTokenizerBase, vocab: ImageVocab,
                  fmt: SequenceFormat, vqrae: VQRAE):
         self.section, self.vocab, self.vqrae = section, vocab, vqrae
-        self.cond = [build_prompt_ids(tokenizer, p, fmt.template) for p in section.prompts]
-        self.uncond = [unconditional_prompt_ids(tokenizer, c, vocab, fmt.uncond, fmt.template) for c in self.cond]
+        self.cond = [fmt.prompt_ids(tokenizer, p) for p in section.prompts]
+        self.uncond = [fmt.uncond_ids(tokenizer, c, vocab) for c in self.cond]
         self.engine: Engine | None = None
 
     @torch.no_grad()

@@ -296,8 +296,15 @@ class UnderstandingTrainer(TrainLoop):
     def model_inputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """The batch on the device: input_ids, attention_mask, labels, and pixel_values (model dtype) when any. Under
         ZeRO-3 a batch without images gains one blank-image row with nothing supervised (`with_blank_image`): every
-        rank's forward must gather the same parameters in the same order, the tower's included."""
+        rank's forward must gather the same parameters in the same order, the tower's included. A micro-batch whose
+        every sample was skipped is that row alone: every rank runs a forward and a backward in every step."""
         device = self.info.device
+        if batch["input_ids"] is None:
+            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
+            size = self.processor.image_processor.size["height"]
+            return with_blank_image({"input_ids": empty, "attention_mask": empty, "labels": empty},
+                                    self.processor.image_token_id, self.llava.config.image_seq_length,
+                                    self.processor.tokenizer.pad_token_id, size, self.dtype)
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
         if batch["pixel_values"] is not None:
             inputs["pixel_values"] = batch["pixel_values"].to(device, self.dtype, non_blocking=True)
@@ -311,13 +318,14 @@ class UnderstandingTrainer(TrainLoop):
         """Whether images reach the vision tower (a unified model given codes never runs it)."""
         return True
 
-    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         self.count_skips(batch)
-        if batch["input_ids"] is None:
-            return None
         inputs = self.model_inputs(batch)
-        loss = self.engine(**inputs).loss
+        out = self.engine(**inputs)
         tokens = (inputs["labels"][:, 1:] != -100).sum()
+        # a micro-batch whose every sample was skipped: the placeholder row's zero loss (no gradient, every
+        # collective of the step taken part in)
+        loss = out.loss if batch["input_ids"] is not None else out.logits.sum() * 0.0
         return loss, {"examples": batch["examples"], "answer_tokens": tokens}
 
     def checkpoint_files(self) -> dict:
@@ -339,16 +347,26 @@ class UnderstandingTrainer(TrainLoop):
         projector = self.llava.model.multi_modal_projector
         return {k: master_weight(p).detach().cpu().contiguous() for k, p in projector.named_parameters()}
 
+    def skip_counts(self) -> dict[str, int]:
+        return {**super().skip_counts(), **{f"skipped_{r}": n for r, n in self.reasons.items()}}
+
+    def summed_reasons(self) -> dict[str, int]:
+        """Skipped samples by reason, summed over the ranks (collective)."""
+        summed = self.summed_skip_counts()
+        return {r: summed[f"skipped_{r}"] for r in self.reasons}
+
     def extra_state(self) -> dict:
-        return {"skip_reasons": self.reasons}
+        return {"skip_reasons": self.summed_reasons()}
 
     def load_checkpoint_files(self, path: Path) -> None:
-        self.reasons = {**dict.fromkeys(SKIP_REASONS, 0), **self.state.get("skip_reasons", {})}
+        saved = self.state.get("skip_reasons", {}) if self.info.is_main else {}  # sums: rank 0 carries them on
+        self.reasons = {**dict.fromkeys(SKIP_REASONS, 0), **saved}
 
     def finish(self, checkpoint: Path) -> None:
+        reasons = self.summed_reasons()
         if self.info.is_main:
             export_understanding(checkpoint, self.out_dir / "export")
-            log.info("exported %s (skipped samples by reason: %s)", self.out_dir / "export", self.reasons)
+            log.info("exported %s (skipped samples by reason, all ranks: %s)", self.out_dir / "export", reasons)
 
 
 def main(argv: list[str] | None = None) -> None:

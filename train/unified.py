@@ -40,6 +40,7 @@ from data.codes import CodeDataset
 from data.mix import ShardTaskMix, TaskMix
 from data.sequences import CaptionCodeSequences
 from llm.generator import FORMAT_FILE, IMAGE_INPUTS, VQRAE_DIR, SequenceFormat, load_generator
+from llm.sampler import recommended_settings
 from llm.understanding import build_llava, is_llava_export, load_llava
 from llm.unified import expand_llava, fit_vocab, images_as_codes, language_model_view
 from llm.vocab import IGNORE_INDEX, INITS
@@ -148,6 +149,7 @@ class UnifiedTrainer(UnderstandingTrainer):
         cfg, gen = self.cfg, self.cfg.generation
         if gen.generator:
             lm, tokenizer, vocab, fmt, vqrae = load_generator(gen.generator)
+            fmt = fmt.pinned(tokenizer.chat_template)  # before build_llava gives the tokenizer LLaVA's template
             llava, processor = build_llava(vqrae, lm.train(), tokenizer, cfg.model.chat_format)
             vocab = fit_vocab(vocab, llava)
             path = Path(cfg.model.projector)
@@ -161,7 +163,7 @@ class UnifiedTrainer(UnderstandingTrainer):
             vqrae = VQRAE.from_pretrained(cfg.model.tokenizer)
             check_tower(llava, vqrae, cfg.model.tokenizer)
             vocab = expand_llava(llava, processor, vqrae, gen.init, cfg.run.seed)
-            fmt = SequenceFormat(gen.template or "plain", gen.uncond or "pad")
+            fmt = SequenceFormat(gen.template or "plain", gen.uncond or "pad").pinned(processor.chat_template)
             self.vqrae_dir = str(Path(cfg.model.tokenizer).resolve())
         self.vocab, self.num_tokens = vocab, vqrae.config.num_tokens
         self.fmt = dataclasses.replace(fmt, image_input=cfg.image_input)
@@ -184,8 +186,8 @@ class UnifiedTrainer(UnderstandingTrainer):
         if codes.num_tokens != self.num_tokens:
             raise ConfigError(f"generation.codes={gen.codes} holds {codes.num_tokens} codes per image, the model's "
                               f"VQRAE makes {self.num_tokens}")
-        sequences = CaptionCodeSequences(codes, self.processor.tokenizer, self.vocab, self.fmt.template,
-                                         self.fmt.uncond, gen.caption_dropout, self.cfg.run.seed)
+        sequences = CaptionCodeSequences(codes, self.processor.tokenizer, self.vocab, self.fmt, gen.caption_dropout,
+                                         self.cfg.run.seed)
         mixed = ShardTaskMix if hasattr(conversations, "shard_lengths") else TaskMix  # shards: mixed shard by shard
         mix = mixed(conversations, sequences, gen.ratio)
         return mix, (f"{described} and {len(codes)} caption -> codes sequences ({gen.codes}), mixed "
@@ -205,11 +207,9 @@ class UnifiedTrainer(UnderstandingTrainer):
         start, stop = self.vocab.code_range
         return [self.vocab.image_start_id, self.vocab.image_end_id, *range(start, stop)]
 
-    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict] | None:
+    def micro_step(self, batch: dict) -> tuple[torch.Tensor, dict]:
         self.count_skips(batch)
-        if batch["input_ids"] is None:
-            return None
-        inputs = self.model_inputs(batch)
+        inputs = self.model_inputs(batch)  # every sample skipped: a placeholder row, nothing supervised, loss 0
         if self.vqrae is not None:
             inputs = images_as_codes(inputs, self.vqrae, self.processor, self.vocab)
         extra = inputs["input_ids"].shape[0] - len(batch["tasks"])  # a blank-image row may follow (ZeRO-3)
@@ -255,13 +255,15 @@ class UnifiedTrainer(UnderstandingTrainer):
         return [rows for rows in (torch.nonzero(~is_gen)[:, 0], torch.nonzero(is_gen)[:, 0]) if len(rows)]
 
     def checkpoint_files(self) -> dict:
-        meta = {"vocab": asdict(self.vocab), "format": asdict(self.fmt), "vqrae": self.vqrae_dir}
+        meta = {"vocab": asdict(self.vocab), "format": asdict(self.fmt), "vqrae": self.vqrae_dir,
+                "sampling": recommended_settings(self.cfg.sample.sampling)}
         return {**super().checkpoint_files(), UNIFIED_META: lambda p: p.write_text(json.dumps(meta, indent=2))}
 
     def finish(self, checkpoint: Path) -> None:
+        reasons = self.summed_reasons()
         if self.info.is_main:
             export_unified(checkpoint, self.out_dir / "export")
-            log.info("exported %s (skipped samples by reason: %s)", self.out_dir / "export", self.reasons)
+            log.info("exported %s (skipped samples by reason, all ranks: %s)", self.out_dir / "export", reasons)
 
 
 def task_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:

@@ -110,6 +110,7 @@ class ShapesDetector:
     """
 
     name = "shapes-exact"
+    classes = tuple(SHAPES)  # what it detects (eval/geneval.py --detector auto)
 
     def __init__(self, min_area_fraction: float = MIN_AREA_FRACTION):
         self.min_area_fraction = min_area_fraction

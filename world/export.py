@@ -152,3 +152,23 @@ def export_llava(out_dir: str | Path, num_samples: int, image_size: int = 32, se
     write_atomic(out / LLAVA_CAPTIONS, json.dumps(captions))
     write_atomic(out / LLAVA_CONVERSATIONS, json.dumps(conversations))
     write_atomic(out / QUESTIONS, "".join(json.dumps(q) + "\n" for q in questions))
+
+
+def mme_pope_questions(questions: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The world's existence questions (from `export_llava`'s questions.jsonl) as eval/understanding.py question
+    records of the two yes / no benchmarks: MME (each image's pair, one yes and one no, subtask "existence", labels
+    "Yes" / "No" as MME writes them) and POPE (every existence question, category "random": the absent class is
+    drawn at random). "text" keeps the short-answer prompt; "question" is the bare question."""
+    by_image: dict[str, list[dict]] = {}
+    for q in questions:
+        if q["type"] == "existence":
+            by_image.setdefault(q["image"], []).append(q)
+    mme, pope = [], []
+    for image, pair in by_image.items():
+        for q in pair:
+            base = {"question_id": q["question_id"], "image": image, "text": q["text"],
+                    "question": q["text"].removesuffix(SHORT_ANSWER)}
+            pope.append({**base, "label": q["answer"], "category": "random"})
+            if sorted(p["answer"] for p in pair) == ["no", "yes"]:
+                mme.append({**base, "label": q["answer"].capitalize(), "subtask": "existence"})
+    return mme, pope
