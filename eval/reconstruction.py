@@ -22,16 +22,12 @@ summary.json, written atomically once the pass is complete, and grid.png with --
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
-
 import argparse
 import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch

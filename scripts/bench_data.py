@@ -41,8 +41,6 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
-
 import psutil
 import torch
 

@@ -13,11 +13,8 @@ Prints time (best of --repeats), peak extra memory over the inputs, the ratios, 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

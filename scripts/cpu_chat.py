@@ -12,8 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
-
 from common.cli import reported_errors
 from common.files import write_atomic
 from world.probes import read_split
@@ -38,7 +36,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     args = parser.parse_args()
     with reported_errors():
-        from scripts.cpu_report import generator_sampling
+        from world.report import generator_sampling
 
         s = generator_sampling(args.runs)
         draw = [f"draw.cfg_scale={s.cfg_scale}", f"draw.temperature={s.temperature}", f"draw.top_k={s.top_k}",

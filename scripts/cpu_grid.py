@@ -9,10 +9,7 @@ each column's caption under it.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 import torch
 
@@ -32,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
     with reported_errors():
         from llm.pipeline import TextToImage
-        from scripts.cpu_report import generator_sampling
         from tokenizer import VQRAE
+        from world.report import generator_sampling
 
         vqrae = VQRAE.from_pretrained(args.runs / "tiny-stage2" / "export").eval()
         t2i = TextToImage.from_pretrained(args.runs / "tiny-ar" / "export")

@@ -15,28 +15,21 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
-import yaml
 
-from common.config import from_dict
 from common.files import atomic_write
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, to_pil
-from eval.geneval import generate, read_prompts
-from eval.geneval_scoring import ScoringConfig, evaluate_folder, score_image, summarize
+from eval.geneval_scoring import ScoringConfig, score_image, summarize
 from eval.reconstruction import evaluate as evaluate_reconstruction
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
 from tokenizer import VQRAE
 from world.detector import ShapesDetector
+from world.report import geneval_rows, report_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,17 +88,6 @@ def generators(ar_dir: Path) -> dict[str, TextToImage]:
             "trained": trained}
 
 
-def geneval_rows(models: dict[str, TextToImage], prompts: Path, out: Path, n: int, sampling: SamplingConfig
-                 ) -> dict[str, dict]:
-    rows, detector = {}, ShapesDetector()
-    for name, t2i in models.items():
-        folder = out / name.replace(" ", "-")
-        generate(t2i, read_prompts(prompts), folder, n, sampling, prompts_per_batch=8, model_name=name)
-        summary = summarize(evaluate_folder(folder, detector, ScoringConfig(), progress=False))
-        rows[name] = {"overall": summary["overall"], **{t: v["score"] for t, v in summary["tasks"].items()}}
-    return rows
-
-
 def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampling: SamplingConfig
              ) -> dict[str, dict]:
     """DPG-Bench (the shapes world's set in `prompt_set`, written by scripts/prepare_world.py; the exact judge) of the
@@ -139,29 +121,6 @@ def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampli
         summary = score_folder(folder / "images", questions, judge, folder)
         rows[name] = {"overall": summary["overall"], **summary["l1"]}
     return rows
-
-
-def generator_sampling(runs: Path, cfg_scale: float | None = None) -> SamplingConfig:
-    """How the CPU default draws: the generator run's own sampling settings (`sample.sampling` of
-    RUNS/tiny-ar/config.yaml, from train/configs/ar_gen/tiny.yaml) with seed 42, and cfg_scale when given."""
-    run = yaml.safe_load((runs / "tiny-ar" / "config.yaml").read_text())  # the generator run's resolved config
-    sampling = from_dict(SamplingConfig, run["sample"]["sampling"], prefix="sample.sampling.")
-    return dataclasses.replace(sampling, seed=42, cfg_scale=sampling.cfg_scale if cfg_scale is None else cfg_scale)
-
-
-def report_arguments(description: str) -> argparse.Namespace:
-    """The command line of the CPU default's reports: --runs, --prompts (GenEval's), -n images per prompt,
-    --cfg-scale; `sampling` is what they draw with (`generator_sampling`)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=REPO / "runs")
-    parser.add_argument("--prompts", type=Path, default=None, help="GenEval prompts (default: "
-                        "RUNS/world/geneval_prompts.jsonl, the held-out set)")
-    parser.add_argument("-n", type=int, default=4)
-    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the generator run's")
-    args = parser.parse_args()
-    args.prompts = args.prompts or args.runs / "world" / "geneval_prompts.jsonl"
-    args.sampling = generator_sampling(args.runs, args.cfg_scale)
-    return args
 
 
 @torch.no_grad()

@@ -9,10 +9,7 @@ Works for every ZeRO stage, on CPU. Inference and evaluation read only what this
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 from common.cli import reported_errors
 from train.checkpoint import find_checkpoint

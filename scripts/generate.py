@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
 from common.files import atomic_write

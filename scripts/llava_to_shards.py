@@ -12,10 +12,7 @@ Resumable: complete shards are kept on a rerun.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 from common.cli import reported_errors
 from data.llava import read_conversations, write_llava_shards

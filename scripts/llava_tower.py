@@ -12,10 +12,7 @@ tower's width, patch size, resolution and feature selection; the result loads wi
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 from common.cli import reported_errors
 from llm.understanding import export_vision_tower, replace_vision_tower

@@ -23,8 +23,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
-
 from PIL import Image
 
 from common.cli import reported_errors

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 from common.cli import reported_errors
 from train.config import read_config

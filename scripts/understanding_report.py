@@ -21,50 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 import torch
 from PIL import Image
 
 from common.cli import reported_errors
 from common.files import atomic_write
-from eval.understanding import main as evaluate
 from eval.understanding_scoring import majority_answers, score_exact_match
 from world.captions import caption_facts, caption_is_true
 from world.probes import read_split
+from world.report import CONFIGS, exact_match, held_out_questions, table, train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "train" / "configs"
-
-
-def held_out_questions(runs: Path) -> Path:
-    """The held-out question file (scripts/prepare_world.py wrote it)."""
-    path = runs / "world" / "heldout" / "questions.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: python scripts/prepare_world.py writes it")
-    return path
-
-
-def exact_match(export: Path, questions: Path, out: Path, *extra: str) -> dict[str, Any]:
-    """eval/understanding.py's summary of an export on the question file (resumes in `out`)."""
-    evaluate(["--model", str(export), "--questions", str(questions), "--out", str(out), "--device", "cpu", *extra])
-    return json.loads((out / "summary.json").read_text())
-
-
-def table(rows: dict[str, dict[str, Any]], extra: dict[str, str] | None = None) -> str:
-    types = list(next(iter(rows.values()))["types"])
-    head = "| model | " + " | ".join(types) + " | overall |" + (" feature cosine to the VFM |" if extra else "")
-    lines = [head, "|---" * (len(types) + 2 + bool(extra)) + "|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['types'][t]['accuracy']:.3f}" for t in types) +
-                     f" | {r['overall']:.3f} |" + (f" {extra.get(name, '')} |" if extra else ""))
-    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -105,13 +75,6 @@ def stage_report(runs: Path, questions: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ plug-and-play
-
-
-def train(script: str, *argv: str) -> None:
-    """One CPU-default training run through the DeepSpeed launcher (a finished run only re-exports)."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    subprocess.run([str(launcher), f"train/{script}.py", *argv], cwd=REPO, check=True,
-                   env={**os.environ, "DS_ACCELERATOR": "cpu"})
 
 
 @torch.no_grad()

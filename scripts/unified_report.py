@@ -19,19 +19,15 @@ task sees about as many samples as its specialist; the codes run is understandin
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
 
 import torch
 
 from common.cli import reported_errors
 from common.files import atomic_write
 from llm.pipeline import TextToImage
-from scripts.cpu_report import geneval_rows, report_arguments
-from scripts.understanding_report import CONFIGS, exact_match, held_out_questions, table, train
+from world.report import CONFIGS, exact_match, geneval_rows, held_out_questions, report_arguments, table, train
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDED = {"tiny-ar": "the generator", "tiny-und-stage1": "understanding stage 1",

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from data.transforms import to_pil
+from demo.chat import ChatSettings, Models, Session, draw_prompt
 from llm.generator import SequenceFormat, save_generator
 from llm.sampler import SamplingConfig
 from llm.understanding import answer, build_llava, load_llava, reply, save_llava, user_turn
 from llm.vocab import build_tiny_qwen3, expand_vocabulary
-from scripts.chat import ChatSettings, Models, Session, draw_prompt
 from tokenizer import VQRAE, get_preset
 from world.shapes import render_sample, shapes_world_tokenizer
 
@@ -168,8 +168,8 @@ def test_the_script_through_stdin_prints_one_json_object_per_turn(exports, tmp_p
 
 
 def test_one_unified_export_answers_draws_and_reconstructs(exports, tmp_path):
+    from demo.chat import add_model_arguments
     from llm.unified import expand_llava, save_unified
-    from scripts.chat import add_model_arguments
 
     model, processor = load_llava(exports / "und")
     vqrae = VQRAE.from_pretrained(exports / "tok")
@@ -344,7 +344,7 @@ def test_web_demo_runs_one_model_call_at_a_time_and_checks_the_pages_numbers(mod
 
     pytest.importorskip("gradio")
     import llm.understanding
-    from scripts.web_demo import Demo
+    from demo.web import Demo
 
     running, most = [0], [0]
     lock = threading.Lock()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from common.files import atomic_directory, atomic_write, ensure_settings
 from common.weights import find_prefix, load_exactly
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "tokenizer", "llm", "data", "train", "eval", "world", "scripts")
+PACKAGES = ("common", "tokenizer", "llm", "data", "train", "eval", "world", "demo", "scripts")
 ENTRY_SCRIPTS = ("train.tokenizer", "train.ar_gen")
 
 
@@ -40,12 +43,13 @@ def project_imports(path: Path) -> set[str]:
 def test_layering_rules_hold_for_every_module():
     forbidden = {  # package -> packages it must not import
         "common": set(PACKAGES) - {"common"},
-        "tokenizer": {"data", "llm", "train", "eval", "world", "scripts"},
-        "llm": {"data", "train", "eval", "world", "scripts"},
-        "data": {"train", "eval", "world", "scripts"},
-        "eval": {"train", "world", "scripts"},
-        "train": {"world", "scripts"},  # no trainer knows the CPU default's world exists
-        "world": {"scripts"},
+        "tokenizer": {"data", "llm", "train", "eval", "world", "demo", "scripts"},
+        "llm": {"data", "train", "eval", "world", "demo", "scripts"},
+        "data": {"train", "eval", "world", "demo", "scripts"},
+        "eval": {"train", "world", "demo", "scripts"},
+        "train": {"world", "demo", "scripts"},  # no trainer knows the CPU default's world exists
+        "world": {"demo", "scripts"},
+        "demo": {"train", "world", "scripts"},  # the chat and web demo load exports; they never train
     }
     problems = []
     for package in PACKAGES:
@@ -189,3 +193,27 @@ def test_cpu_threads_honour_an_explicit_omp_num_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "two")
     with pytest.raises(ValueError, match="OMP_NUM_THREADS must be a positive integer, got 'two'"):
         cpu_threads()
+
+
+# ----------------------------------------------------------------------------------------------- entry points
+
+ENTRY_POINTS = sorted([*(REPO / "train").glob("[a-z]*.py"), *(REPO / "scripts").glob("*.py"),
+                       *(REPO / "eval").glob("[a-z]*.py")])
+
+
+def is_entry_point(path: Path) -> bool:
+    return "\nif __name__ == \"__main__\":" in path.read_text()
+
+
+@pytest.mark.parametrize("script", [p for p in ENTRY_POINTS if is_entry_point(p)], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_entry_point_runs_from_outside_the_repository(script, tmp_path):
+    """`python path/to/script.py --help` from another folder, with nothing on PYTHONPATH: the installed packages are
+    found, no script imports another script, and only the trainers edit sys.path (train/tokenizer.py would hide the
+    tokenizer package)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+    edits = "sys.path.insert" in script.read_text()
+    assert edits == (script.parent.name == "train"), "only the trainers edit sys.path"

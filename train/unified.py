@@ -29,7 +29,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root first
+# run as a script, train/ comes first on sys.path, where train/tokenizer.py would hide the tokenizer package: the
+# repository root goes before it (the one path edit of the project, the same in every trainer)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors.torch import load_file
