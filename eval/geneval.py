@@ -95,7 +95,7 @@ def build_detector(args: argparse.Namespace, classes: set[str]):
         name = next((n for n, c in known.items() if classes and classes <= c), "mask2former")
     if name != "mask2former":
         return load_plugin(DETECTOR_PLUGINS, name)()
-    from eval.detectors import Mask2FormerClipDetector
+    from eval.mask2former_clip import Mask2FormerClipDetector
 
     if not args.mask2former or not args.clip:
         raise FileNotFoundError("--detector mask2former needs --mask2former DIR and --clip DIR (local checkpoints)")

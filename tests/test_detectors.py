@@ -21,7 +21,8 @@ from transformers import (
 )
 
 from eval.detection import GENEVAL_COLORS, Detection
-from eval.detectors import (
+from eval.geneval_scoring import ScoringConfig, evaluate_folder
+from eval.mask2former_clip import (
     COCO_CLASSES,
     COLOR_TEMPLATES,
     OPENAI_CLIP_MEAN,
@@ -33,7 +34,6 @@ from eval.detectors import (
     instance_predictions,
     masks_to_boxes,
 )
-from eval.geneval_scoring import ScoringConfig, evaluate_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # Detectron2's spelling of three COCO classes, which GenEval renames: the loader must map them.
