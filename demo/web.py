@@ -36,7 +36,7 @@ class Demo:
         self.folders.append(folder)
         while len(self.folders) > self.max_sessions:
             shutil.rmtree(self.folders.pop(0), ignore_errors=True)
-        return Session(self.models, folder, ChatSettings.for_models(self.models))
+        return Session(self.models, folder)  # drawing from the generator's recommended settings
 
     def forget(self, state: Session | None) -> None:
         """A browser session ended: its output folder goes."""

@@ -36,13 +36,10 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     args = parser.parse_args()
     with reported_errors():
-        from world.report import generator_sampling
-
-        s = generator_sampling(args.runs)
-        draw = [f"draw.cfg_scale={s.cfg_scale}", f"draw.temperature={s.temperature}", f"draw.top_k={s.top_k}",
-                f"draw.top_p={s.top_p}", "draw.count=4"]
         lines = script_lines(args.runs)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "chat.py"), "--out", str(args.runs / "chat"), *draw],
+    # the chat draws with the generator export's recommended settings (its sampling.json: the run's sample.sampling)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "chat.py"), "--out", str(args.runs / "chat"),
+                           "draw.count=4"],
                           input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=REPO, check=True)
     print(proc.stdout, end="")
     write_atomic(args.runs / "chat_transcript.txt", proc.stdout)

@@ -301,16 +301,13 @@ class UnderstandingTrainer(TrainLoop):
         rank's forward must gather the same parameters in the same order, the tower's included. A micro-batch whose
         every sample was skipped is that row alone: every rank runs a forward and a backward in every step."""
         device = self.info.device
-        if batch["input_ids"] is None:
-            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
-            size = self.processor.image_processor.size["height"]
-            return with_blank_image({"input_ids": empty, "attention_mask": empty, "labels": empty},
-                                    self.processor.image_token_id, self.llava.config.image_seq_length,
-                                    self.processor.tokenizer.pad_token_id, size, self.dtype)
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+        empty = batch["input_ids"] is None
+        names = ("input_ids", "attention_mask", "labels")
+        inputs = {k: torch.zeros(0, 0, dtype=torch.long, device=device) if empty else
+                  batch[k].to(device, non_blocking=True) for k in names}
         if batch["pixel_values"] is not None:
             inputs["pixel_values"] = batch["pixel_values"].to(device, self.dtype, non_blocking=True)
-        elif self.cfg.deepspeed.zero_stage == 3 and self.tower_runs():
+        elif empty or (self.cfg.deepspeed.zero_stage == 3 and self.tower_runs()):
             size = self.processor.image_processor.size["height"]
             inputs = with_blank_image(inputs, self.processor.image_token_id, self.llava.config.image_seq_length,
                                       self.processor.tokenizer.pad_token_id, size, self.dtype)
