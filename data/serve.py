@@ -4,7 +4,7 @@ stand-in for an object store in the data benchmark and the tests (nothing outsid
     with ShardServer("runs/shards", latency_s=0.02, mbit_s=200) as server:
         dataset = ShardDataset(f"{server.url}/shardindex.json")
 
-    python -m data.serve runs/shards --latency-ms 20 --mbit-s 200      # until Ctrl-C
+    python scripts/serve_shards.py runs/shards --latency-ms 20 --mbit-s 200      # the same, until Ctrl-C
 
 It runs on aiohttp's event loop in a thread of its own: an object store's CPU is not the reader's, and on the
 benchmark's machine the server shares the reader's cores, so it should take as little of them as it can (a
@@ -14,7 +14,6 @@ reader).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import html
@@ -133,17 +132,3 @@ class ShardServer:
         items = "".join(f'<li><a href="{html.escape(n)}">{html.escape(n)}</a></li>' for n in names)
         return web.Response(text=f"<html><body><h1>Directory listing for {html.escape(path)}</h1><ul>{items}</ul>"
                                  "</body></html>", content_type="text/html")
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root")
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--mbit-s", type=float, default=0.0)
-    args = parser.parse_args()
-    with ShardServer(args.root, args.latency_ms / 1000, args.mbit_s) as server:
-        print(f"serving {args.root} at {server.url}", flush=True)
-        threading.Event().wait()
-
-
-if __name__ == "__main__":
-    main()

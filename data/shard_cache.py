@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import braceexpand
 import fsspec
 
-from common.http import http_get, http_get_all
+from data.http import http_get, http_get_all
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class ShardOptions:
         fetch_threads: threads fetching at once, ahead and for one micro-batch, each a shard or a group (per process).
         keep_alive: reuse each fetch thread's HTTP(S) connections to a host (off: a new connection per shard).
         group_mb: HTTP(S) shards of a known size are requested together by one thread, up to this many MB and
-            `fetch_threads` shards a group (`common.http.http_get_all`: one wait and one thread woken per group, which
+            `fetch_threads` shards a group (`data.http.http_get_all`: one wait and one thread woken per group, which
             is most of a small shard's fetch cost); larger shards, and every shard without keep_alive or on another
             scheme, are fetched one per thread. 0: every shard alone.
     """
@@ -117,7 +117,7 @@ def is_http(url: str) -> bool:
 
 def open_url(url: str, options: ShardOptions) -> contextlib.AbstractContextManager[IO[bytes]]:
     """A binary read stream of `url`, as a context manager: a local path or file:// URL opened in place, HTTP(S)
-    through the standard library on keep-alive connections (`common.http`; a connection per request through urllib
+    through the standard library on keep-alive connections (`data.http`; a connection per request through urllib
     cost a third of fsspec's CPU per request, and keep-alive halves the server's, measured by scripts/bench_data.py),
     every other scheme through fsspec (s3:// needs s3fs, gs:// gcsfs, ...)."""
     if not is_remote(url):

@@ -1,4 +1,5 @@
-"""The detector interface shared by GenEval scoring and every detector (Mask2Former + CLIP, the shapes world's)."""
+"""The detector interface shared by GenEval scoring and every detector (Mask2Former + CLIP, the shapes world's), and
+the choice of a detector by name (`build_detector`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from common.plugins import load_plugin, plugin_names
+
+DETECTOR_PLUGINS = "vqrae.geneval_detectors"  # entry-point group: name -> a Detector class built without arguments
 GENEVAL_COLORS: tuple[str, ...] = (
     "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
 )
@@ -44,3 +48,19 @@ class Detector(Protocol):
     def classify_colors(self, image: Image.Image, class_name: str, detections: list[Detection]) -> list[str]:
         """Name the colour of each detection (one entry of GENEVAL_COLORS per detection)."""
         ...
+
+
+def build_detector(name: str, classes: set[str], mask2former: str = "", clip: str = "", device: str = "cpu"):
+    """Detector `name`: "mask2former" (Mask2Former + CLIP from the local checkpoint directories `mask2former` and
+    `clip`, on `device`), a detector a package declares (DETECTOR_PLUGINS), or "auto": the first declared detector
+    whose `classes` attribute holds every class the prompts name (`classes`), else Mask2Former."""
+    if name == "auto":
+        known = {n: set(getattr(load_plugin(DETECTOR_PLUGINS, n), "classes", ())) for n in plugin_names(DETECTOR_PLUGINS)}
+        name = next((n for n, c in known.items() if classes and classes <= c), "mask2former")
+    if name != "mask2former":
+        return load_plugin(DETECTOR_PLUGINS, name)()
+    from eval.mask2former_clip import Mask2FormerClipDetector
+
+    if not mask2former or not clip:
+        raise FileNotFoundError("--detector mask2former needs --mask2former DIR and --clip DIR (local checkpoints)")
+    return Mask2FormerClipDetector.from_pretrained(mask2former, clip, device=device)

@@ -21,123 +21,14 @@ interrupted scoring resumes), OUT/scores.jsonl (per prompt), OUT/summary.json (o
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
-from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
-from common.files import atomic_write, ensure_settings, resume_jsonl
 from common.plugins import load_plugin, plugin_names
-from data.transforms import to_pil
+from eval.dpg_generation import generate, read_prompts
 from eval.dpg_judges import JUDGE_PLUGINS
-from eval.dpg_scoring import Question, format_summary, read_question_csv, score_prompt, summarize
-from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
-
-TILES = 4  # images per prompt, tiled 2x2
-SETTINGS_FILE = "generation.json"
-
-
-def read_prompts(path: Path) -> list[tuple[str, str]]:
-    """(item_id, prompt) pairs sorted by item_id, from a folder of {item_id}.txt files or a jsonl."""
-    if path.is_dir():
-        rows = [(p.stem, p.read_text(encoding="utf-8").strip()) for p in path.glob("*.txt")]
-    elif path.is_file():
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                row = json.loads(line)
-                if "item_id" not in row or "prompt" not in row:
-                    raise ValueError(f"{path}: line {i + 1} lacks 'item_id' or 'prompt'")
-                rows.append((str(row["item_id"]), row["prompt"]))
-    else:
-        raise FileNotFoundError(f"prompts {path} not found (a folder of .txt files or a jsonl)")
-    if not rows:
-        raise ValueError(f"{path} holds no prompts")
-    if len({item for item, _ in rows}) != len(rows):
-        raise ValueError(f"{path}: item ids are not unique")
-    return sorted(rows)
-
-
-def tile(images: list[Image.Image]) -> Image.Image:
-    """Four equal images as one 2x2 tile (top-left, top-right, bottom-left, bottom-right)."""
-    w, h = images[0].size
-    out = Image.new("RGB", (2 * w, 2 * h))
-    for k, image in enumerate(images):
-        out.paste(image, ((k % 2) * w, (k // 2) * h))
-    return out
-
-
-def crops(image: Image.Image) -> list[Image.Image]:
-    """The four crops of a 2x2 tile, in upstream order."""
-    if image.width != image.height or image.width % 2:
-        raise ValueError(f"a DPG-Bench tile is square with an even side, got {image.width}x{image.height}")
-    r = image.width // 2
-    return [image.crop(box) for box in ((0, 0, r, r), (r, 0, 2 * r, r), (0, r, r, 2 * r), (r, r, 2 * r, 2 * r))]
-
-
-def generate(t2i, prompts: list[tuple[str, str]], out: Path, sampling: SamplingConfig, prompts_per_batch: int,
-             model_name: str) -> None:
-    """Write each prompt's 2x2 tile (skipping finished ones); a folder started with other settings is refused."""
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"model": model_name, "images_per_prompt": TILES, "sampling": sampling.to_dict(),
-              "image_streams": "image k of prompt i (sorted by item_id): (seed, 4 i + k)",
-              "dtype": str(next(t2i.model.parameters()).dtype)}
-    todo = [i for i, (item, _) in enumerate(prompts) if not (out / f"{item}.png").is_file()]
-    if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
-        (out / SETTINGS_FILE).unlink(missing_ok=True)
-    ensure_settings(out / SETTINGS_FILE, record)
-    for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
-        batch = todo[start : start + prompts_per_batch]
-        texts = [prompts[i][1] for i in batch for _ in range(TILES)]
-        images, _ = t2i.generate(texts, sampling, image_ids=[i * TILES + k for i in batch for k in range(TILES)])
-        pictures = to_pil(images.float().cpu())
-        for b, i in enumerate(batch):
-            with atomic_write(out / f"{prompts[i][0]}.png", "wb") as f:
-                tile(pictures[b * TILES : (b + 1) * TILES]).save(f, format="PNG")
-
-
-def score_folder(images: Path, questions: dict[str, list[Question]], judge, out: Path, prompts_per_batch: int = 8
-                 ) -> dict[str, Any]:
-    """Score every tile of `images` named after a prompt of the question csv; resumable through OUT/answers.jsonl."""
-    tiles = sorted(p for p in images.glob("*.png"))
-    unknown = [p.name for p in tiles if p.stem not in questions]
-    tiles = [p for p in tiles if p.stem in questions]
-    if not tiles:
-        raise FileNotFoundError(f"{images} holds no PNG named after a prompt of the question csv")
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_settings(out / "settings.json", {"images": str(images.resolve()), "judge": judge.name})
-    path = out / "answers.jsonl"
-    done = {row["item_id"]: [{int(k): v for k, v in crop.items()} for crop in row["answers"]]
-            for row in resume_jsonl(path)}
-    todo = [p for p in tiles if p.stem not in done]
-    with open(path, "a") as f:
-        for start in tqdm(range(0, len(todo), prompts_per_batch), desc="judge", unit="batch"):
-            batch = todo[start : start + prompts_per_batch]
-            pairs = [(c, k, q) for p in batch for k, c in enumerate(crops(Image.open(p).convert("RGB")))
-                     for q in questions[p.stem]]
-            answers = judge.answer([c for c, _, _ in pairs], [q for _, _, q in pairs])
-            position = 0
-            for p in batch:
-                per_crop = []
-                for _ in range(TILES):
-                    qs = questions[p.stem]
-                    per_crop.append({q.proposition_id: a for q, a in zip(qs, answers[position : position + len(qs)])})
-                    position += len(qs)
-                done[p.stem] = per_crop
-                f.write(json.dumps({"item_id": p.stem, "answers": per_crop}) + "\n")
-            f.flush()
-    results = {p.stem: score_prompt(questions[p.stem], done[p.stem]) for p in tiles}
-    with atomic_write(out / "scores.jsonl") as f:
-        f.writelines(json.dumps({"item_id": k, "score": r["score"], "crop_scores": r["crop_scores"]}) + "\n"
-                     for k, r in results.items())
-    summary = {**summarize(questions, results), "judge": judge.name,
-               "missing_images": len(questions) - len(tiles), "unknown_images": unknown}
-    with atomic_write(out / "summary.json") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+from eval.dpg_scoring import format_summary, read_question_csv, score_folder
+from llm.sampler import add_sampling_arguments, sampling_from_arguments
 
 
 def build_judge(args: argparse.Namespace):

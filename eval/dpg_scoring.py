@@ -21,11 +21,18 @@ is the mean of its question scores over all prompts and crops, x 100.
 from __future__ import annotations
 
 import csv
+import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from common.files import atomic_write, ensure_settings, resume_jsonl
+from eval.dpg_generation import TILES, crops
 
 VARIANT = "fixed"
 REQUIRED_COLUMNS = ("item_id", "proposition_id", "dependency", "tuple", "question_natural_language")
@@ -135,3 +142,44 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines += [f"  {k:<24}{v:>8.2f}{upstream['l1'][k]:>10.2f}" for k, v in summary["l1"].items()]
     lines += ["  L2:"] + [f"    {k:<22}{v:>8.2f}{upstream['l2'][k]:>10.2f}" for k, v in summary["l2"].items()]
     return "\n".join(lines)
+
+
+def score_folder(images: Path, questions: dict[str, list[Question]], judge, out: Path, prompts_per_batch: int = 8
+                 ) -> dict[str, Any]:
+    """Score every tile of `images` named after a prompt of the question csv; resumable through OUT/answers.jsonl."""
+    tiles = sorted(p for p in images.glob("*.png"))
+    unknown = [p.name for p in tiles if p.stem not in questions]
+    tiles = [p for p in tiles if p.stem in questions]
+    if not tiles:
+        raise FileNotFoundError(f"{images} holds no PNG named after a prompt of the question csv")
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_settings(out / "settings.json", {"images": str(images.resolve()), "judge": judge.name})
+    path = out / "answers.jsonl"
+    done = {row["item_id"]: [{int(k): v for k, v in crop.items()} for crop in row["answers"]]
+            for row in resume_jsonl(path)}
+    todo = [p for p in tiles if p.stem not in done]
+    with open(path, "a") as f:
+        for start in tqdm(range(0, len(todo), prompts_per_batch), desc="judge", unit="batch"):
+            batch = todo[start : start + prompts_per_batch]
+            pairs = [(c, k, q) for p in batch for k, c in enumerate(crops(Image.open(p).convert("RGB")))
+                     for q in questions[p.stem]]
+            answers = judge.answer([c for c, _, _ in pairs], [q for _, _, q in pairs])
+            position = 0
+            for p in batch:
+                per_crop = []
+                for _ in range(TILES):
+                    qs = questions[p.stem]
+                    per_crop.append({q.proposition_id: a for q, a in zip(qs, answers[position : position + len(qs)])})
+                    position += len(qs)
+                done[p.stem] = per_crop
+                f.write(json.dumps({"item_id": p.stem, "answers": per_crop}) + "\n")
+            f.flush()
+    results = {p.stem: score_prompt(questions[p.stem], done[p.stem]) for p in tiles}
+    with atomic_write(out / "scores.jsonl") as f:
+        f.writelines(json.dumps({"item_id": k, "score": r["score"], "crop_scores": r["crop_scores"]}) + "\n"
+                     for k, r in results.items())
+    summary = {**summarize(questions, results), "judge": judge.name,
+               "missing_images": len(questions) - len(tiles), "unknown_images": unknown}
+    with atomic_write(out / "summary.json") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -23,83 +23,12 @@ import argparse
 import json
 from pathlib import Path
 
-from tqdm import tqdm
-
 from common.cli import add_device_arguments, dtype_of, reported_errors
-from common.files import atomic_write, ensure_settings
-from common.plugins import load_plugin, plugin_names
-from data.transforms import to_pil
+from common.plugins import plugin_names
+from eval.detection import DETECTOR_PLUGINS, build_detector
+from eval.geneval_generation import OFFICIAL_PROMPTS, generate, prompt_classes, read_prompts
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize, write_summary
-from llm.sampler import SamplingConfig, add_sampling_arguments, sampling_from_arguments
-
-SETTINGS_FILE = "generation.json"
-DETECTOR_PLUGINS = "vqrae.geneval_detectors"  # entry-point group: name -> a Detector class built without arguments
-
-OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
-
-
-def prompt_classes(rows: list[dict]) -> set[str]:
-    """The object classes prompt rows name (their "include" and "exclude" entries)."""
-    return {item["class"] for r in rows for key in ("include", "exclude") for item in r.get(key, [])}
-
-
-def read_prompts(path: Path) -> list[dict]:
-    """The rows of a GenEval prompt file (one JSON object a line with at least 'tag' and 'prompt')."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows or any("prompt" not in r or "tag" not in r for r in rows):
-        raise ValueError(f"{path} is not a GenEval prompt file (one JSON object a line with 'tag' and 'prompt')")
-    return rows
-
-
-def prompt_done(folder: Path, n: int) -> bool:
-    """True when a prompt's folder holds its metadata and all n images (resume skips it)."""
-    return (folder / "metadata.jsonl").is_file() and all((folder / "samples" / f"{j:04d}.png").is_file()
-                                                         for j in range(n))
-
-
-def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
-             model_name: str) -> None:
-    """Write n images per prompt of `t2i` (an llm.pipeline.TextToImage) in GenEval's layout, skipping finished
-    prompts; image k of prompt i is sampled from stream i * n + k. A folder started with other settings is refused
-    rather than mixed."""
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"model": model_name, "images_per_prompt": n, "sampling": sampling.to_dict(),
-              "image_streams": "image k of prompt i: (seed, i * images_per_prompt + k)",
-              "dtype": str(next(t2i.model.parameters()).dtype)}
-    todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
-    if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
-        (out / SETTINGS_FILE).unlink(missing_ok=True)
-    ensure_settings(out / SETTINGS_FILE, record)
-    for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
-        batch = todo[start : start + prompts_per_batch]
-        texts = [prompts[i]["prompt"] for i in batch for _ in range(n)]
-        images, _ = t2i.generate(texts, sampling, image_ids=[i * n + k for i in batch for k in range(n)])
-        for b, i in enumerate(batch):
-            folder = out / f"{i:05d}"
-            (folder / "samples").mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                with atomic_write(folder / "samples" / f"{k:04d}.png", "wb") as f:
-                    to_pil(images[b * n + k].float().cpu()).save(f, format="PNG")
-            with atomic_write(folder / "metadata.jsonl") as f:
-                f.write(json.dumps(prompts[i]) + "\n")
-
-
-def build_detector(args: argparse.Namespace, classes: set[str]):
-    """Mask2Former + CLIP from local checkpoints, or a detector a package declares (DETECTOR_PLUGINS); "auto": the
-    first declared detector whose `classes` hold every class of the prompts (`classes`), else Mask2Former."""
-    name = args.detector
-    if name == "auto":
-        known = {n: set(getattr(load_plugin(DETECTOR_PLUGINS, n), "classes", ())) for n in plugin_names(DETECTOR_PLUGINS)}
-        name = next((n for n, c in known.items() if classes and classes <= c), "mask2former")
-    if name != "mask2former":
-        return load_plugin(DETECTOR_PLUGINS, name)()
-    from eval.mask2former_clip import Mask2FormerClipDetector
-
-    if not args.mask2former or not args.clip:
-        raise FileNotFoundError("--detector mask2former needs --mask2former DIR and --clip DIR (local checkpoints)")
-    return Mask2FormerClipDetector.from_pretrained(args.mask2former, args.clip, device=args.device)
+from llm.sampler import add_sampling_arguments, sampling_from_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = [json.loads(p.read_text().splitlines()[0]) for p in sorted(args.out.glob("*/metadata.jsonl"))]
         else:
             rows = read_prompts(args.prompts)
-        detector = build_detector(args, prompt_classes(rows))
+        detector = build_detector(args.detector, prompt_classes(rows), args.mask2former, args.clip, args.device)
         if not args.score_only:
             t2i = TextToImage.from_pretrained(args.model, device=args.device, dtype=dtype_of(args.dtype))
             sampling = sampling_from_arguments(args, t2i.recommended)

@@ -26,25 +26,15 @@ from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
 from common.files import atomic_write, ensure_settings, resume_jsonl
-from eval.understanding_scoring import VARIANTS, score_exact_match, score_mme, score_pope
-
-BENCHMARKS = ("shapes", "mme", "pope")
-LABELS = {"shapes": ("answer", "type"), "mme": ("label", "subtask"), "pope": ("label", "category")}
-
-
-def read_questions(path: Path, benchmark: str) -> list[dict[str, Any]]:
-    """The question file's rows, each checked for the benchmark's fields."""
-    if not path.is_file():
-        raise FileNotFoundError(f"question file {path} not found")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    needed = ("question_id", "text", *LABELS[benchmark])
-    for i, row in enumerate(rows):
-        missing = [k for k in needed if k not in row]
-        if missing:
-            raise ValueError(f"{path}: line {i + 1} lacks {missing} (a {benchmark} question needs {list(needed)})")
-    if len({r["question_id"] for r in rows}) != len(rows):
-        raise ValueError(f"{path}: question ids are not unique")
-    return rows
+from eval.understanding_scoring import (
+    BENCHMARKS,
+    LABELS,
+    VARIANTS,
+    read_questions,
+    score_exact_match,
+    score_mme,
+    score_pope,
+)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

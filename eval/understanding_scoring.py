@@ -1,6 +1,6 @@
 """Scoring of understanding benchmarks from answers: MME and POPE by LLaVA's rules (LLaVA's MME path is the
 official MME calculation; POPE is LLaVA's eval_pope), optionally lmms-eval's variants, and exact match per question
-type for the shapes world. Every score names its variant.
+type for the shapes world. Every score names its variant. Question files are read and checked by `read_questions`.
 
     records = [{"subtask": "existence", "image": "000.png", "answer": "Yes", "label": "yes"}, ...]
     score_mme(records)["perception"]
@@ -9,9 +9,30 @@ type for the shapes world. Every score names its variant.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
+
+BENCHMARKS = ("shapes", "mme", "pope")
+LABELS = {"shapes": ("answer", "type"), "mme": ("label", "subtask"), "pope": ("label", "category")}
+
+
+def read_questions(path: Path, benchmark: str) -> list[dict[str, Any]]:
+    """The question file's rows, each checked for the benchmark's fields."""
+    if not path.is_file():
+        raise FileNotFoundError(f"question file {path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    needed = ("question_id", "text", *LABELS[benchmark])
+    for i, row in enumerate(rows):
+        missing = [k for k in needed if k not in row]
+        if missing:
+            raise ValueError(f"{path}: line {i + 1} lacks {missing} (a {benchmark} question needs {list(needed)})")
+    if len({r["question_id"] for r in rows}) != len(rows):
+        raise ValueError(f"{path}: question ids are not unique")
+    return rows
+
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")

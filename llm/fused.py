@@ -2,7 +2,7 @@
 (q/k/v and gate/up concatenated, refreshed in place before each use), one preallocated KV cache, RoPE tabulated
 once, logits for the code rows of the LM head only, and CUDA graphs of the decode step (one per KV_BUCKET attended
 cache columns). About 20 ops per layer instead of ~50 plus transformers' per-call mask and wrapper work.
-`llm.sampler.Engine` drives it; nothing here decides which code is drawn.
+`llm.sampler.CodeSampler` drives it; nothing here decides which code is drawn.
 """
 
 from __future__ import annotations

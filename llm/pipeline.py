@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm.generator import SequenceFormat, load_generator, require_generator_export
-from llm.sampler import Engine, SamplingConfig, load_recommended
+from llm.sampler import CodeSampler, SamplingConfig, load_recommended
 from llm.vocab import ImageVocab
 from tokenizer import VQRAE
 
@@ -32,7 +32,7 @@ class TextToImage:
     recommended: dict = field(default_factory=dict)  # the export's sampling settings (llm.sampler.load_recommended)
 
     def __post_init__(self) -> None:
-        self.engine = Engine(self.model, self.vocab)
+        self.sampler = CodeSampler(self.model, self.vocab)
 
     @staticmethod
     def check(directory: str | Path) -> None:
@@ -76,7 +76,7 @@ class TextToImage:
                 image in any batch.
         """
         cond, uncond = self.prompt_rows(prompts)
-        codes = self.engine.generate(cond, self.num_tokens, sampling, uncond if sampling.cfg_scale != 1 else None,
+        codes = self.sampler.generate(cond, self.num_tokens, sampling, uncond if sampling.cfg_scale != 1 else None,
                                      image_ids=image_ids)
         images = self.vqrae.decode(codes.to(next(self.vqrae.parameters()).device))
         return images.clamp(-1, 1), codes

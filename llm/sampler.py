@@ -1,4 +1,4 @@
-"""Image-code sampler: batched prompts -> (B, N) code indices, kept apart from the model (an Engine over a KV cache).
+"""Image-code sampler: batched prompts -> (B, N) code indices, kept apart from the model (a CodeSampler over a KV cache).
 
 Per step: one forward over the conditional rows and, when cfg_scale != 1, the unconditional rows batched with them;
 logits restricted to the code tokens; classifier-free guidance u + s (c - u); temperature; top-k; top-p; a draw from
@@ -13,8 +13,8 @@ Backends (SamplingConfig.backend):
   columns; compile=True compiles it first, over the whole cache.
 - "hf": any transformers causal LM, called per step with a DynamicCache (the reference and the fallback).
 
-    engine = Engine(model, vocab)
-    codes = engine.generate([prompt_ids], num_tokens=64, cfg=SamplingConfig(cfg_scale=5.0), uncond_ids=[uncond])
+    sampler = CodeSampler(model, vocab)
+    codes = sampler.generate([prompt_ids], num_tokens=64, cfg=SamplingConfig(cfg_scale=5.0), uncond_ids=[uncond])
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from llm.fused import FusedDecoder, KVCache, attended_columns, attention_bias, c
 from llm.vocab import ImageVocab, image_prefix_ids
 
 BACKENDS = ("fused", "hf")
-MAX_CACHED_SHAPES = 4  # KV caches / CUDA graphs kept per Engine, keyed by (rows, cache length)
+MAX_CACHED_SHAPES = 4  # KV caches / CUDA graphs kept per CodeSampler, keyed by (rows, cache length)
 CACHE_ALIGN = 64  # cache lengths are rounded up to this, so prompts of similar length share a cache and a graph
 IMAGE_STREAM = 0x1A6E5  # SeedSequence namespace of the per-image sampling streams
 RECOMMENDED_FILE = "sampling.json"  # in an export: the sampling settings it was tuned and reported with
@@ -247,11 +247,11 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "c
     return ids.to(device), starts.to(device)
 
 
-# ----------------------------------------------------------------------------------------------- engine
+# ----------------------------------------------------------------------------------------------- sampler
 
 
-class Engine:
-    """Samples code grids from a causal LM with an expanded vocabulary. Reuse one Engine across batches: it keeps
+class CodeSampler:
+    """Samples code grids from a causal LM with an expanded vocabulary. Reuse one CodeSampler across batches: it keeps
     the fused weights (refreshed from the model at every call), KV caches and CUDA graphs.
 
     Args:
@@ -433,10 +433,10 @@ class Engine:
 
 def generate_codes(
     model: PreTrainedModel, vocab: ImageVocab, prompt_ids_batch: list[list[int]], num_tokens: int,
-    cfg: SamplingConfig, uncond_ids: list[list[int]] | None = None, engine: Engine | None = None,
+    cfg: SamplingConfig, uncond_ids: list[list[int]] | None = None, sampler: CodeSampler | None = None,
     return_logits: bool = False, image_ids: Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sample (B, num_tokens) code indices; see `Engine.generate`. Pass an `engine` to reuse caches and graphs
+    """Sample (B, num_tokens) code indices; see `CodeSampler.generate`. Pass a `sampler` to reuse caches and graphs
     across calls (one is built per call otherwise).
 
     Args:
@@ -446,11 +446,11 @@ def generate_codes(
         num_tokens: codes per image.
         cfg: sampling settings (record `cfg.to_dict()` with the outputs).
         uncond_ids: B unconditional prompts, required when cfg.cfg_scale != 1.
-        engine: an Engine built on this model and vocab.
+        sampler: a CodeSampler built on this model and vocab.
         return_logits: also return the guided code logits of every step, (B, N, K).
         image_ids: the images' random-stream ids (default 0 .. B-1).
     """
-    engine = engine or Engine(model, vocab)
-    if engine.model is not model or engine.vocab != vocab:
-        raise ValueError("engine was built for a different model or vocabulary")
-    return engine.generate(prompt_ids_batch, num_tokens, cfg, uncond_ids, return_logits, image_ids)
+    sampler = sampler or CodeSampler(model, vocab)
+    if sampler.model is not model or sampler.vocab != vocab:
+        raise ValueError("sampler was built for a different model or vocabulary")
+    return sampler.generate(prompt_ids_batch, num_tokens, cfg, uncond_ids, return_logits, image_ids)

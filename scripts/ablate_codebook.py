@@ -35,16 +35,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from common.cli import DTYPES, add_device_arguments, reported_errors
 from common.config import ConfigError
 from common.files import atomic_write, ensure_settings
-from data.images import build_image_dataset, collate_images
-from data.transforms import ImageTransform, to_uint8
-from eval.metrics import InceptionFeatureExtractor, psnr
-from eval.reconstruction import evaluate
+from data.images import build_image_dataset
+from data.transforms import ImageTransform
+from eval.metrics import InceptionFeatureExtractor
+from eval.reconstruction_scoring import CONVERGED_MARGIN_DB, converged, evaluate, mean_image_psnr
 from tokenizer import VQRAE
 from tokenizer.encoder import vision_config
 from train.config import read_config
@@ -52,7 +51,6 @@ from train.tokenizer_config import CONFIG_DIR, TokenizerTrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "train" / "tokenizer.py"
-CONVERGED_MARGIN_DB = 10 * math.log10(2)  # 3.01 dB: half the mean image's squared error
 SWEPT = ("model.quantizer.codebook_dim", "model.quantizer.codebook_size", "run.steps", "run.output_dir")
 PAPER = {  # Table 5 of the paper (ImageNet, SigLIP2-so400m, width 1152): codebook utilisation
     "dimension at 16384 codes": {"<=256": "does not converge", 384: 0.64, 768: 0.69, 1152: 0.83, 1536: 1.00},
@@ -150,22 +148,6 @@ def loss_curve(run_dir: Path) -> dict[str, Any]:
 
 def _finite_or_none(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def converged(curve: dict[str, Any], held_out_psnr: float, mean_image_psnr: float) -> bool:
-    """The stated rule: no logged loss non-finite, no step skipped as non-finite, and the held-out PSNR at least
-    CONVERGED_MARGIN_DB above the mean image's."""
-    finite = all(v is not None for key in ("loss", "l2") for v in curve[key])
-    return finite and curve["skipped_nonfinite"] == 0 and held_out_psnr >= mean_image_psnr + CONVERGED_MARGIN_DB
-
-
-def mean_image_psnr(dataset, num_images: int | None) -> float:
-    """Mean PSNR of the held-out images against their mean image (uint8, as reconstructions are scored)."""
-    total = len(dataset) if num_images is None else min(num_images, len(dataset))
-    images = [to_uint8(collate_images([dataset[i]])["pixel_values"]) for i in range(total)]
-    images = torch.cat([x for x in images if x.numel()])
-    mean = images.double().mean(0, keepdim=True).round().to(torch.uint8)
-    return float(psnr(images.double() / 255, mean.expand_as(images).double() / 255).mean())
 
 
 def evaluate_point(args: argparse.Namespace, run_dir: Path, dataset, inception, baseline_psnr: float) -> dict:

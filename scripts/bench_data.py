@@ -105,8 +105,8 @@ def request_cost(folder: Path, options: dict[str, Any], args: argparse.Namespace
                  ) -> tuple[float, float]:
     """CPU ms per shard of the reader's fetches (`ShardDataset.read_ahead`, a window at a time, as the data order
     calls it, --read-ahead + 1 windows in flight) and of the server, which runs here in a process of its own."""
-    server = subprocess.Popen([sys.executable, "-m", "data.serve", str(folder), "--latency-ms", str(args.latency_ms),
-                               "--mbit-s", str(args.mbit_s)], cwd=Path(__file__).resolve().parents[1],
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "serve_shards.py"), str(folder),
+                               "--latency-ms", str(args.latency_ms), "--mbit-s", str(args.mbit_s)],
                               stdout=subprocess.PIPE, text=True)
     cache = tempfile.mkdtemp(prefix="fetches-", dir=args.caches)
     try:

@@ -6,14 +6,14 @@ settings, in one run.
 
 Methods (batch B prompts, N = grid^2 codes each; temperature and top-k identical and active everywhere, top-k
 applied to the code logits by every method):
-- ours:        llm.sampler.Engine, CFG off (CUDA graphs on CUDA).
+- ours:        llm.sampler.CodeSampler, CFG off (CUDA graphs on CUDA).
 - ours_compiled / ours_cfg_compiled (--compile): the same with the decode step torch.compile'd first.
 - hf_generate: transformers `generate` (do_sample, CFG off; code restriction, temperature and top-k as logits
                processors in that order).
 - hf_static_compiled: the same with transformers' own fast path: a static KV cache and its automatic
                torch.compile of the forward (CompileConfig), the strongest transformers baseline.
-- ours_cfg:    llm.sampler.Engine with CFG (conditional + unconditional rows batched).
-- unified_cfg: llm.sampler.Engine with CFG on the same language model inside a unified model (llm/unified.py: a
+- ours_cfg:    llm.sampler.CodeSampler with CFG (conditional + unconditional rows batched).
+- unified_cfg: llm.sampler.CodeSampler with CFG on the same language model inside a unified model (llm/unified.py: a
                LLaVA model whose language model holds the codes, drawn through its shared view; tiny VQRAE tower):
                it must draw as fast as the generator-only model (ratio unified_cfg/ours_cfg).
 - plain_loop:  the loop Janus and LlamaGen ship: the transformers model called once per step with its default
@@ -39,7 +39,7 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 from transformers.generation import CompileConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
-from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig, left_pad
+from llm.sampler import CodeRangeLogitsProcessor, CodeSampler, SamplingConfig, left_pad
 from llm.unified import language_model_view
 from llm.vocab import (
     ImageVocab,
@@ -217,20 +217,20 @@ def main() -> None:
             "cuda_graph": not args.no_cuda_graph}
     cfg_off, cfg_on = SamplingConfig(cfg_scale=1.0, **base), SamplingConfig(cfg_scale=args.cfg_scale, **base)
     compiled_off, compiled_on = (dataclasses.replace(c, compile=True) for c in (cfg_off, cfg_on))
-    engine = Engine(model, vocab)
+    sampler = CodeSampler(model, vocab)
     cond_rows = [image_prefix_ids(p, vocab) for p in prompts]
     all_rows = cond_rows + [image_prefix_ids(p, vocab) for p in uncond]
     gen = torch.Generator(device=device).manual_seed(0)
 
-    unified = Engine(language_model_view(unified_model(model, tokenizer).to(device, model.dtype)), vocab)
+    unified = CodeSampler(language_model_view(unified_model(model, tokenizer).to(device, model.dtype)), vocab)
     methods = {
-        "ours": lambda: engine.generate(prompts, num_tokens, cfg_off),
-        "ours_cfg": lambda: engine.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
+        "ours": lambda: sampler.generate(prompts, num_tokens, cfg_off),
+        "ours_cfg": lambda: sampler.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
         "unified_cfg": lambda: unified.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
     }
     if args.compile:
-        methods["ours_compiled"] = lambda: engine.generate(prompts, num_tokens, compiled_off)
-        methods["ours_cfg_compiled"] = lambda: engine.generate(prompts, num_tokens, compiled_on, uncond_ids=uncond)
+        methods["ours_compiled"] = lambda: sampler.generate(prompts, num_tokens, compiled_off)
+        methods["ours_cfg_compiled"] = lambda: sampler.generate(prompts, num_tokens, compiled_on, uncond_ids=uncond)
     if not args.skip_baselines:
         methods["hf_generate"] = lambda: hf_generate(model, vocab, cond_rows, num_tokens, args.temperature, args.top_k)
         methods["hf_static_compiled"] = lambda: hf_generate(model, vocab, cond_rows, num_tokens, args.temperature,

@@ -52,7 +52,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from eval.understanding import read_questions
+    from eval.understanding_scoring import read_questions
     from llm.understanding import answer, is_llava_export, load_llava
 
     if not is_llava_export(args.model):

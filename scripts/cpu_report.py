@@ -24,7 +24,7 @@ from common.files import atomic_write
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, to_pil
 from eval.geneval_scoring import ScoringConfig, score_image, summarize
-from eval.reconstruction import evaluate as evaluate_reconstruction
+from eval.reconstruction_scoring import evaluate as evaluate_reconstruction
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig
 from tokenizer import VQRAE
@@ -95,10 +95,10 @@ def dpg_rows(models: dict[str, TextToImage], prompt_set: Path, out: Path, sampli
     floor)."""
     from PIL import Image
 
-    from eval.dpg_bench import generate as generate_dpg
-    from eval.dpg_bench import read_prompts as dpg_prompts
-    from eval.dpg_bench import score_folder, tile
-    from eval.dpg_scoring import read_question_csv
+    from eval.dpg_generation import generate as generate_dpg
+    from eval.dpg_generation import read_prompts as dpg_prompts
+    from eval.dpg_generation import tile
+    from eval.dpg_scoring import read_question_csv, score_folder
     from world.dpg import PROMPTS_DIR, QUESTIONS_CSV, render_dpg_scene
     from world.judge import ShapesJudge
     from world.shapes import BACKGROUND

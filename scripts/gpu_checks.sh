@@ -51,7 +51,7 @@ trainers() {  # a small world with its foundation models, then tokenizer stage 1
         run.steps=30 run.ckpt_every=15 run.sample_every=15 model.init_from=$dir/s1 \
         data.train=$dir/world/train/shards data.eval=$dir/world/val/shards loss.gan_start=10
     "$PY" train/ar_gen.py $common run.output_dir=$dir/ar run.steps=40 run.ckpt_every=20 run.sample_every=20 \
-        lm.pretrained=$dir/world/qwen3 data.tokenizer=$dir/s2/export data.codes=$dir/codes \
+        lm.pretrained=$dir/world/qwen3 data.vqrae=$dir/s2/export data.codes=$dir/codes \
         data.images=$dir/world/train/shards
     tail -n 2 $dir/s1/metrics.jsonl $dir/s2/metrics.jsonl $dir/ar/metrics.jsonl
     ls $dir/s1/export $dir/s2/export $dir/ar/export
@@ -62,11 +62,11 @@ understanding() {  # understanding stage 1 (ZeRO-2) -> stage 2 (ZeRO-3) on CUDA 
     local dir=/tmp/gpu-checks common="deepspeed.bf16=true run.log_every=5 run.tensorboard=false"
     [ -d $dir/s2/export ] || { echo "needs the trainers section's export ($dir/s2/export)"; exit 1; }
     "$PY" train/understanding.py $common deepspeed.zero_stage=2 run.output_dir=$dir/und1 run.steps=40 \
-        run.ckpt_every=20 model.tokenizer=$dir/s2/export model.lm_pretrained=$dir/world/qwen3 \
+        run.ckpt_every=20 model.vqrae=$dir/s2/export model.lm_pretrained=$dir/world/qwen3 \
         data.image_root=$dir/world/train data.conversations=$dir/world/train/llava_captions.json
     "$PY" train/understanding.py --config train/configs/understanding/tiny-stage2.yaml $common \
         deepspeed.zero_stage=3 run.output_dir=$dir/und2 run.steps=40 run.ckpt_every=20 model.init_from=$dir/und1 \
-        model.tokenizer=$dir/s2/export model.lm_pretrained=$dir/world/qwen3 data.image_root=$dir/world/train \
+        model.vqrae=$dir/s2/export model.lm_pretrained=$dir/world/qwen3 data.image_root=$dir/world/train \
         data.conversations=$dir/world/train/llava_conversations.json model.gradient_checkpointing=true
     tail -n 2 $dir/und1/metrics.jsonl $dir/und2/metrics.jsonl
     ls $dir/und2/export

@@ -106,7 +106,7 @@ def plug_and_play_report(runs: Path, questions: Path) -> None:
               f"run.output_dir={plain.parent}")
     stage1, stage2 = runs / "tiny-und-vfm-stage1", runs / "tiny-und-vfm-stage2"
     if not (stage1 / "export" / "config.json").is_file():
-        train("understanding", f"model.tokenizer={vfm}", f"run.output_dir={stage1}")
+        train("understanding", f"model.vqrae={vfm}", f"run.output_dir={stage1}")
     if not (stage2 / "export" / "config.json").is_file():
         train("understanding", "--config", str(CONFIGS / "understanding" / "tiny-stage2.yaml"),
               f"model.init_from={stage1}", f"run.output_dir={stage2}")

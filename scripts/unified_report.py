@@ -40,7 +40,7 @@ def ensure_run(runs: Path, name: str, config: str) -> float | None:
         return None
     start = time.time()
     train("unified", "--config", str(CONFIGS / "unified" / config), f"run.output_dir={runs / name}",
-          f"model.init_from={runs / 'tiny-und-stage1'}", f"model.tokenizer={runs / 'tiny-stage2' / 'export'}",
+          f"model.init_from={runs / 'tiny-und-stage1'}", f"model.vqrae={runs / 'tiny-stage2' / 'export'}",
           f"data.conversations={runs / 'world' / 'train' / 'llava_conversations.json'}",
           f"data.image_root={runs / 'world' / 'train'}", *([f"generation.codes={runs / 'codes-tiny'}"]
                                                       if config == "tiny.yaml" else []))

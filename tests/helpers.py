@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -37,3 +38,14 @@ def run_fresh_process(code: str, timeout: int = 300) -> subprocess.CompletedProc
         env.pop(key, None)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_script(path: str, argv: list[str]) -> None:
+    """Run an entry script (a path under the repository) in this process as `python path *argv` would: its module
+    runs as __main__, so tests call it the way users do instead of importing it (entry scripts are never imported)."""
+    saved = sys.argv
+    sys.argv = [str(REPO / path), *argv]
+    try:
+        runpy.run_path(str(REPO / path), run_name="__main__")
+    finally:
+        sys.argv = saved

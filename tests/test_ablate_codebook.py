@@ -17,7 +17,7 @@ from PIL import Image
 
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, to_uint8
-from scripts.ablate_codebook import CONVERGED_MARGIN_DB, converged
+from eval.reconstruction_scoring import CONVERGED_MARGIN_DB, converged
 from tokenizer import VQRAE
 from world.export import export_world
 

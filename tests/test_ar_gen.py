@@ -92,7 +92,7 @@ def test_two_process_zero3_run_then_sample_from_export(tmp_path, lm_dir):
     VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "train" / "ar_gen.py"), f"data.tokenizer={tmp_path / 'tok'}", f"data.codes={tmp_path / 'codes'}",
+           str(REPO / "train" / "ar_gen.py"), f"data.vqrae={tmp_path / 'tok'}", f"data.codes={tmp_path / 'codes'}",
            f"lm.pretrained={lm_dir}",
            f"data.images={tmp_path / 'world' / 'shards'}", f"run.output_dir={out}", "run.steps=4",
            "run.sample_every=2", "run.ckpt_every=2", "run.log_every=1", "run.tensorboard=false",
@@ -145,7 +145,7 @@ def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir,
     VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "train" / "ar_gen.py"), f"lm.pretrained={tmp_path / 'qwen'}", "lm.init=codebook",
-           "lm.template=chat", f"data.tokenizer={tmp_path / 'tok'}", f"data.codes={codes_dir}", "data.images=",
+           "lm.template=chat", f"data.vqrae={tmp_path / 'tok'}", f"data.codes={codes_dir}", "data.images=",
            f"run.output_dir={out}",
            "run.steps=2", "run.sample_every=0", "run.tensorboard=false", "deepspeed.micro_batch_size=4"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -184,7 +184,7 @@ def tiny_text_to_image(tmp_path) -> TextToImage:
 
 
 def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path):
-    from eval.geneval import generate, read_prompts
+    from eval.geneval_generation import generate, read_prompts
 
     t2i = tiny_text_to_image(tmp_path)
     write_geneval_prompts(tmp_path / "prompts.jsonl")
@@ -212,7 +212,7 @@ def test_sample_settings_are_a_sampling_config():
     import yaml
 
     from common.config import load_config
-    from train.ar_gen import ARGenTrainConfig
+    from train.ar_gen_trainer import ARGenTrainConfig
 
     data = yaml.safe_load((REPO / "train" / "configs" / "ar_gen" / "tiny.yaml").read_text())
     cfg = load_config(ARGenTrainConfig, data, ["sample.sampling.top_k=5", "sample.sampling.seed=3"])
@@ -246,9 +246,8 @@ def test_a_pinned_chat_template_survives_the_text_side_and_a_changed_tokenizer_t
 def test_drawing_commands_name_what_is_wrong_in_the_order_it_is_fixed(tmp_path):
     """GenEval: the model first, then --out, then the detector's folders; --detector auto takes the shapes world's
     detector for the world's prompts and Mask2Former for the official ones; generate.py -n 0 says what -n is."""
-    import argparse
-
-    from eval.geneval import OFFICIAL_PROMPTS, build_detector, prompt_classes, read_prompts
+    from eval.detection import build_detector
+    from eval.geneval_generation import OFFICIAL_PROMPTS, prompt_classes, read_prompts
     from world.detector import ShapesDetector
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -269,10 +268,8 @@ def test_drawing_commands_name_what_is_wrong_in_the_order_it_is_fixed(tmp_path):
     assert "needs --mask2former DIR and --clip DIR" in last_line(geneval, "--model", str(tmp_path / "gen"), "--out",
                                                                str(tmp_path / "out"))
     write_geneval_prompts(tmp_path / "world.jsonl")
-    auto = argparse.Namespace(detector="auto")
-    assert isinstance(build_detector(auto, prompt_classes(read_prompts(tmp_path / "world.jsonl"))), ShapesDetector)
+    assert isinstance(build_detector("auto", prompt_classes(read_prompts(tmp_path / "world.jsonl"))), ShapesDetector)
     with pytest.raises(FileNotFoundError, match="needs --mask2former"):
-        build_detector(argparse.Namespace(detector="auto", mask2former="", clip=""),
-                       prompt_classes(read_prompts(OFFICIAL_PROMPTS)))
+        build_detector("auto", prompt_classes(read_prompts(OFFICIAL_PROMPTS)))
     assert "-n (images to sample) must be at least 1, got 0" in last_line(
         str(REPO / "scripts" / "generate.py"), "--model", str(tmp_path / "gen"), "--prompt", "a circle", "-n", "0")

@@ -89,7 +89,7 @@ def test_the_script_and_the_trainer_share_the_chunk_size(setup, tmp_path):
     cmd = [sys.executable, str(REPO / "scripts" / "extract_codes.py"), "--tokenizer", str(root / "tok"), "--data",
            data, "--out", str(out), "--num-workers", "0"]
     subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
-    from train.ar_gen import GenDataConfig
+    from train.ar_gen_trainer import GenDataConfig
 
     model = VQRAE.from_pretrained(root / "tok")
     ensure_manifest(out, root / "tok", model.config, data, 23, GenDataConfig().chunk_size)  # no refusal

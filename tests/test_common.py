@@ -22,7 +22,18 @@ from common.weights import find_prefix, load_exactly
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("common", "tokenizer", "llm", "data", "train", "eval", "world", "demo", "scripts")
-ENTRY_SCRIPTS = ("train.tokenizer", "train.ar_gen")
+ENTRY_FOLDERS = ("train", "eval", "scripts")  # where the design card puts the commands
+
+
+def is_entry_point(path: Path) -> bool:
+    return "\nif __name__ == \"__main__\":" in path.read_text()
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+
+ENTRY_SCRIPTS = {module_name(p) for package in PACKAGES for p in (REPO / package).rglob("*.py") if is_entry_point(p)}
 
 
 # ----------------------------------------------------------------------------------------------- import rules
@@ -52,7 +63,7 @@ def test_layering_rules_hold_for_every_module():
         "demo": {"train", "world", "scripts"},  # the chat and web demo load exports; they never train
     }
     problems = []
-    for package in PACKAGES:
+    for package in (*PACKAGES, "tests"):  # entry scripts are run, never imported: not by a package, not by a test
         for path in sorted((REPO / package).rglob("*.py")):
             imports = project_imports(path)
             bad = {m for m in imports if m.split(".")[0] in forbidden.get(package, set())}
@@ -60,6 +71,8 @@ def test_layering_rules_hold_for_every_module():
             if bad:
                 problems.append(f"{path.relative_to(REPO)} imports {sorted(bad)}")
     assert not problems, "\n".join(problems)
+    misplaced = sorted(e for e in ENTRY_SCRIPTS if e.split(".")[0] not in ENTRY_FOLDERS)
+    assert not misplaced, f"entry points outside {ENTRY_FOLDERS}: {misplaced}"
     assert project_imports(REPO / "data" / "codes.py").isdisjoint({"tokenizer", "tokenizer.config"})
 
 
@@ -197,12 +210,7 @@ def test_cpu_threads_honour_an_explicit_omp_num_threads(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------- entry points
 
-ENTRY_POINTS = sorted([*(REPO / "train").glob("[a-z]*.py"), *(REPO / "scripts").glob("*.py"),
-                       *(REPO / "eval").glob("[a-z]*.py")])
-
-
-def is_entry_point(path: Path) -> bool:
-    return "\nif __name__ == \"__main__\":" in path.read_text()
+ENTRY_POINTS = sorted(p for folder in ENTRY_FOLDERS for p in (REPO / folder).glob("[a-z]*.py"))
 
 
 @pytest.mark.parametrize("script", [p for p in ENTRY_POINTS if is_entry_point(p)], ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval.dpg_bench import crops, generate, read_prompts, score_folder, tile
+from eval.dpg_generation import crops, generate, read_prompts, tile
 from eval.dpg_scoring import (
     Question,
     crop_scores,
     format_summary,
     is_yes,
     read_question_csv,
+    score_folder,
     score_prompt,
     summarize,
 )
 from llm.sampler import SamplingConfig
+from tests.helpers import run_script
 from tests.test_ar_gen import tiny_text_to_image
 from world.dpg import CSV_COLUMNS, dpg_scene, render_dpg_scene, write_dpg_bench
 from world.judge import ShapesJudge, geneval_record
@@ -179,7 +181,6 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_the_command_generates_and_scores_a_handful_of_prompts(tmp_path):
     import torch
 
-    from eval.dpg_bench import main
     from llm.generator import SequenceFormat, save_generator
     from llm.vocab import build_tiny_qwen3, expand_vocabulary
     from tokenizer import VQRAE, get_preset
@@ -192,8 +193,9 @@ def test_the_command_generates_and_scores_a_handful_of_prompts(tmp_path):
     vocab = expand_vocabulary(lm, tokenizer, 512)
     save_generator(tmp_path / "gen", lm.eval(), tokenizer, vocab, SequenceFormat(), tmp_path / "tok")
     csv_path = write_dpg_bench(tmp_path / "set", 3)
-    main(["--model", str(tmp_path / "gen"), "--prompts", str(tmp_path / "set" / "prompts"), "--questions",
-          str(csv_path), "--out", str(tmp_path / "out"), "--judge", "shapes", "--device", "cpu"])
+    run_script("eval/dpg_bench.py", ["--model", str(tmp_path / "gen"), "--prompts", str(tmp_path / "set" / "prompts"),
+                                     "--questions", str(csv_path), "--out", str(tmp_path / "out"), "--judge", "shapes",
+                                     "--device", "cpu"])
     tiles = sorted((tmp_path / "out" / "images").glob("*.png"))
     assert [p.stem for p in tiles] == [item for item, _ in read_prompts(tmp_path / "set" / "prompts")]
     assert all(Image.open(p).size == (64, 64) for p in tiles)

@@ -1,4 +1,4 @@
-"""HTTP GET on keep-alive connections (common.http) against the loopback server: one connection per thread and host,
+"""HTTP GET on keep-alive connections (data.http) against the loopback server: one connection per thread and host,
 a connection the server closed while idle replaced, redirects followed on the same connection, errors raised with
 their status, a forked process on its own connection, a proxy honoured through urllib; a group of requests sent at
 once on kept connections, with the same redirects, errors and replaced connections."""
@@ -10,7 +10,7 @@ import urllib.error
 
 import pytest
 
-from common.http import http_get, http_get_all
+from data.http import http_get, http_get_all
 from data.serve import ShardServer
 
 

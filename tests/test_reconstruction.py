@@ -19,7 +19,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from data.images import build_image_dataset
 from data.transforms import ImageTransform, adm_center_crop
 from eval.metrics import InceptionFeatureExtractor, build_fid_inception, frechet_distance
-from eval.reconstruction import PSNR_CAP_DB, evaluate, image_metrics, main
+from eval.reconstruction_scoring import PSNR_CAP_DB, evaluate, image_metrics
+from tests.helpers import run_script
 from tokenizer import VQRAE, get_preset
 from world.export import export_world
 
@@ -222,8 +223,8 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path, model_dir, world, 
         "not a model dir": (empty, world, "is not a VQRAE directory"),
     }[case]
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"), "--num-workers", "0",
-              "--device", "cpu"])
+        run_script("eval/reconstruction.py", ["--model", str(model), "--data", str(data), "--out",
+                                              str(tmp_path / "out"), "--num-workers", "0", "--device", "cpu"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

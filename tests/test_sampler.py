@@ -1,4 +1,4 @@
-"""Sampler: the sampling math against independent computations, and the Engine against transformers' own forward and
+"""Sampler: the sampling math against independent computations, and the CodeSampler against transformers' own forward and
 generate on a tiny random Qwen3."""
 
 import argparse
@@ -20,7 +20,7 @@ from llm.sampler import (
     BACKENDS,
     PRESETS,
     CodeRangeLogitsProcessor,
-    Engine,
+    CodeSampler,
     SamplingConfig,
     add_sampling_arguments,
     apply_cfg,
@@ -235,15 +235,15 @@ def test_sampling_config_validation_and_record():
             SamplingConfig(**bad)
 
 
-# ----------------------------------------------------------------------------------------------- engine
+# ----------------------------------------------------------------------------------------------- sampler
 
 
 def test_greedy_matches_transformers_generate(setup):
     """CFG off + greedy == transformers generate(do_sample=False) restricted to codes, token for token; and the
     restriction matters: on this model unrestricted greedy decoding leaves the code range."""
     _, model, vocab, prompts, _ = setup
-    engine = Engine(model, vocab)
-    ours = engine.generate(prompts, N, greedy())
+    sampler = CodeSampler(model, vocab)
+    ours = sampler.generate(prompts, N, greedy())
     with torch.no_grad():
         head = model.get_output_embeddings().weight
         saved = head[: vocab.text_vocab_size].clone()
@@ -256,7 +256,7 @@ def test_greedy_matches_transformers_generate(setup):
                     [CodeRangeLogitsProcessor(vocab)]), **kwargs)[0, ids.shape[1] :]
                 free = model.generate(ids, **kwargs)[0, ids.shape[1] :]
                 assert not vocab.is_code(free).all()
-                assert torch.equal(vocab.token_to_code(restricted), engine.generate([prompt], N, greedy())[0])
+                assert torch.equal(vocab.token_to_code(restricted), sampler.generate([prompt], N, greedy())[0])
         finally:
             head[: vocab.text_vocab_size] = saved
     # and on the unmodified model both agree with the codes sampled above
@@ -274,7 +274,7 @@ def test_cached_step_logits_equal_a_full_forward(setup, backend):
     transformers over that row's own (unpadded) sequence."""
     _, model, vocab, prompts, _ = setup
     cfg = SamplingConfig(cfg_scale=1.0, temperature=1.0, top_k=50, seed=1, backend=backend)
-    codes, logits = Engine(model, vocab).generate(prompts, N, cfg, return_logits=True)
+    codes, logits = CodeSampler(model, vocab).generate(prompts, N, cfg, return_logits=True)
     assert logits.shape == (len(prompts), N, vocab.codebook_size)
     for prompt, row_codes, row_logits in zip(prompts, codes, logits):
         ref = full_forward_code_logits(model, vocab, prompt, row_codes)
@@ -285,7 +285,7 @@ def test_cfg_logits_equal_guidance_of_two_full_forwards(setup):
     _, model, vocab, prompts, uncond = setup
     scale = 4.0
     cfg = SamplingConfig(cfg_scale=scale, temperature=1.0, top_p=0.9, seed=2)
-    codes, guided = Engine(model, vocab).generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
+    codes, guided = CodeSampler(model, vocab).generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
     for i in range(len(prompts)):
         c = full_forward_code_logits(model, vocab, prompts[i], codes[i])
         u = full_forward_code_logits(model, vocab, uncond[i], codes[i])
@@ -295,14 +295,14 @@ def test_cfg_logits_equal_guidance_of_two_full_forwards(setup):
 
 def test_batched_equals_one_by_one_and_backends_agree(setup):
     _, model, vocab, prompts, uncond = setup
-    engine = Engine(model, vocab)
-    batched = engine.generate(prompts, N, greedy())
+    sampler = CodeSampler(model, vocab)
+    batched = sampler.generate(prompts, N, greedy())
     for i, prompt in enumerate(prompts):
-        assert torch.equal(engine.generate([prompt], N, greedy())[0], batched[i])
-    assert torch.equal(Engine(model, vocab).generate(prompts, N, greedy(backend="hf")), batched)
+        assert torch.equal(sampler.generate([prompt], N, greedy())[0], batched[i])
+    assert torch.equal(CodeSampler(model, vocab).generate(prompts, N, greedy(backend="hf")), batched)
     guided = SamplingConfig(cfg_scale=3.0, temperature=0.0)
-    both = engine.generate(prompts, N, guided, uncond_ids=uncond)
-    single = engine.generate(prompts[1:2], N, guided, uncond_ids=uncond[1:2])
+    both = sampler.generate(prompts, N, guided, uncond_ids=uncond)
+    single = sampler.generate(prompts[1:2], N, guided, uncond_ids=uncond[1:2])
     assert torch.equal(both[1], single[0])
     assert not torch.equal(both, batched)  # guidance changes the codes
 
@@ -311,127 +311,127 @@ def test_sdpa_attention_path_matches_matmul_path(setup):
     """The SDPA path (used on GPUs) and the explicit-matmul path (CPU) of the fused decoder agree."""
     _, model, vocab, prompts, uncond = setup
     cfg = SamplingConfig(cfg_scale=2.0, temperature=1.0, seed=4)
-    engine = Engine(model, vocab)
-    codes, logits = engine.generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
-    engine.decoder.matmul_attention = False
-    sdpa_codes, sdpa_logits = engine.generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
-    assert not engine.decoder.matmul_attention  # the same decoder was used
+    sampler = CodeSampler(model, vocab)
+    codes, logits = sampler.generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
+    sampler.decoder.matmul_attention = False
+    sdpa_codes, sdpa_logits = sampler.generate(prompts, N, cfg, uncond_ids=uncond, return_logits=True)
+    assert not sampler.decoder.matmul_attention  # the same decoder was used
     assert torch.equal(sdpa_codes, codes)
     assert torch.allclose(sdpa_logits, logits, atol=1e-4 * logits.abs().max().item())
 
 
 def test_seeds_reproducible(setup):
     _, model, vocab, prompts, uncond = setup
-    engine = Engine(model, vocab)
+    sampler = CodeSampler(model, vocab)
     cfg = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=64, top_p=0.95, seed=7)
-    a = engine.generate(prompts, N, cfg, uncond_ids=uncond)
-    b = generate_codes(model, vocab, prompts, N, cfg, uncond_ids=uncond)  # a fresh engine
-    c = engine.generate(prompts, N, SamplingConfig(**{**cfg.to_dict(), "seed": 8}), uncond_ids=uncond)
+    a = sampler.generate(prompts, N, cfg, uncond_ids=uncond)
+    b = generate_codes(model, vocab, prompts, N, cfg, uncond_ids=uncond)  # a fresh sampler
+    c = sampler.generate(prompts, N, SamplingConfig(**{**cfg.to_dict(), "seed": 8}), uncond_ids=uncond)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.long and a.min() >= 0 and a.max() < vocab.codebook_size
 
 
-def test_engine_follows_weight_updates(setup):
-    """A reused Engine notices an in-place weight change (a training step) and samples from the new weights."""
+def test_sampler_follows_weight_updates(setup):
+    """A reused CodeSampler notices an in-place weight change (a training step) and samples from the new weights."""
     _, model, vocab, prompts, _ = setup
-    engine = Engine(model, vocab)
-    before = engine.generate(prompts, N, greedy())
+    sampler = CodeSampler(model, vocab)
+    before = sampler.generate(prompts, N, greedy())
     qkv = model.model.layers[0].self_attn.q_proj.weight
     saved = qkv.detach().clone()
     with torch.no_grad():
         qkv.mul_(-1.5)
     try:
-        after = engine.generate(prompts, N, greedy())
-        assert torch.equal(after, Engine(model, vocab).generate(prompts, N, greedy()))
+        after = sampler.generate(prompts, N, greedy())
+        assert torch.equal(after, CodeSampler(model, vocab).generate(prompts, N, greedy()))
         assert not torch.equal(after, before)
     finally:
         with torch.no_grad():
             qkv.copy_(saved)
-    assert torch.equal(engine.generate(prompts, N, greedy()), before)
+    assert torch.equal(sampler.generate(prompts, N, greedy()), before)
 
 
-def test_engine_input_errors(setup):
+def test_sampler_input_errors(setup):
     _, model, vocab, prompts, uncond = setup
-    engine = Engine(model, vocab)
+    sampler = CodeSampler(model, vocab)
     with pytest.raises(ValueError, match="unconditional"):
-        engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0))
+        sampler.generate(prompts, N, SamplingConfig(cfg_scale=5.0))
     with pytest.raises(ValueError, match="unconditional"):
-        engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond[:1])
+        sampler.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond[:1])
     with pytest.raises(ValueError, match="unconditional"):
-        engine.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond + uncond[:1])
+        sampler.generate(prompts, N, SamplingConfig(cfg_scale=5.0), uncond_ids=uncond + uncond[:1])
     with pytest.raises(ValueError, match="unconditional"):  # any scale but 1 guides, below 1 too
-        engine.generate(prompts, N, SamplingConfig(cfg_scale=0.5))
+        sampler.generate(prompts, N, SamplingConfig(cfg_scale=0.5))
     with pytest.raises(ValueError, match="num_tokens"):
-        engine.generate(prompts, 0, greedy())
+        sampler.generate(prompts, 0, greedy())
     with pytest.raises(ValueError, match="token ids"):
-        engine.generate([[vocab.embedding_rows]], N, greedy())
+        sampler.generate([[vocab.embedding_rows]], N, greedy())
     for token in (-1, vocab.embedding_rows + 5):
         with pytest.raises(ValueError, match="token ids"):
-            engine.generate([[3, token]], N, greedy())
+            sampler.generate([[3, token]], N, greedy())
     with pytest.raises(ValueError, match="empty"):
-        engine.generate([], N, greedy())
+        sampler.generate([], N, greedy())
     for ids in ([0, 1, 2], [0, 1, 2, 3, 4]):
         with pytest.raises(ValueError, match=f"image_ids has {len(ids)} entries for 4 prompts"):
-            engine.generate(prompts, N, greedy(), image_ids=ids)
-    assert engine.generate([[0, 3]], 2, greedy()).shape == (1, 2)  # token id 0 is a token
+            sampler.generate(prompts, N, greedy(), image_ids=ids)
+    assert sampler.generate([[0, 3]], 2, greedy()).shape == (1, 2)  # token id 0 is a token
     rows = model.get_input_embeddings().weight.shape[0]
     exact = ImageVocab(**{**vocab.__dict__, "codebook_size": rows - vocab.code_offset})  # codes end at the last row
-    assert Engine(model, exact).vocab.code_end == rows
+    assert CodeSampler(model, exact).vocab.code_end == rows
     with pytest.raises(ValueError, match=f"model has {rows} embedding rows but the image codes end at id {rows + 1}"):
-        Engine(model, ImageVocab(**{**vocab.__dict__, "codebook_size": rows - vocab.code_offset + 1,
+        CodeSampler(model, ImageVocab(**{**vocab.__dict__, "codebook_size": rows - vocab.code_offset + 1,
                                     "embedding_rows": rows + 1}))  # a vocabulary of another, larger model
     with pytest.raises(ValueError, match="different model"):
-        generate_codes(model, vocab, prompts, N, greedy(), engine=Engine(model, ImageVocab(**{
+        generate_codes(model, vocab, prompts, N, greedy(), sampler=CodeSampler(model, ImageVocab(**{
             **vocab.__dict__, "codebook_size": 8})))
     equal_vocab = ImageVocab(**vocab.__dict__)  # an equal vocabulary (e.g. read back from image_vocab.json) is fine
-    assert torch.equal(generate_codes(model, equal_vocab, prompts, N, greedy(), engine=engine),
-                       engine.generate(prompts, N, greedy()))
+    assert torch.equal(generate_codes(model, equal_vocab, prompts, N, greedy(), sampler=sampler),
+                       sampler.generate(prompts, N, greedy()))
 
 
 def test_one_code_and_the_too_long_message(setup):
     _, model, vocab, prompts, _ = setup
-    engine = Engine(model, vocab)
-    assert torch.equal(engine.generate(prompts, 1, greedy()), engine.generate(prompts, N, greedy())[:, :1])
+    sampler = CodeSampler(model, vocab)
+    assert torch.equal(sampler.generate(prompts, 1, greedy()), sampler.generate(prompts, N, greedy())[:, :1])
     limit = model.config.max_position_embeddings
     prompt = prompts[0]
     message = (f"a prompt of {len(prompt)} tokens + <|image_start|> + {limit} codes needs {len(prompt) + 1 + limit} "
                "positions")
     with pytest.raises(ValueError, match=re.escape(message)):
-        engine.generate([prompt], limit, greedy())
+        sampler.generate([prompt], limit, greedy())
     fits = limit - len(prompt) - 1  # prompt + <|image_start|> + codes fill every position exactly
-    assert engine.generate([prompt], fits, greedy()).shape == (1, fits)
+    assert sampler.generate([prompt], fits, greedy()).shape == (1, fits)
 
 
-def test_engine_cache_shapes_and_steps(setup, monkeypatch):
+def test_sampler_cache_shapes_and_steps(setup, monkeypatch):
     """KV caches are keyed by (rows, length rounded up to 64), reused across calls, the 4 latest kept; each eager step
     attends to exactly the columns written so far; compile=False never compiles."""
     _, model, vocab, prompts, _ = setup
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile called with compile=False"))
-    engine = Engine(model, vocab)
+    sampler = CodeSampler(model, vocab)
     width = max(len(p) for p in prompts) + 1  # prompts + <|image_start|>, left-padded to the longest
     for rows in range(1, 6):
-        engine.generate((prompts * 2)[:rows], N, greedy())
+        sampler.generate((prompts * 2)[:rows], N, greedy())
     length = -(-(width + N) // 64) * 64
-    assert length == 64 and list(engine.caches) == [(rows, length) for rows in (2, 3, 4, 5)]
-    kept = engine.caches[(4, length)]
-    engine.generate(prompts, N, greedy())
-    assert engine.caches[(4, length)] is kept and len(engine.caches) == 4
-    engine.generate(prompts, 64 - width + 1, greedy())  # one column past 64: the next multiple
-    assert (4, 128) in engine.caches
+    assert length == 64 and list(sampler.caches) == [(rows, length) for rows in (2, 3, 4, 5)]
+    kept = sampler.caches[(4, length)]
+    sampler.generate(prompts, N, greedy())
+    assert sampler.caches[(4, length)] is kept and len(sampler.caches) == 4
+    sampler.generate(prompts, 64 - width + 1, greedy())  # one column past 64: the next multiple
+    assert (4, 128) in sampler.caches
     seen = []
     monkeypatch.setattr("llm.sampler.attended_columns",
                         lambda written, *a, **k: seen.append(written) or attended_columns(written, *a, **k))
-    engine.generate(prompts, N, greedy())
+    sampler.generate(prompts, N, greedy())
     assert seen == list(range(width + 1, width + N))
 
 
 def test_backend_chosen_by_value_and_compile_plumbing(setup, monkeypatch):
-    """A backend name built at run time (read from a config) picks the fused engine; compile=True runs the decode
+    """A backend name built at run time (read from a config) picks the fused backend; compile=True runs the decode
     step through one torch.compile(dynamic=False), kept for later calls, over the whole cache."""
     _, model, vocab, prompts, _ = setup
-    engine = Engine(model, vocab)
-    engine.generate(prompts, 4, greedy(backend="".join(["fu", "sed"])))
-    assert engine.decoder is not None and engine.caches
+    sampler = CodeSampler(model, vocab)
+    sampler.generate(prompts, 4, greedy(backend="".join(["fu", "sed"])))
+    assert sampler.decoder is not None and sampler.caches
     compiles, steps = [], []
 
     def fake_compile(fn, **options):
@@ -443,10 +443,10 @@ def test_backend_chosen_by_value_and_compile_plumbing(setup, monkeypatch):
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    eager = engine.generate(prompts, N, greedy())
+    eager = sampler.generate(prompts, N, greedy())
     for _ in range(2):
-        assert torch.equal(engine.generate(prompts, N, greedy(compile=True)), eager)
-    length = next(iter(engine.caches))[1]
+        assert torch.equal(sampler.generate(prompts, N, greedy(compile=True)), eager)
+    length = next(iter(sampler.caches))[1]
     assert compiles == [{"dynamic": False}] and steps == [length] * 2 * (N - 1)
 
 
@@ -463,14 +463,14 @@ def test_hf_backend_calls(setup):
     hooks = [model.get_output_embeddings().register_forward_hook(lambda m, i, out: head_positions.append(out.shape[1])),
              model.register_forward_pre_hook(record_inputs, with_kwargs=True)]
     try:
-        Engine(model, vocab).generate(prompts, 4, greedy(backend="hf"))
+        CodeSampler(model, vocab).generate(prompts, 4, greedy(backend="hf"))
     finally:
         for hook in hooks:
             hook.remove()
     assert head_positions == [1] * 4
     assert len(masks) == 4 and all(width == expected for width, expected in masks)
     for backend in BACKENDS:  # no autograd graph is built, whatever the weights require
-        _, logits = Engine(model, vocab).generate(prompts, 2, greedy(backend=backend), return_logits=True)
+        _, logits = CodeSampler(model, vocab).generate(prompts, 2, greedy(backend=backend), return_logits=True)
         assert not logits.requires_grad
 
 
@@ -487,27 +487,27 @@ def test_sampled_codes_do_not_depend_on_the_batch(setup, backend):
     """temperature > 0, top-k, top-p and CFG: a prompt's codes are those of its own (seed, image id) stream, whether
     it is sampled alone, first, last, or beside other prompts."""
     _, model, vocab, prompts, uncond = setup
-    engine = Engine(model, vocab)
+    sampler = CodeSampler(model, vocab)
     cfg = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=64, top_p=0.95, seed=11, backend=backend)
     ids = [40, 41, 42, 43]
-    batched = engine.generate(prompts, N, cfg, uncond_ids=uncond, image_ids=ids)
+    batched = sampler.generate(prompts, N, cfg, uncond_ids=uncond, image_ids=ids)
     for i in range(len(prompts)):
-        alone = engine.generate([prompts[i]], N, cfg, uncond_ids=[uncond[i]], image_ids=[ids[i]])
+        alone = sampler.generate([prompts[i]], N, cfg, uncond_ids=[uncond[i]], image_ids=[ids[i]])
         assert torch.equal(alone[0], batched[i]), i
     order = [3, 1, 0]
-    shuffled = engine.generate([prompts[i] for i in order], N, cfg, uncond_ids=[uncond[i] for i in order],
+    shuffled = sampler.generate([prompts[i] for i in order], N, cfg, uncond_ids=[uncond[i] for i in order],
                                image_ids=[ids[i] for i in order])
     assert torch.equal(shuffled, batched[order])
-    twice = engine.generate([prompts[0]] * 2, N, cfg, uncond_ids=[uncond[0]] * 2, image_ids=[40, 99])
+    twice = sampler.generate([prompts[0]] * 2, N, cfg, uncond_ids=[uncond[0]] * 2, image_ids=[40, 99])
     assert torch.equal(twice[0], batched[0]) and not torch.equal(twice[1], twice[0])  # another stream
 
 
-def test_engine_follows_writes_through_param_data(setup):
-    """DeepSpeed writes updated weights through `param.data`, which bumps no version counter: a reused Engine must
+def test_sampler_follows_writes_through_param_data(setup):
+    """DeepSpeed writes updated weights through `param.data`, which bumps no version counter: a reused CodeSampler must
     still sample from the new weights."""
     _, model, vocab, prompts, _ = setup
-    engine = Engine(model, vocab)
-    before = engine.generate(prompts, N, greedy())
+    sampler = CodeSampler(model, vocab)
+    before = sampler.generate(prompts, N, greedy())
     weights = [model.model.layers[0].self_attn.k_proj.weight, model.model.layers[1].mlp.up_proj.weight]
     saved = [w.detach().clone() for w in weights]
     versions = [w._version for w in weights]
@@ -515,8 +515,8 @@ def test_engine_follows_writes_through_param_data(setup):
         w.data.mul_(-2.0)
     assert [w._version for w in weights] == versions
     try:
-        after = engine.generate(prompts, N, greedy())
-        assert torch.equal(after, Engine(model, vocab).generate(prompts, N, greedy()))
+        after = sampler.generate(prompts, N, greedy())
+        assert torch.equal(after, CodeSampler(model, vocab).generate(prompts, N, greedy()))
         assert not torch.equal(after, before)
     finally:
         for w, s in zip(weights, saved):
@@ -524,7 +524,7 @@ def test_engine_follows_writes_through_param_data(setup):
 
 
 def _zero2_check() -> None:
-    """Run in a fresh process: an Engine built on a DeepSpeed ZeRO-2 model before three optimizer steps samples
+    """Run in a fresh process: a CodeSampler built on a DeepSpeed ZeRO-2 model before three optimizer steps samples
     afterwards exactly what the transformers backend computes from the updated weights."""
     import deepspeed
 
@@ -538,7 +538,7 @@ def _zero2_check() -> None:
     optim = OptimConfig(lr=5e-2, warmup_steps=1)
     ds = deepspeed_json(DeepSpeedConfig(zero_stage=2, bf16=False, micro_batch_size=2), optim, info.world_size)
     engine = build_engine(model.train(), [{"params": list(model.parameters())}], optim, 10, ds)
-    sampler = Engine(engine.module, vocab)
+    sampler = CodeSampler(engine.module, vocab)
     prompts = [build_prompt_ids(tok, c) for c in CAPTIONS[:2]]
     cfg = greedy()
     sampler.generate(prompts, 8, cfg)  # builds the fused copies of the initial weights
@@ -558,17 +558,17 @@ def _zero2_check() -> None:
     print("zero2 ok")
 
 
-def test_engine_samples_the_weights_of_a_zero2_engine():
+def test_sampler_samples_the_weights_of_a_zero2_engine():
     proc = run_fresh_process("from tests.test_sampler import _zero2_check; _zero2_check()", timeout=600)
     assert proc.returncode == 0 and "zero2 ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_refusals_of_what_would_be_silently_wrong(setup):
     tok, model, vocab, prompts, _ = setup
-    engine = Engine(model, vocab)
+    sampler = CodeSampler(model, vocab)
     limit = model.config.max_position_embeddings
     with pytest.raises(ValueError, match=f"the model has {limit}"):
-        engine.generate(prompts[:1], limit, greedy())
+        sampler.generate(prompts[:1], limit, greedy())
     for caption in ("a photo of <|img_00007|> circles", "a <|image_start|> square", "a photo <|endoftext|>"):
         with pytest.raises(ValueError, match="token string"):
             build_prompt_ids(tok, caption)
@@ -578,8 +578,8 @@ def test_refusals_of_what_would_be_silently_wrong(setup):
                                                        "original_max_position_embeddings": 128})
     long_vocab = expand_vocabulary(long_rope, shapes_world_tokenizer(), codebook_size=16)
     with pytest.raises(ValueError, match="longrope"):
-        Engine(long_rope, long_vocab).generate(prompts[:1], 4, greedy())
-    assert Engine(long_rope, long_vocab).generate(prompts[:1], 4, greedy(backend="hf")).shape == (1, 4)
+        CodeSampler(long_rope, long_vocab).generate(prompts[:1], 4, greedy())
+    assert CodeSampler(long_rope, long_vocab).generate(prompts[:1], 4, greedy(backend="hf")).shape == (1, 4)
 
 
 def test_sampling_options_are_the_config_fields():
@@ -616,8 +616,8 @@ def test_attended_columns():
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager(setup):
     _, model, vocab, prompts, _ = setup
-    eager = Engine(model, vocab).generate(prompts, N, greedy())
-    assert torch.equal(Engine(model, vocab).generate(prompts, N, greedy(compile=True)), eager)
+    eager = CodeSampler(model, vocab).generate(prompts, N, greedy())
+    assert torch.equal(CodeSampler(model, vocab).generate(prompts, N, greedy(compile=True)), eager)
 
 
 @pytest.mark.gpu
@@ -626,24 +626,24 @@ def test_cuda_graph_matches_eager_and_generate(setup):
     _, model, vocab, prompts, uncond = setup
     gpu = model.to("cuda")
     try:
-        engine = Engine(gpu, vocab)
-        graphed, logits = engine.generate(prompts, N, greedy(), return_logits=True)
-        assert not engine._graphs_failed and any(cache.graphs for cache in engine.caches.values())  # captured
-        eager, eager_logits = engine.generate(prompts, N, greedy(cuda_graph=False), return_logits=True)
+        sampler = CodeSampler(gpu, vocab)
+        graphed, logits = sampler.generate(prompts, N, greedy(), return_logits=True)
+        assert not sampler._graphs_failed and any(cache.graphs for cache in sampler.caches.values())  # captured
+        eager, eager_logits = sampler.generate(prompts, N, greedy(cuda_graph=False), return_logits=True)
         assert torch.equal(graphed, eager)
         assert torch.allclose(logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
-        again = engine.generate(prompts[:2], N, greedy())  # a cached graph, new prompts
+        again = sampler.generate(prompts[:2], N, greedy())  # a cached graph, new prompts
         assert torch.equal(again, graphed[:2])
         # a generation crossing several KV_BUCKET graphs (one per 64 attended columns) equals the eager one
-        long_graphed = engine.generate(prompts, 150, greedy())
-        assert torch.equal(long_graphed, engine.generate(prompts, 150, greedy(cuda_graph=False)))
+        long_graphed = sampler.generate(prompts, 150, greedy())
+        assert torch.equal(long_graphed, sampler.generate(prompts, 150, greedy(cuda_graph=False)))
         # a second graph on a used cache, of the compiled step (its warm-up restarts at column 0)
-        compiled, compiled_logits = engine.generate(prompts, N, greedy(compile=True), return_logits=True)
+        compiled, compiled_logits = sampler.generate(prompts, N, greedy(compile=True), return_logits=True)
         assert torch.equal(compiled, eager)
         assert torch.allclose(compiled_logits, eager_logits, atol=1e-3 * eager_logits.abs().max().item())
         cfg = SamplingConfig(cfg_scale=3.0, seed=5)
-        assert torch.equal(engine.generate(prompts, N, cfg, uncond_ids=uncond),
-                           engine.generate(prompts, N, cfg, uncond_ids=uncond))
+        assert torch.equal(sampler.generate(prompts, N, cfg, uncond_ids=uncond),
+                           sampler.generate(prompts, N, cfg, uncond_ids=uncond))
     finally:
         model.to("cpu")
 

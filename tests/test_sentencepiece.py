@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LogitsProcessorList
 
-from llm.sampler import CodeRangeLogitsProcessor, Engine, SamplingConfig
+from llm.sampler import CodeRangeLogitsProcessor, CodeSampler, SamplingConfig
 from llm.text_tokenizer import GENERIC_TEXTS, train_sentencepiece_tokenizer
 from llm.vocab import (
     PAD_FALLBACK,
@@ -89,7 +89,7 @@ def test_the_fused_sampler_runs_llama_as_transformers_does(expanded):
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.shape[0] == vocab.embedding_rows else 0.5))
     prompts = [build_prompt_ids(tok, c) for c in CAPTIONS]
     greedy = SamplingConfig(cfg_scale=1.0, temperature=0.0)
-    ours = Engine(model, vocab).generate(prompts, 16, greedy)
+    ours = CodeSampler(model, vocab).generate(prompts, 16, greedy)
     for prompt, codes in zip(prompts, ours):
         ids = torch.tensor([image_prefix_ids(prompt, vocab)])
         ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=vocab.pad_id,
@@ -97,8 +97,8 @@ def test_the_fused_sampler_runs_llama_as_transformers_does(expanded):
         assert torch.equal(vocab.token_to_code(ref[0, ids.shape[1] :]), codes)
     sampled = SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=20, seed=1)
     uncond = [unconditional_prompt_ids(tok, p, vocab) for p in prompts]
-    fused = Engine(model, vocab).generate(prompts, 16, sampled, uncond_ids=uncond)
-    hf = Engine(model, vocab).generate(prompts, 16, SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=20, seed=1,
+    fused = CodeSampler(model, vocab).generate(prompts, 16, sampled, uncond_ids=uncond)
+    hf = CodeSampler(model, vocab).generate(prompts, 16, SamplingConfig(cfg_scale=3.0, temperature=1.0, top_k=20, seed=1,
                                                                     backend="hf"), uncond_ids=uncond)
     assert torch.equal(fused, hf) and len({tuple(c.tolist()) for c in ours}) == len(prompts)
 
@@ -207,7 +207,7 @@ def test_the_understanding_trainer_runs_a_sentencepiece_llm(vicuna, tmp_path):
     VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(repo / "train" / "understanding.py"), f"model.tokenizer={tmp_path / 'tok'}",
+        [sys.executable, str(repo / "train" / "understanding.py"), f"model.vqrae={tmp_path / 'tok'}",
          f"model.lm_pretrained={vicuna / 'llm'}", f"run.output_dir={tmp_path / 'run'}",
          f"data.image_root={vicuna / 'world'}", f"data.conversations={vicuna / 'world' / 'llava_conversations.json'}",
          "data.template=chat", "run.steps=2", "deepspeed.micro_batch_size=4",

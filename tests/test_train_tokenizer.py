@@ -262,8 +262,8 @@ def _teacher_check(world: str, stage1: str, out: str) -> None:
 
     from common.distributed import init_distributed
     from train.config import read_config
-    from train.tokenizer import TokenizerTrainer
     from train.tokenizer_config import CONFIG_DIR, TokenizerTrainConfig
+    from train.tokenizer_trainer import TokenizerTrainer
 
     info = init_distributed(always=True)
     cfg = read_config(TokenizerTrainConfig, CONFIG_DIR / "tiny-stage1.yaml",

@@ -43,7 +43,7 @@ def env() -> dict[str, str]:
 def args(world: Path, out: Path, stage: int, *extra: str) -> list[str]:
     data = LLAVA_CAPTIONS if stage == 1 else LLAVA_CONVERSATIONS
     head = [] if stage == 1 else ["--config", str(STAGE2)]
-    return [*head, f"model.tokenizer={world / 'tok'}", f"model.lm_pretrained={world / 'lm'}", f"run.output_dir={out}",
+    return [*head, f"model.vqrae={world / 'tok'}", f"model.lm_pretrained={world / 'lm'}", f"run.output_dir={out}",
             f"data.image_root={world / 'world'}", f"data.conversations={world / 'world' / data}",
             "deepspeed.micro_batch_size=8",
             "run.log_every=1", "run.tensorboard=false", "optim.warmup_steps=1", *extra]

@@ -214,13 +214,16 @@ def test_tower_script_errors_are_one_line(tmp_path):
 
 
 def test_evaluation_answers_resumes_and_scores(llava_export, tmp_path):
-    from eval.understanding import main as evaluate
+    from tests.helpers import run_script
     from world.export import export_llava
 
     root = llava_export[0]
     export_llava(tmp_path / "world", 3, image_size=64, seed=4, progress=False)
     questions = tmp_path / "world" / "questions.jsonl"
     out = tmp_path / "eval"
+    def evaluate(arguments):
+        run_script("eval/understanding.py", arguments)
+
     argv = ["--model", str(root / "export"), "--questions", str(questions), "--out", str(out), "--batch-size", "4",
             "--device", "cpu"]
     evaluate(argv)

@@ -22,13 +22,13 @@ from data.mix import ShardTaskMix, TaskMix
 from data.transforms import ImageTransform, to_rgb
 from llm.generator import SequenceFormat, save_generator
 from llm.pipeline import TextToImage
-from llm.sampler import Engine, SamplingConfig
+from llm.sampler import CodeSampler, SamplingConfig
 from llm.understanding import build_llava, load_llava
 from llm.unified import expand_llava, is_unified_export, language_model_view, load_unified, save_unified
 from llm.vocab import build_prompt_ids, build_tiny_qwen3, expand_vocabulary
 from tests.helpers import failure_report, free_port
 from tokenizer import VQRAE, get_preset
-from train.unified import per_token_losses
+from train.unified_trainer import per_token_losses
 from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
 from world.shapes import shapes_world_tokenizer
 
@@ -87,8 +87,8 @@ def test_drawing_equals_a_standalone_copy_of_its_language_model(parts):
     prompts = [build_prompt_ids(processor.tokenizer, p) for p in ("a photo of a red circle", "a photo of a cube")]
     for backend in ("fused", "hf"):
         settings = SamplingConfig(cfg_scale=1.0, temperature=1.0, seed=4, backend=backend)
-        mine = Engine(language_model_view(llava), vocab).generate(prompts, 12, settings)
-        theirs = Engine(copy.eval(), vocab).generate(prompts, 12, settings)
+        mine = CodeSampler(language_model_view(llava), vocab).generate(prompts, 12, settings)
+        theirs = CodeSampler(copy.eval(), vocab).generate(prompts, 12, settings)
         assert torch.equal(mine, theirs), backend
 
 
@@ -112,7 +112,7 @@ def test_export_loads_in_transformers_alone_and_draws_in_the_pipeline(parts, tmp
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_trains_the_image_token_rows_of_embeddings_and_head(tmp_path, tied):
-    from train.understanding import LoraSection, UnderstandingModelConfig, UnderstandingTrainConfig, freeze
+    from train.understanding_trainer import LoraSection, UnderstandingModelConfig, UnderstandingTrainConfig, freeze
 
     torch.manual_seed(0)
     vqrae = VQRAE(get_preset("tiny")).eval()
@@ -129,7 +129,7 @@ def test_lora_trains_the_image_token_rows_of_embeddings_and_head(tmp_path, tied)
     assert embed in trained and "base_model.model.model.multi_modal_projector.linear_1.weight" in trained
     assert (head in trained) == (not tied)  # a tied head shares the embedding's rows
     with pytest.raises(ValueError, match="peft adapters"):  # the fused decode step would skip the adapters
-        Engine(language_model_view(model.get_base_model()), vocab).generate([[3, 4]], 2, SamplingConfig(cfg_scale=1.0))
+        CodeSampler(language_model_view(model.get_base_model()), vocab).generate([[3, 4]], 2, SamplingConfig(cfg_scale=1.0))
     x = torch.tensor([[ids[5], 3, ids[9]]])
     model(input_ids=x, labels=x).loss.backward()
     delta = dict(model.named_parameters())[head if not tied else embed]
@@ -167,7 +167,7 @@ def test_images_as_codes_are_the_vqrae_codes_in_the_image_tokens_places(parts):
 
 
 def test_a_blank_image_row_leaves_the_loss_as_it_was(parts):
-    from train.understanding import with_blank_image
+    from train.understanding_trainer import with_blank_image
 
     root, vqrae, llava, processor, vocab, _ = parts
     ids = torch.randint(0, 400, (2, 7))
@@ -322,7 +322,7 @@ def world(tmp_path_factory, lm_dir) -> Path:
 
 
 def common(root: Path, out: Path) -> list[str]:
-    return [f"model.tokenizer={root / 'tok'}", f"model.lm_pretrained={root / 'lm'}", f"run.output_dir={out}",
+    return [f"model.vqrae={root / 'tok'}", f"model.lm_pretrained={root / 'lm'}", f"run.output_dir={out}",
             f"data.image_root={root / 'world'}", "deepspeed.micro_batch_size=8", "run.log_every=1",
             "run.tensorboard=false", "optim.warmup_steps=1"]
 
@@ -499,7 +499,7 @@ def test_two_process_zero3_with_batches_lacking_images(world):
 @pytest.mark.parametrize("name", ["tiny.yaml", "tiny-und-codes.yaml", "qwen3.yaml"])
 def test_the_shipped_configs_parse(name):
     from train.config import parse_config
-    from train.unified import CONFIG_DIR, UnifiedTrainConfig
+    from train.unified_trainer import CONFIG_DIR, UnifiedTrainConfig
 
     cfg = parse_config(UnifiedTrainConfig, ["--config", str(CONFIG_DIR / name)], CONFIG_DIR / "tiny.yaml", "")
     assert cfg.stage == 2 and (cfg.generation.codes or cfg.generation.ratio == 0)

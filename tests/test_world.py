@@ -281,7 +281,7 @@ def test_trainers_refuse_missing_inputs_in_one_line_and_write_nothing(tmp_path, 
     missing = tmp_path / "missing"
     argv = [f"{key}={missing}", f"run.output_dir={tmp_path / 'run'}"]
     if script == "ar_gen":
-        argv.append(f"data.tokenizer={tmp_path}")
+        argv.append(f"data.vqrae={tmp_path}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "train" / f"{script}.py"), *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

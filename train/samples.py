@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from data.transforms import make_grid_png
 from llm.fused import has_peft_adapters
 from llm.generator import SequenceFormat
-from llm.sampler import Engine, SamplingConfig
+from llm.sampler import CodeSampler, SamplingConfig
 from llm.vocab import ImageVocab
 from tokenizer import VQRAE
 
@@ -37,7 +37,7 @@ class SampleGrid:
         self.section, self.vocab, self.vqrae = section, vocab, vqrae
         self.cond = [fmt.prompt_ids(tokenizer, p) for p in section.prompts]
         self.uncond = [fmt.uncond_ids(tokenizer, c, vocab) for c in self.cond]
-        self.engine: Engine | None = None
+        self.sampler: CodeSampler | None = None
 
     @torch.no_grad()
     def write(self, model: PreTrainedModel, path: Path | None, zero3: bool) -> None:
@@ -51,9 +51,9 @@ class SampleGrid:
             sampling = dataclasses.replace(sampling, backend="hf")
         model.eval()
         with gather:
-            if self.engine is None:
-                self.engine = Engine(model, self.vocab)
-            codes = self.engine.generate(self.cond, self.vqrae.config.num_tokens, sampling, self.uncond)
+            if self.sampler is None:
+                self.sampler = CodeSampler(model, self.vocab)
+            codes = self.sampler.generate(self.cond, self.vqrae.config.num_tokens, sampling, self.uncond)
         model.train()
         if path is not None:
             images = self.vqrae.decode(codes.to(next(self.vqrae.parameters()).device)).clamp(-1, 1)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from common.config import from_dict
-from eval.geneval import generate, read_prompts
+from eval.geneval_generation import generate, read_prompts
 from eval.geneval_scoring import ScoringConfig, evaluate_folder, summarize
 from llm.pipeline import TextToImage
 from llm.sampler import SamplingConfig

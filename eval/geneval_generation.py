@@ -1,0 +1,71 @@
+"""GenEval's image layout, generated: its prompt file read, n images per prompt of a generator export written as
+OUT/NNNNN/metadata.jsonl (the prompt's line) and OUT/NNNNN/samples/NNNN.png, resumably (`generate`); run by
+eval/geneval.py and the CPU default's report.
+
+Generation resumes: prompt folders that already hold their images are kept (a folder started with other settings,
+recorded in OUT/generation.json, is refused, not mixed). Image k of prompt i draws from its own random stream
+(seed, i * images_per_prompt + k), so a resumed or re-batched run writes the very images an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.files import atomic_write, ensure_settings
+from data.transforms import to_pil
+from llm.sampler import SamplingConfig
+
+SETTINGS_FILE = "generation.json"
+
+OFFICIAL_PROMPTS = Path(__file__).resolve().parent / "geneval_official" / "evaluation_metadata.jsonl"
+
+
+def prompt_classes(rows: list[dict]) -> set[str]:
+    """The object classes prompt rows name (their "include" and "exclude" entries)."""
+    return {item["class"] for r in rows for key in ("include", "exclude") for item in r.get(key, [])}
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """The rows of a GenEval prompt file (one JSON object a line with at least 'tag' and 'prompt')."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows or any("prompt" not in r or "tag" not in r for r in rows):
+        raise ValueError(f"{path} is not a GenEval prompt file (one JSON object a line with 'tag' and 'prompt')")
+    return rows
+
+
+def prompt_done(folder: Path, n: int) -> bool:
+    """True when a prompt's folder holds its metadata and all n images (resume skips it)."""
+    return (folder / "metadata.jsonl").is_file() and all((folder / "samples" / f"{j:04d}.png").is_file()
+                                                         for j in range(n))
+
+
+def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
+             model_name: str) -> None:
+    """Write n images per prompt of `t2i` (an llm.pipeline.TextToImage) in GenEval's layout, skipping finished
+    prompts; image k of prompt i is sampled from stream i * n + k. A folder started with other settings is refused
+    rather than mixed."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": model_name, "images_per_prompt": n, "sampling": sampling.to_dict(),
+              "image_streams": "image k of prompt i: (seed, i * images_per_prompt + k)",
+              "dtype": str(next(t2i.model.parameters()).dtype)}
+    todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
+    if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
+        (out / SETTINGS_FILE).unlink(missing_ok=True)
+    ensure_settings(out / SETTINGS_FILE, record)
+    for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
+        batch = todo[start : start + prompts_per_batch]
+        texts = [prompts[i]["prompt"] for i in batch for _ in range(n)]
+        images, _ = t2i.generate(texts, sampling, image_ids=[i * n + k for i in batch for k in range(n)])
+        for b, i in enumerate(batch):
+            folder = out / f"{i:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                with atomic_write(folder / "samples" / f"{k:04d}.png", "wb") as f:
+                    to_pil(images[b * n + k].float().cpu()).save(f, format="PNG")
+            with atomic_write(folder / "metadata.jsonl") as f:
+                f.write(json.dumps(prompts[i]) + "\n")
