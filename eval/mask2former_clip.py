@@ -35,6 +35,7 @@ from transformers import (
 from transformers.image_processing_base import ImageProcessingMixin
 
 from eval.detection import GENEVAL_COLORS, Detection
+from tokenizer.encoder import saved_mean_std
 
 # GenEval's object_names.txt: the 80 COCO thing classes in the detector's class order.
 COCO_CLASSES: tuple[str, ...] = (
@@ -248,10 +249,7 @@ class Mask2FormerClipDetector:
             tokenizer = AutoTokenizer.from_pretrained(clip_path, local_files_only=True)
         except (OSError, ValueError) as err:
             raise FileNotFoundError(f"no usable CLIP tokenizer files in {clip_path}: {err}") from err
-        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-        if (clip_path / "preprocessor_config.json").is_file():
-            pre = json.loads((clip_path / "preprocessor_config.json").read_text())
-            mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+        mean, std = saved_mean_std(clip_path) or (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         # float32 as upstream, whatever dtype the weights were saved in
         mask2former = Mask2FormerForUniversalSegmentation.from_pretrained(
             m2f_path, local_files_only=True, dtype=torch.float32)

@@ -260,13 +260,17 @@ def vision_config(path: str | Path) -> PretrainedConfig:
     return getattr(config, "vision_config", None) or config
 
 
-def _preprocessor_mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    file = path / "preprocessor_config.json"
-    if not file.is_file():
-        return None
-    data = json.loads(file.read_text())
-    if "image_mean" in data and "image_std" in data:
-        return tuple(data["image_mean"]), tuple(data["image_std"])
+def saved_mean_std(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The image normalisation a checkpoint folder saves, in either of transformers' layouts: an image processor's
+    preprocessor_config.json, or a whole processor's processor_config.json (its "image_processor" entry; what
+    `SiglipProcessor.save_pretrained` writes alone in transformers 5); None when neither holds one."""
+    for name, entry in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        file = path / name
+        if file.is_file():
+            data = json.loads(file.read_text())
+            data = data.get(entry, {}) if entry else data
+            if "image_mean" in data and "image_std" in data:
+                return tuple(data["image_mean"]), tuple(data["image_std"])
     return None
 
 
@@ -278,7 +282,7 @@ def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) 
     (a SiglipModel / Siglip2Model / CLIPModel dual encoder, an InternVL or LLaVA checkpoint); only the vision weights
     are read, wherever they are stored (e.g. InternVL's "vision_tower." prefix). Every tensor of the tower must be in
     the checkpoint, with its shape; otherwise one ValueError names the missing ones. Normalisation comes from the
-    directory's preprocessor_config.json when present.
+    directory's saved image processor when it has one (`saved_mean_std`).
 
     Args:
         path: local directory with config.json and weights (safetensors or pytorch_model.bin, possibly sharded).
@@ -296,7 +300,7 @@ def load_pretrained_encoder(path: str | Path, cfg: EncoderConfig | None = None) 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"encoder weights directory {path} not found or has no config.json")
     vision = vision_config(path)
-    mean_std = _preprocessor_mean_std(path) or (cfg.image_mean, cfg.image_std)
+    mean_std = saved_mean_std(path) or (cfg.image_mean, cfg.image_std)
     loaded = EncoderConfig(
         tower=tower_dict(vision), feature_layer=cfg.feature_layer, image_mean=tuple(mean_std[0]),
         image_std=tuple(mean_std[1]), attn_implementation=cfg.attn_implementation,

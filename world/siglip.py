@@ -1,6 +1,6 @@
 """The world's vision foundation model: a tiny SigLIP (transformers' `SiglipModel`: a vision and a text tower, the
 sigmoid loss with its learned temperature and bias) pretrained on the world's images and captions, and saved as a
-SigLIP checkpoint folder (config.json, model.safetensors, preprocessor_config.json, processor_config.json,
+SigLIP checkpoint folder (config.json, model.safetensors, processor_config.json (the image processor inside it),
 spiece.model, tokenizer_config.json) that `SiglipModel.from_pretrained` / `AutoProcessor.from_pretrained` read, and
 that VQRAE's encoder loads through `model.encoder_path`, the path a real SigLIP2 checkpoint takes.
 
