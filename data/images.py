@@ -222,7 +222,8 @@ class JsonlImageDataset(ImageDataset):
 
 
 class TarShardDataset(ImageDataset):
-    """Samples of webdataset-style tar shards, random access by byte offset.
+    """Samples of webdataset-style tar shards, random access by byte offset (local tars without an index; why they
+    keep a reader of their own beside `data.shards.ShardDataset`, measured: docs/data.md).
 
     Args:
         shards: a folder of .tar files, a glob, one .tar file, or a list of .tar files.
