@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import ConfigError
-from common.distributed import DistInfo, all_reduce, barrier, init_distributed, setup_logging
+from common.distributed import DistInfo, all_reduce, barrier, init_distributed, setup_logging, shutdown
 from train.checkpoint import Checkpointer
 from train.config import DebugConfig, RunConfig, parse_config
 from train.data_order import resumable_loader
@@ -193,9 +193,13 @@ class TrainLoop:
 def run_trainer(trainer: type[TrainLoop], cfg_cls: type, default_config: Path, description: str,
                 argv: list[str] | None = None) -> None:
     """A trainer's whole main(): the command line (`train.config.parse_config`), the process group (one is set up
-    under plain python), rank-tagged logging, the global seed, then `trainer(cfg, info).fit(cfg.run.steps, cfg)`."""
+    under plain python), rank-tagged logging, the global seed, then `trainer(cfg, info).fit(cfg.run.steps, cfg)`;
+    a finished run leaves the process group before the interpreter exits (its communication threads, torn down by
+    interpreter exit instead, can abort a finished multi-process run: "terminate called without an active
+    exception", exit status 250, seen once in the two-process ZeRO-3 test)."""
     cfg = parse_config(cfg_cls, argv, default_config, description)
     info = init_distributed(always=True)
     setup_logging(info)
     torch.manual_seed(cfg.run.seed)
     trainer(cfg, info).fit(cfg.run.steps, cfg)
+    shutdown()
