@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -49,3 +56,49 @@ def run_script(path: str, argv: list[str]) -> None:
         runpy.run_path(str(REPO / path), run_name="__main__")
     finally:
         sys.argv = saved
+
+
+def trainer_env() -> dict[str, str]:
+    """A trainer run as a test launches it: DeepSpeed on the CPU, the repository on the path, one OpenMP thread."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def assert_resume_is_uninterrupted(script: Path, argv: Callable[[Path], list[str]], tmp_path: Path, steps: int = 6,
+                                   ckpt_every: int = 3, kill_at: int = 4) -> None:
+    """A run of `script` killed (SIGKILL, every rank, `debug.kill_at_step`) past its checkpoint and run again logs
+    the uninterrupted run's loss at every step and exports the same tensors (every safetensors file of export/).
+
+    Args:
+        argv: the run's arguments for an output folder (a stage's whole command line but the step settings).
+    """
+    settings = [f"run.steps={steps}", f"run.ckpt_every={ckpt_every}", "run.log_every=1"]
+    outs = {name: tmp_path / name for name in ("uninterrupted", "resumed")}
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *argv(out), *settings, *extra], cwd=REPO,
+                              env=trainer_env(), capture_output=True, text=True, timeout=900)
+
+    def losses(out: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    proc = run(outs["uninterrupted"])
+    assert proc.returncode == 0, failure_report(proc)
+    proc = run(outs["resumed"], f"debug.kill_at_step={kill_at}")
+    assert proc.returncode == -signal.SIGKILL, failure_report(proc)
+    assert (outs["resumed"] / "checkpoints" / f"step_{ckpt_every:08d}").is_dir()
+    assert not (outs["resumed"] / "export").exists()
+    proc = run(outs["resumed"])
+    assert proc.returncode == 0, failure_report(proc)
+    assert "resumed from" in proc.stdout + proc.stderr
+    reference, resumed = losses(outs["uninterrupted"]), losses(outs["resumed"])
+    assert sorted(reference) == sorted(resumed) == list(range(1, steps + 1))
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    files = sorted(p.relative_to(outs["uninterrupted"]) for p in (outs["uninterrupted"] / "export").rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(outs["resumed"]) for p in (outs["resumed"] / "export").rglob("*.safetensors"))
+    for file in files:
+        a, b = load_file(outs["uninterrupted"] / file), load_file(outs["resumed"] / file)
+        assert a.keys() == b.keys(), file
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{file}: {key}")

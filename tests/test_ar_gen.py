@@ -27,7 +27,7 @@ from llm.vocab import (
     expand_vocabulary,
     unconditional_prompt_ids,
 )
-from tests.helpers import failure_report, free_port
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port
 from tokenizer import VQRAE, get_preset
 from world.export import export_world
 from world.shapes import ShapesWorld, geneval_prompts, shapes_world_tokenizer, write_geneval_prompts
@@ -136,6 +136,17 @@ def test_two_process_zero3_run_then_sample_from_export(tmp_path, lm_dir):
                            timeout=300)
     assert mixed.returncode == 2 and mixed.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "cfg_scale" in mixed.stderr or "sampling" in mixed.stderr
+
+
+def test_resume_after_sigkill_is_the_uninterrupted_run(codes_dir, lm_dir, tmp_path):
+    """The generator killed after step 4 and run again: every step's loss (caption dropout and data order included)
+    and the exported weights of the uninterrupted run."""
+    torch.manual_seed(0)
+    VQRAE(get_preset("tiny-p4-32")).save_pretrained(tmp_path / "tok")
+    assert_resume_is_uninterrupted(REPO / "train" / "ar_gen.py", lambda out: [
+        f"lm.pretrained={lm_dir}", f"data.vqrae={tmp_path / 'tok'}", f"data.codes={codes_dir}", "data.images=",
+        f"run.output_dir={out}", "run.sample_every=0", "run.tensorboard=false", "deepspeed.micro_batch_size=4",
+        "optim.warmup_steps=1"], tmp_path)
 
 
 def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir, tmp_path):

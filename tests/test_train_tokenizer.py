@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import failure_report, free_port, run_fresh_process
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port, run_fresh_process
 from tokenizer import VQRAE
 from world.export import export_world
 
@@ -149,6 +149,14 @@ def test_config_errors_are_one_line(world, tmp_path):
     assert proc.returncode == 2 and "not found" in proc.stderr
     proc = train(*args(world, tmp_path / "y", "stage=2", "model.init_from=/nonexistent"), check=False)
     assert proc.returncode == 2 and "no tokenizer export" in proc.stderr
+
+
+def test_stage2_resume_after_sigkill_is_the_uninterrupted_run(world, tmp_path):
+    """Stage 2 (the encoder trained toward its teacher, a frozen copy taken when stage 2 starts, the GAN on from step
+    3) killed after step 4 and run again: every step's loss and the exported EMA weights of the uninterrupted run."""
+    train(*args(world, tmp_path / "s1", "run.steps=2"))
+    assert_resume_is_uninterrupted(SCRIPT, lambda out: args(world, out, "stage=2", f"model.init_from={tmp_path / 's1'}"),
+                                   tmp_path)
 
 
 @pytest.mark.parametrize("zero_stage, extra", [(2, "deepspeed.bf16=true"), (3, "model.gradient_checkpointing=true")])

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
-from tests.helpers import failure_report, free_port
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port
 from tokenizer import VQRAE, get_preset
 from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
 
@@ -138,6 +138,12 @@ def test_stage1_projector_into_two_process_zero3_stage2(world, stage1, tmp_path)
     exported = weights(out / "export")
     for k, v in load_file(str(projector)).items():  # lr 0: the stage-1 projector, exactly, after ZeRO-3
         assert torch.equal(exported[f"model.multi_modal_projector.{k}"], v), k
+
+
+def test_stage1_resume_after_sigkill_is_the_uninterrupted_run(world, tmp_path):
+    """Stage 1 (the projector alone) killed after step 4 and run again: every step's loss and the exported weights
+    of the uninterrupted run."""
+    assert_resume_is_uninterrupted(SCRIPT, lambda out: args(world, out, 1), tmp_path)
 
 
 def test_killed_lora_run_resumes_with_adapter_and_projector(world, stage1, tmp_path):

@@ -26,7 +26,7 @@ from llm.sampler import CodeSampler, SamplingConfig
 from llm.understanding import build_llava, load_llava
 from llm.unified import expand_llava, is_unified_export, language_model_view, load_unified, save_unified
 from llm.vocab import build_prompt_ids, build_tiny_qwen3, expand_vocabulary
-from tests.helpers import failure_report, free_port
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port
 from tokenizer import VQRAE, get_preset
 from train.unified_trainer import per_token_losses
 from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
@@ -344,6 +344,13 @@ def run(script: Path, *argv: str, launcher: list[str] | None = None, check: bool
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_is_the_uninterrupted_run(world, tmp_path):
+    """The unified model (the two tasks' mix) killed after step 4 and run again: every step's loss and the exported
+    weights of the uninterrupted run."""
+    assert_resume_is_uninterrupted(SCRIPT, lambda out: unified_args(world, out, f"model.init_from={world / 's1'}"),
+                                   tmp_path)
 
 
 def test_unified_from_an_understanding_export(world):
