@@ -37,10 +37,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def trainer_env() -> dict[str, str]:
+    """A trainer run as a test launches it: DeepSpeed on the CPU, the repository on the path, one OpenMP thread."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """step -> loss of every line a run logged to OUT/metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
 def run_fresh_process(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -c code` in a fresh process outside any launcher (it sets up its own one-process group): DeepSpeed on
     the CPU, the repository on the path, one OpenMP thread, no launcher variables inherited; output captured."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = trainer_env()
     for key in LAUNCHER_VARIABLES:
         env.pop(key, None)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -58,11 +68,6 @@ def run_script(path: str, argv: list[str]) -> None:
         sys.argv = saved
 
 
-def trainer_env() -> dict[str, str]:
-    """A trainer run as a test launches it: DeepSpeed on the CPU, the repository on the path, one OpenMP thread."""
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def assert_resume_is_uninterrupted(script: Path, argv: Callable[[Path], list[str]], tmp_path: Path, steps: int = 6,
                                    ckpt_every: int = 3, kill_at: int = 4) -> None:
     """A run of `script` killed (SIGKILL, every rank, `debug.kill_at_step`) past its checkpoint and run again logs
@@ -78,10 +83,6 @@ def assert_resume_is_uninterrupted(script: Path, argv: Callable[[Path], list[str
         return subprocess.run([sys.executable, str(script), *argv(out), *settings, *extra], cwd=REPO,
                               env=trainer_env(), capture_output=True, text=True, timeout=900)
 
-    def losses(out: Path) -> dict[int, float]:
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
     proc = run(outs["uninterrupted"])
     assert proc.returncode == 0, failure_report(proc)
     proc = run(outs["resumed"], f"debug.kill_at_step={kill_at}")
@@ -91,7 +92,7 @@ def assert_resume_is_uninterrupted(script: Path, argv: Callable[[Path], list[str
     proc = run(outs["resumed"])
     assert proc.returncode == 0, failure_report(proc)
     assert "resumed from" in proc.stdout + proc.stderr
-    reference, resumed = losses(outs["uninterrupted"]), losses(outs["resumed"])
+    reference, resumed = logged_losses(outs["uninterrupted"]), logged_losses(outs["resumed"])
     assert sorted(reference) == sorted(resumed) == list(range(1, steps + 1))
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step

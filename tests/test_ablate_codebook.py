@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 from data.images import build_image_dataset, collate_images
 from data.transforms import ImageTransform, to_uint8
 from eval.reconstruction_scoring import CONVERGED_MARGIN_DB, converged
+from tests.helpers import trainer_env
 from tokenizer import VQRAE
 from world.export import export_world
 
@@ -26,7 +26,7 @@ SCRIPT = REPO / "scripts" / "ablate_codebook.py"
 
 
 def sweep(world: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = trainer_env()
     trainer = [f"data.train={world}/train/shards", f"data.eval={world}/eval/shards", "model.encoder_path=",
                "deepspeed.micro_batch_size=8", "run.log_every=1", "run.sample_every=0",
                "run.tensorboard=false", "run.ckpt_every=0"]

@@ -27,7 +27,7 @@ from llm.vocab import (
     expand_vocabulary,
     unconditional_prompt_ids,
 )
-from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port, trainer_env
 from tokenizer import VQRAE, get_preset
 from world.export import export_world
 from world.shapes import ShapesWorld, geneval_prompts, shapes_world_tokenizer, write_geneval_prompts
@@ -97,7 +97,7 @@ def test_two_process_zero3_run_then_sample_from_export(tmp_path, lm_dir):
            f"data.images={tmp_path / 'world' / 'shards'}", f"run.output_dir={out}", "run.steps=4",
            "run.sample_every=2", "run.ckpt_every=2", "run.log_every=1", "run.tensorboard=false",
            "deepspeed.zero_stage=3", "deepspeed.micro_batch_size=4", "data.extract_batch_size=8"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = trainer_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, failure_report(proc)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -159,7 +159,7 @@ def test_pretrained_lm_directory_with_codebook_init_and_chat_template(codes_dir,
            "lm.template=chat", f"data.vqrae={tmp_path / 'tok'}", f"data.codes={codes_dir}", "data.images=",
            f"run.output_dir={out}",
            "run.steps=2", "run.sample_every=0", "run.tensorboard=false", "deepspeed.micro_batch_size=4"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = trainer_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, failure_report(proc)
     t2i = TextToImage.from_pretrained(out / "export")

@@ -18,7 +18,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port, run_fresh_process
+from tests.helpers import (
+    assert_resume_is_uninterrupted,
+    failure_report,
+    free_port,
+    logged_losses,
+    run_fresh_process,
+    trainer_env,
+)
 from tokenizer import VQRAE
 from world.export import export_world
 
@@ -40,35 +47,26 @@ def args(world: Path, out: Path, *extra: str) -> list[str]:
             "loss.gan_start=3", "loss.disc_start=3", "model.encoder_path=", *extra]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def train(*argv: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + [str(SCRIPT), *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed: {failure_report(proc)}\n--- end of stdout:\n{proc.stdout[-2000:]}")
     return proc
 
 
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
-
-
 def test_resume_after_sigkill_reproduces_loss_curve(world, tmp_path):
     common = ["run.steps=10", "run.ckpt_every=4"]
     train(*args(world, tmp_path / "a", *common))
-    reference = losses(tmp_path / "a")
+    reference = logged_losses(tmp_path / "a")
     assert sorted(reference) == list(range(1, 11))
 
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args(world, out, *common)], cwd=REPO, env=env(),
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args(world, out, *common)], cwd=REPO, env=trainer_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        done = (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= 6
+        done = (out / "metrics.jsonl").is_file() and max(logged_losses(out), default=0) >= 6
         if done and (out / "checkpoints" / "step_00000004" / "trainer_state.json").is_file():
             break
         time.sleep(0.05)
@@ -77,7 +75,7 @@ def test_resume_after_sigkill_reproduces_loss_curve(world, tmp_path):
     proc.wait()
     assert not (out / "checkpoints" / "step_00000008").exists()
     train(*args(world, out, *common))  # run.resume=auto picks step 4
-    resumed = losses(out)
+    resumed = logged_losses(out)
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
@@ -97,7 +95,7 @@ def test_export_matches_trained_weights(world, tmp_path):
     train(*args(world, out, "run.steps=3", "loss.gan_weight=0"))
     raw = tmp_path / "raw"
     subprocess.run([sys.executable, str(REPO / "scripts" / "export_tokenizer.py"), str(out), "--out", str(raw),
-                    "--weights", "raw"], cwd=REPO, env=env(), check=True, capture_output=True)
+                    "--weights", "raw"], cwd=REPO, env=trainer_env(), check=True, capture_output=True)
     state = torch.load(out / "checkpoints" / "step_00000003" / "model" / "mp_rank_00_model_states.pt",
                        weights_only=True)["module"]
     model = VQRAE.from_pretrained(raw)
@@ -207,7 +205,7 @@ def test_compiled_training_follows_the_eager_loss_curve(world, tmp_path):
         train(*args(world, s1, "run.steps=5", "deepspeed.zero_stage=0", f"deepspeed.compile={flag}"))
         train(*args(world, s2, "stage=2", f"model.init_from={s1}", "run.steps=4", "deepspeed.zero_stage=0",
                     f"deepspeed.compile={flag}"))
-        curves[flag] = [*losses(s1).values(), *losses(s2).values()]
+        curves[flag] = [*logged_losses(s1).values(), *logged_losses(s2).values()]
     assert len(curves["true"]) == 9
     np.testing.assert_allclose(curves["true"], curves["false"], rtol=2e-3)
 

@@ -5,7 +5,6 @@ shards (over HTTP as locally; text-only conversations among them)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
-from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port, logged_losses, trainer_env
 from tokenizer import VQRAE, get_preset
 from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
 
@@ -36,10 +35,6 @@ def world(tmp_path_factory, lm_dir) -> Path:
     return root
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
 def args(world: Path, out: Path, stage: int, *extra: str) -> list[str]:
     data = LLAVA_CAPTIONS if stage == 1 else LLAVA_CONVERSATIONS
     head = [] if stage == 1 else ["--config", str(STAGE2)]
@@ -50,15 +45,11 @@ def args(world: Path, out: Path, stage: int, *extra: str) -> list[str]:
 
 
 def train(*argv: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*(launcher or [sys.executable]), str(SCRIPT), *argv], cwd=REPO, env=env(),
+    proc = subprocess.run([*(launcher or [sys.executable]), str(SCRIPT), *argv], cwd=REPO, env=trainer_env(),
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed: {failure_report(proc)}")
     return proc
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
 def weights(export: Path) -> dict[str, torch.Tensor]:
@@ -150,13 +141,13 @@ def test_killed_lora_run_resumes_with_adapter_and_projector(world, stage1, tmp_p
     common = [f"model.init_from={stage1}", "run.steps=8", "run.ckpt_every=4", "lora.enabled=true", "lora.r=4",
               "lora.alpha=8"]
     train(*args(world, tmp_path / "a", 2, *common))
-    reference = losses(tmp_path / "a")
+    reference = logged_losses(tmp_path / "a")
     out = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args(world, out, 2, *common)], cwd=REPO, env=env(),
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args(world, out, 2, *common)], cwd=REPO, env=trainer_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        done = (out / "metrics.jsonl").is_file() and max(losses(out), default=0) >= 5
+        done = (out / "metrics.jsonl").is_file() and max(logged_losses(out), default=0) >= 5
         if done and (out / "checkpoints" / "step_00000004" / "trainer_state.json").is_file():
             break
         time.sleep(0.02)
@@ -164,7 +155,7 @@ def test_killed_lora_run_resumes_with_adapter_and_projector(world, stage1, tmp_p
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     train(*args(world, out, 2, *common))
-    resumed = losses(out)
+    resumed = logged_losses(out)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
@@ -195,7 +186,7 @@ def test_stage1_from_llava_shards_over_http_equals_local_shards(world, tmp_path)
                            f"data.shards.cache_dir={tmp_path / 'cache'}", *common))
         assert server.requests["GET /000000.tar"] == 1  # each shard fetched once, into the cache
     assert "64 conversations in 4 shards" in proc.stderr + proc.stdout
-    local, remote = losses(tmp_path / "local"), losses(tmp_path / "http")
+    local, remote = logged_losses(tmp_path / "local"), logged_losses(tmp_path / "http")
     assert sorted(local) == [1, 2, 3] and local == remote
 
 

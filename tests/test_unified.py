@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from llm.sampler import CodeSampler, SamplingConfig
 from llm.understanding import build_llava, load_llava
 from llm.unified import expand_llava, is_unified_export, language_model_view, load_unified, save_unified
 from llm.vocab import build_prompt_ids, build_tiny_qwen3, expand_vocabulary
-from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port
+from tests.helpers import assert_resume_is_uninterrupted, failure_report, free_port, trainer_env
 from tokenizer import VQRAE, get_preset
 from train.unified_trainer import per_token_losses
 from world.export import LLAVA_CAPTIONS, LLAVA_CONVERSATIONS, export_llava
@@ -334,7 +333,7 @@ def unified_args(root: Path, out: Path, *extra: str) -> list[str]:
 
 def run(script: Path, *argv: str, launcher: list[str] | None = None, check: bool = True
         ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = trainer_env()
     proc = subprocess.run([*(launcher or [sys.executable]), str(script), *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import ConfigError, load_config
-from tests.helpers import failure_report
+from tests.helpers import failure_report, trainer_env
 from world.captions import (
     CAPTION_KINDS,
     caption_facts,
@@ -282,7 +282,7 @@ def test_trainers_refuse_missing_inputs_in_one_line_and_write_nothing(tmp_path, 
     argv = [f"{key}={missing}", f"run.output_dir={tmp_path / 'run'}"]
     if script == "ar_gen":
         argv.append(f"data.vqrae={tmp_path}")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = trainer_env()
     proc = subprocess.run([sys.executable, str(REPO / "train" / f"{script}.py"), *argv], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     last = proc.stderr.strip().splitlines()[-1]
