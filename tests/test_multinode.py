@@ -14,8 +14,8 @@ import pytest
 
 from data.serve import ShardServer
 from data.shards import ShardDataset, write_index
-from tests.helpers import free_port
-from tests.test_train_tokenizer import REPO, SCRIPT, env
+from tests.helpers import free_port, trainer_env
+from tests.test_train_tokenizer import REPO, SCRIPT
 from tokenizer import VQRAE
 from train.data_order import ShardLocalBatchSampler
 from world.export import export_world
@@ -31,7 +31,7 @@ def _launch(node: int, port: int, out: Path, url: str, cache: Path, log: Path, *
            f"deepspeed.micro_batch_size={MICRO_BATCH}", "deepspeed.zero_stage=2", "run.log_every=1",
            "run.sample_every=0", "run.tensorboard=false", "loss.gan_weight=0", "model.encoder_path=",
            f"data.shards.window={WINDOW}", f"run.seed={SEED}", "debug.sample_log=true", "run.num_workers=1", *extra]
-    environment = {**env(), "VQRAE_SHARD_CACHE": str(cache)}  # each node its own disk
+    environment = {**trainer_env(), "VQRAE_SHARD_CACHE": str(cache)}  # each node its own disk
     return subprocess.Popen(cmd, cwd=REPO, env=environment, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
