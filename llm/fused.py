@@ -145,8 +145,8 @@ class FusedDecoder:
         return head.weight[start:stop].detach(), bias
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, bias: torch.Tensor,
-                cache: KVCache, kv_len: int) -> torch.Tensor:
-        """Run T new tokens per row and return the code logits of the last one, (R, K).
+                cache: KVCache, kv_len: int, every: bool = False) -> torch.Tensor:
+        """Run T new tokens per row and return the code logits of the last one, (R, K), or of every one, (R, T, K).
 
         Args:
             ids, positions: (R, T); written to cache columns slot .. slot + T - 1.
@@ -154,6 +154,7 @@ class FusedDecoder:
             bias: (R, 1, T, >= kv_len) additive attention bias in the model dtype: 0 attend, -inf not.
             cache: the KV cache.
             kv_len: number of cache columns attended (static under CUDA graphs / compile).
+            every: return the logits after every token, not only the last.
         """
         rows, steps = ids.shape
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
@@ -186,8 +187,8 @@ class FusedDecoder:
             h = F.rms_norm(x, (x.shape[-1],), w["norm2"], self.eps)
             gate, up = F.linear(h, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
             x = _residual_linear(x, F.silu(gate) * up, w["down"], w["down_bias"])
-        x = F.rms_norm(x[:, -1], (x.shape[-1],), self.body.norm.weight, self.eps)  # (R, h)
-        return F.linear(x, *self.code_head())  # (R, K)
+        x = F.rms_norm(x if every else x[:, -1], (x.shape[-1],), self.body.norm.weight, self.eps)  # (R, [T,] h)
+        return F.linear(x, *self.code_head())  # (R, [T,] K)
 
     def decode(self, cache: KVCache, kv_len: int) -> torch.Tensor:
         """One decode step on the cache's static inputs; advances positions and slot in place (graph-safe)."""

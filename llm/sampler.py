@@ -13,6 +13,19 @@ Backends (SamplingConfig.backend):
   columns; compile=True compiles it first, over the whole cache.
 - "hf": any transformers causal LM, called per step with a DynamicCache (the reference and the fallback).
 
+Speculative Jacobi decoding (SamplingConfig.spec_window > 0; Teng et al. 2024, "Accelerating Auto-regressive
+Text-to-Image Generation with Training-free Speculative Jacobi Decoding"), on both backends: each image carries a window
+of draft codes, each drawn from a recorded proposal distribution q (at first `spec_init`, then the model's own
+prediction for that position from the previous forward); one forward runs the conditional and unconditional rows over
+every image's window; draft j is accepted when u < p(d_j) / q(d_j) against the guided, filtered target p of that
+position (CFG, temperature, top-k, top-p exactly as the one-code step), in order, and the first rejected one is
+redrawn from the residual max(0, p - q) (after a fully accepted window, one more code from p). Every accepted code is
+therefore distributed exactly as the one-code sampler's; temperature 0 makes p and q one-hot and gives the one-code
+path's codes. The draws come from each image's own stream (seed, image id), a fixed number per iteration of that
+image, so an image's codes do not depend on its batch. The cache keeps the columns every image has accepted; each
+forward re-reads from there (an image ahead of the slowest re-feeds its extra accepted codes), eagerly (no CUDA
+graphs: the window's width changes per forward).
+
     sampler = CodeSampler(model, vocab)
     codes = sampler.generate([prompt_ids], num_tokens=64, cfg=SamplingConfig(cfg_scale=5.0), uncond_ids=[uncond])
 """
@@ -29,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 
 from llm.fused import FusedDecoder, KVCache, attended_columns, attention_bias, capture_decode_graph, round_up
@@ -40,6 +54,8 @@ CACHE_ALIGN = 64  # cache lengths are rounded up to this, so prompts of similar 
 IMAGE_STREAM = 0x1A6E5  # SeedSequence namespace of the per-image sampling streams
 RECOMMENDED_FILE = "sampling.json"  # in an export: the sampling settings it was tuned and reported with
 RECOMMENDED_FIELDS = ("cfg_scale", "temperature", "top_k", "top_p")  # what changes the images' distribution
+SPEC_INITS = ("uniform", "repeat")  # proposal of a draft with no prediction yet: uniform codes, or the last one made
+JACOBI_STREAM = 1  # the speculative draws of an image: SeedSequence((IMAGE_STREAM, seed, image, JACOBI_STREAM))
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,10 @@ class SamplingConfig:
         backend: "fused" or "hf" (see the module docstring).
         cuda_graph: capture the fused decode step in CUDA graphs (CUDA only; ignored elsewhere).
         compile: torch.compile the fused decode step (slow to start; pays on CUDA for long runs).
+        spec_window: draft codes per image verified in each forward (speculative Jacobi decoding, see the module
+            docstring); 0 draws one code per forward. Changes how many forwards run, not the codes' distribution.
+        spec_init: proposal of a draft the model has made no prediction for yet: "uniform" over the codes (the
+            paper's random initialisation) or "repeat" (the latest prediction of that image, its last position's).
     """
 
     cfg_scale: float = field(default=5.0, metadata={"help": "classifier-free guidance scale (1 = off)"})
@@ -67,6 +87,9 @@ class SamplingConfig:
                                                      "choices": BACKENDS})
     cuda_graph: bool = field(default=True, metadata={"help": "CUDA graphs of the decode step (CUDA only)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (pays for many images)"})
+    spec_window: int = field(default=0, metadata={"help": "draft codes verified per forward, speculative Jacobi "
+                                                          "decoding (0 = one code per forward)"})
+    spec_init: str = field(default="uniform", metadata={"help": "proposal of a new draft code", "choices": SPEC_INITS})
 
     def __post_init__(self):
         if not math.isfinite(self.cfg_scale):
@@ -81,6 +104,13 @@ class SamplingConfig:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.spec_window, bool) or not isinstance(self.spec_window, int) or self.spec_window < 0:
+            raise ValueError(f"spec_window must be a non-negative integer (0 = off), got {self.spec_window!r}")
+        if self.spec_init not in SPEC_INITS:
+            raise ValueError(f"spec_init must be one of {SPEC_INITS}, got {self.spec_init!r}")
+        if self.spec_window and self.compile:
+            raise ValueError("compile applies to the one-code decode step; speculative decoding (spec_window > 0) "
+                             "runs its windows eagerly: drop one of them")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict of every field (write it next to the samples)."""
@@ -201,11 +231,20 @@ def image_uniforms(seed: int, image_ids: Sequence[int], steps: int) -> np.ndarra
     """
     out = np.empty((len(image_ids), steps), dtype=np.float64)
     for row, image in enumerate(image_ids):
-        if int(image) < 0:
-            raise ValueError(f"image ids must be non-negative, got {image}")
-        rng = np.random.default_rng(np.random.SeedSequence((IMAGE_STREAM, seed, int(image))))
-        out[row] = (rng.integers(0, 1 << 32, size=steps, dtype=np.uint64) + 0.5) / float(1 << 32)
+        out[row] = open_uniforms(image_stream(seed, image), steps)
     return out
+
+
+def image_stream(seed: int, image: int, *namespace: int) -> np.random.Generator:
+    """The random stream of one image: SeedSequence((IMAGE_STREAM, seed, image, *namespace))."""
+    if int(image) < 0:
+        raise ValueError(f"image ids must be non-negative, got {image}")
+    return np.random.default_rng(np.random.SeedSequence((IMAGE_STREAM, seed, int(image), *namespace)))
+
+
+def open_uniforms(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n float64 draws in (0, 1): (k + 1/2) / 2^32 for 32-bit integers k, never 0 or 1."""
+    return (rng.integers(0, 1 << 32, size=n, dtype=np.uint64) + 0.5) / float(1 << 32)
 
 
 def sample_codes(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tensor | None) -> torch.Tensor:
@@ -214,14 +253,58 @@ def sample_codes(logits: torch.Tensor, cfg: SamplingConfig, uniforms: torch.Tens
     that never synchronises with the device); argmax when temperature == 0."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
+    return inverse_cdf(target_probs(logits, cfg), uniforms)
+
+
+def target_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution a code is drawn from, (..., K) float32: temperature, then top-k, then top-p, then softmax;
+    at temperature 0 the argmax's one-hot (what greedy draws)."""
+    if cfg.temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / cfg.temperature
     if cfg.top_k:
         logits = logits.masked_fill(~top_k_mask(logits, cfg.top_k), float("-inf"))
     if cfg.top_p < 1:
         logits = logits.masked_fill(~top_p_mask(logits, cfg.top_p), float("-inf"))
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (R, K); a code of probability 0 is never chosen
-    target = uniforms[:, None] * cdf[:, -1:]  # (R, 1), strictly below the total (u <= 1 - 2^-33)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+    return logits.softmax(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row of (unnormalised) probabilities (..., K): the inverse of the CDF at the row's uniform in
+    (0, 1), `uniforms` (...) float64; exactly a categorical draw, and one that never synchronises with the device. A
+    code of probability 0 is never chosen."""
+    cdf = probs.double().cumsum(-1)
+    target = uniforms[..., None] * cdf[..., -1:]  # strictly below the total (u <= 1 - 2^-33)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, lengths: torch.Tensor, accept_u: torch.Tensor,
+           draw_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule over each image's window of drafts: draft j (drawn from q[:, j]) is accepted
+    when u_j q_j(d_j) < p_j(d_j), in order, until the first rejection; the code after the accepted ones is drawn from
+    the residual max(0, p - q) at the rejected position, or from p after a fully accepted window (q taken as 0 there).
+
+    Args:
+        p: (B, W + 1, K) target distributions of the window's positions and the one after it.
+        q, drafts: (B, W, K) proposal distributions and (B, W) the drafts drawn from them.
+        lengths: (B,) drafts that count per image (the rest lie past the image's last code).
+        accept_u, draw_u: (B, W) and (B,) uniforms in (0, 1).
+
+    Returns:
+        (taken, drawn): (B,) drafts accepted and the code drawn after them.
+    """
+    size = p.shape[-1]
+    window = drafts.shape[1]
+    ratio_ok = accept_u * q.gather(-1, drafts[..., None]).squeeze(-1) < p[:, :window].gather(
+        -1, drafts[..., None]).squeeze(-1)
+    counted = torch.arange(window, device=drafts.device)[None] < lengths[:, None]
+    taken = (ratio_ok & counted).long().cumprod(1).sum(1)  # (B,)
+    at = taken[:, None, None].expand(-1, 1, size)
+    rejected_q = q.gather(1, at.clamp(max=window - 1)).squeeze(1) * (taken < lengths)[:, None]
+    target = p.gather(1, at).squeeze(1)
+    residual = (target - rejected_q).clamp_min(0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, target)
+    return taken, inverse_cdf(residual, draw_u)
 
 
 class CodeRangeLogitsProcessor(LogitsProcessor):
@@ -268,6 +351,7 @@ class CodeSampler:
         self.caches: dict[tuple[int, int], KVCache] = {}
         self._compiled: Callable | None = None
         self._graphs_failed = False  # after one failed capture, decode without graphs
+        self.forwards = 0  # model forwards (prefill included) of the last `generate`
 
     @property
     def device(self) -> torch.device:
@@ -299,6 +383,8 @@ class CodeSampler:
         if len(image_ids) != batch:
             raise ValueError(f"image_ids has {len(image_ids)} entries for {batch} prompts")
         guided = batch < len(rows)
+        if cfg.spec_window:
+            return self._jacobi(rows, batch, num_tokens, cfg, image_ids, return_logits)
         uniforms = torch.from_numpy(image_uniforms(cfg.seed, image_ids, num_tokens)).to(self.device)  # (B, N)
         start = self._fused_session if cfg.backend == "fused" else self._hf_session
         logits, step = start(rows, num_tokens, cfg)
@@ -314,6 +400,7 @@ class CodeSampler:
             codes[:, t] = drawn
             if t + 1 < num_tokens:
                 logits = step(drawn + self.vocab.code_offset)  # the unconditional rows continue with the same code
+        self.forwards = num_tokens
         return (codes, torch.stack(trace, 1)) if return_logits else codes
 
     def _rows(self, prompts, num_tokens, cfg, uncond) -> list[list[int]]:
@@ -345,12 +432,15 @@ class CodeSampler:
 
     # ----- fused backend -------------------------------------------------------------------------------------
 
-    def _fused_session(self, rows, num_tokens, cfg):
+    def _refreshed_decoder(self) -> FusedDecoder:
         if self.decoder is None or self.decoder.replaced():
             self.decoder, self._compiled = FusedDecoder(self.model, self.vocab), None
             self.caches.clear()
-        dec = self.decoder
-        dec.refresh()
+        self.decoder.refresh()
+        return self.decoder
+
+    def _fused_session(self, rows, num_tokens, cfg):
+        dec = self._refreshed_decoder()
         ids, starts = left_pad(rows, self.vocab.pad_id, self.device)  # (R, P), (R,)
         n_rows, width = ids.shape
         length = round_up(width + num_tokens, CACHE_ALIGN)
@@ -407,6 +497,127 @@ class CodeSampler:
             self.caches[key] = KVCache(len(dec.layers), n_rows, dec.kv_heads, length, dec.head_dim,
                                        dec.param.dtype, self.device)
         return self.caches[key]
+
+    # ----- speculative Jacobi decoding -------------------------------------------------------------------------
+
+    def _jacobi(self, rows, batch, num_tokens, cfg, image_ids, return_logits):
+        """`generate` with spec_window > 0 (see the module docstring)."""
+        device, window, size, offset = self.device, cfg.spec_window, self.vocab.codebook_size, self.vocab.code_offset
+        opened = self._fused_windows if cfg.backend == "fused" else self._hf_windows
+        forward, prompt = opened(rows, num_tokens)
+        streams = [image_stream(cfg.seed, image, JACOBI_STREAM) for image in image_ids]
+        # seq[b, 1 + i]: code i of image b as a vocabulary id after <|image_start|>; column N + 1 takes the writes
+        # of positions past the end
+        seq = torch.full((batch, num_tokens + 2), self.vocab.image_start_id, dtype=torch.long, device=device)
+        trace = torch.zeros(batch, num_tokens + 2, size, device=device) if return_logits else None
+        done = torch.zeros(batch, dtype=torch.long, device=device)  # codes accepted per image
+        uniform = torch.full((size,), 1.0 / size, device=device)
+        proposals = uniform.expand(batch, window, size)  # q of each draft
+        drafts = inverse_cdf(proposals, self._draws(streams, range(batch), window))
+        steps = torch.arange(window + 1, device=device)
+        self.forwards = int(prompt > 0)
+        accepted = [0] * batch
+        while active := [b for b in range(batch) if accepted[b] < num_tokens]:
+            low = min(accepted[b] for b in active)  # the cache holds <|image_start|>'s column onwards from here
+            lengths = (num_tokens - done).clamp(max=window)  # drafts each image verifies
+            fed = done - low + 1 + lengths  # tokens each image feeds: its accepted codes past `low`, then drafts
+            width = int(fed[active].max())
+            index = torch.arange(width, device=device)
+            position = low - 1 + index  # code position each fed column holds (-1: <|image_start|>)
+            from_seq = position[None] < done[:, None]
+            tokens = torch.where(from_seq, seq[:, (position + 1).clamp(max=num_tokens + 1)],
+                                 drafts.gather(1, (position[None] - done[:, None]).clamp(0, window - 1)) + offset)
+            real = index[None] < fed[:, None]
+            tokens = tokens.masked_fill(~real, self.vocab.pad_id)
+            logits = forward(prompt + low, tokens.repeat(len(rows) // batch, 1), real.repeat(len(rows) // batch, 1))
+            self.forwards += 1
+            logits = logits.float()
+            if batch < len(rows):
+                logits = apply_cfg(logits[:batch], logits[batch:], cfg.cfg_scale)  # (B, T, K)
+            target = target_probs(logits, cfg)
+            at = (done - low)[:, None] + steps  # fed column predicting positions done .. done + window
+            p = target.gather(1, at.clamp(max=width - 1)[..., None].expand(-1, -1, size))  # (B, window + 1, K)
+
+            u = self._draws(streams, active, 2 * window + 1)
+            taken, drawn = verify(p, proposals, drafts, lengths, u[:, :window], u[:, window])
+            position = done[:, None] + steps
+            keep = (steps[None] <= taken[:, None]) & (position < num_tokens)
+            column = torch.where(keep, position + 1, num_tokens + 1)
+            values = torch.cat([drafts, drawn[:, None]], 1).scatter(1, taken[:, None], drawn[:, None])
+            seq.scatter_(1, column, values + offset)
+            if trace is not None:
+                trace.scatter_(1, column[..., None].expand(-1, -1, size),
+                               logits.gather(1, at.clamp(max=width - 1)[..., None].expand(-1, -1, size)))
+
+            # the next window: the model's prediction where this forward made one, else the initial proposal
+            new_done = (done + taken + 1).clamp(max=num_tokens)
+            position = new_done[:, None] + steps[:window]
+            predicted = position <= (done + lengths)[:, None]
+            last = target.gather(1, (fed - 1).clamp(max=width - 1)[:, None, None].expand(-1, 1, size))
+            initial = uniform.expand(batch, window, size) if cfg.spec_init == "uniform" else last.expand(-1, window, -1)
+            ahead = target.gather(1, (position - low).clamp(max=width - 1)[..., None].expand(-1, -1, size))
+            proposals = torch.where(predicted[..., None], ahead, initial)
+            drafts = inverse_cdf(proposals, u[:, window + 1 :])
+            done = new_done
+            accepted = done.tolist()
+        codes = seq[:, 1 : num_tokens + 1] - offset
+        return (codes, trace[:, 1 : num_tokens + 1]) if return_logits else codes
+
+    def _draws(self, streams: list[np.random.Generator], images, n: int) -> torch.Tensor:
+        """(B, n) uniforms: n fresh draws from each listed image's stream, zeros for the others."""
+        out = np.zeros((len(streams), n))
+        for b in images:
+            out[b] = open_uniforms(streams[b], n)
+        return torch.from_numpy(out).to(self.device)
+
+    def _fused_windows(self, rows, num_tokens):
+        """(forward, P - 1) for speculative decoding on the fused decoder: the left-padded prompts but their last
+        token (<|image_start|>) prefilled, and forward(column, tokens, real) running (R, T) tokens from cache column
+        `column` on (every earlier column kept; `real` False: a padding token nothing attends to) and returning the
+        code logits after each, (R, T, K)."""
+        dec = self._refreshed_decoder()
+        ids, starts = left_pad(rows, self.vocab.pad_id, self.device)
+        n_rows, width = ids.shape
+        length = round_up(width + num_tokens, CACHE_ALIGN)
+        if dec.ensure_rope(length):
+            self.caches.clear()
+        cache = self._cache(n_rows, length)
+        valid = torch.cat([torch.arange(width, device=self.device)[None] >= starts[:, None],
+                           torch.ones(n_rows, num_tokens, dtype=torch.bool, device=self.device)], 1)
+
+        def forward(column: int, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+            steps = tokens.shape[1]
+            index = torch.arange(steps, device=self.device)
+            window = (index[:, None] >= index[None]) & real[:, None, :] | (index[:, None] == index[None])
+            allowed = torch.cat([valid[:, None, :column].expand(-1, steps, -1), window], -1)  # (R, T, column + T)
+            positions = (column + index[None] - starts[:, None]).clamp_min(0)
+            slot = torch.full((1,), column, dtype=torch.long, device=self.device)
+            return dec.forward(tokens, positions, slot, attention_bias(allowed[:, None], dec.param.dtype), cache,
+                               kv_len=column + steps, every=True)
+
+        if width > 1:
+            forward(0, ids[:, :-1], valid[:, : width - 1])
+        return forward, width - 1
+
+    def _hf_windows(self, rows, num_tokens):
+        """`_fused_windows` on the transformers model and a DynamicCache cut back to `column` before each forward."""
+        ids, starts = left_pad(rows, self.vocab.pad_id, self.device)
+        n_rows, width = ids.shape
+        valid = torch.cat([torch.arange(width, device=self.device)[None] >= starts[:, None],
+                           torch.ones(n_rows, num_tokens, dtype=torch.bool, device=self.device)], 1)
+        cache = DynamicCache(config=self.model.config)
+
+        def forward(column: int, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+            if cache.get_seq_length() > column:
+                cache.crop(column - cache.get_seq_length())  # the number of columns to drop, negated
+            positions = (column + torch.arange(tokens.shape[1], device=self.device)[None] - starts[:, None])
+            out = self.model(input_ids=tokens, attention_mask=torch.cat([valid[:, :column], real], 1).long(),
+                             position_ids=positions.clamp_min(0), cache=cache, use_cache=True)
+            return restrict_to_codes(out.logits, self.vocab)
+
+        if width > 1:
+            forward(0, ids[:, :-1], valid[:, : width - 1])
+        return forward, width - 1
 
     # ----- transformers backend --------------------------------------------------------------------------------
 

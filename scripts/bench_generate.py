@@ -3,6 +3,7 @@ settings, in one run.
 
     python scripts/bench_generate.py --device cpu --compile
     python scripts/bench_generate.py --qwen3-0.6b-shape --device cuda --dtype bfloat16 --compile
+    python scripts/bench_generate.py --generator runs/tiny-ar/export --spec-window 8 --skip-baselines
 
 Methods (batch B prompts, N = grid^2 codes each; temperature and top-k identical and active everywhere, top-k
 applied to the code logits by every method):
@@ -16,6 +17,10 @@ applied to the code logits by every method):
 - unified_cfg: llm.sampler.CodeSampler with CFG on the same language model inside a unified model (llm/unified.py: a
                LLaVA model whose language model holds the codes, drawn through its shared view; tiny VQRAE tower):
                it must draw as fast as the generator-only model (ratio unified_cfg/ours_cfg).
+- ours_cfg_spec (--spec-window W): ours_cfg with speculative Jacobi decoding (W drafts per image per forward, both
+               initialisations); its forwards per batch against ours_cfg's (one per code) and its time ratio. Drafts
+               are accepted only where the model is confident, so a random model accepts almost none: measure it on a
+               trained generator (--generator EXPORT, its own prompt format and sampling settings otherwise as given).
 - plain_loop:  the loop Janus and LlamaGen ship: the transformers model called once per step with its default
                dynamic KV cache, cond / uncond rows batched, image-code logits at the last position only, eager,
                CFG + top-k + multinomial on the code logits.
@@ -39,7 +44,8 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 from transformers.generation import CompileConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper
 
-from llm.sampler import CodeRangeLogitsProcessor, CodeSampler, SamplingConfig, left_pad
+from llm.pipeline import TextToImage
+from llm.sampler import SPEC_INITS, CodeRangeLogitsProcessor, CodeSampler, SamplingConfig, left_pad
 from llm.unified import language_model_view
 from llm.vocab import (
     ImageVocab,
@@ -62,6 +68,9 @@ QWEN3_TEXT_VOCAB, QWEN3_PAD, QWEN3_CODES, QWEN3_TOKENS = 151936, 151643, 16384, 
 def build(args, tokenizer) -> tuple[torch.nn.Module, ImageVocab, int]:
     """The model, its image vocabulary and the number of codes per image."""
     dtype = getattr(torch, args.dtype)
+    if args.generator:
+        t2i = TextToImage.from_pretrained(args.generator, device=args.device, dtype=dtype)
+        return t2i.model.eval(), t2i.vocab, t2i.num_tokens
     if args.qwen3_06b_shape:
         if args.device == "cpu":
             raise SystemExit("--qwen3-0.6b-shape is meant for a GPU (pass --device cuda)")
@@ -184,6 +193,8 @@ def step_bytes(model, vocab: ImageVocab, n_rows: int, prompt_len: int, num_token
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["tiny"], default="tiny")
+    parser.add_argument("--generator", default=None, help="a trained generator export instead of a random model")
+    parser.add_argument("--spec-window", type=int, default=0, help="also time speculative Jacobi decoding, W drafts")
     parser.add_argument("--qwen3-0.6b-shape", dest="qwen3_06b_shape", action="store_true",
                         help="random Qwen3-0.6B-shaped model, 16384 codes, 256 tokens per image (GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -204,6 +215,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
+    if args.generator and args.qwen3_06b_shape:
+        raise SystemExit("--generator and --qwen3-0.6b-shape name two models: pass one")
     tokenizer = shapes_world_tokenizer(Path(tempfile.mkdtemp(prefix="bench-tok-")) / "tok")
     model, vocab, num_tokens = build(args, tokenizer)
     if args.top_k is None:
@@ -211,8 +224,11 @@ def main() -> None:
     if not 0 < args.top_k < vocab.codebook_size:
         raise SystemExit(f"--top-k must be active: between 1 and {vocab.codebook_size - 1}")
     captions = [p["prompt"] for p in geneval_prompts()][: args.batch]
-    prompts = [build_prompt_ids(tokenizer, c) for c in captions]
-    uncond = [unconditional_prompt_ids(tokenizer, p, vocab) for p in prompts]
+    if args.generator:
+        prompts, uncond = TextToImage.from_pretrained(args.generator).prompt_rows(captions)
+    else:
+        prompts = [build_prompt_ids(tokenizer, c) for c in captions]
+        uncond = [unconditional_prompt_ids(tokenizer, p, vocab) for p in prompts]
     base = {"temperature": args.temperature, "top_k": args.top_k, "top_p": 1.0, "seed": 0,
             "cuda_graph": not args.no_cuda_graph}
     cfg_off, cfg_on = SamplingConfig(cfg_scale=1.0, **base), SamplingConfig(cfg_scale=args.cfg_scale, **base)
@@ -222,12 +238,23 @@ def main() -> None:
     all_rows = cond_rows + [image_prefix_ids(p, vocab) for p in uncond]
     gen = torch.Generator(device=device).manual_seed(0)
 
-    unified = CodeSampler(language_model_view(unified_model(model, tokenizer).to(device, model.dtype)), vocab)
-    methods = {
-        "ours": lambda: sampler.generate(prompts, num_tokens, cfg_off),
-        "ours_cfg": lambda: sampler.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
-        "unified_cfg": lambda: unified.generate(prompts, num_tokens, cfg_on, uncond_ids=uncond),
-    }
+    forwards: dict[str, int] = {}
+
+    def ours(name: str, cfg: SamplingConfig, drawer: CodeSampler = sampler, guided: bool = True):
+        def draw() -> torch.Tensor:
+            codes = drawer.generate(prompts, num_tokens, cfg, uncond_ids=uncond if guided else None)
+            forwards[name] = drawer.forwards
+            return codes
+        return draw
+
+    methods = {"ours": ours("ours", cfg_off, guided=False), "ours_cfg": ours("ours_cfg", cfg_on)}
+    if not args.generator:  # the unified model shares the random generator's language model
+        unified = CodeSampler(language_model_view(unified_model(model, tokenizer).to(device, model.dtype)), vocab)
+        methods["unified_cfg"] = ours("unified_cfg", cfg_on, unified)
+    spec = {f"ours_cfg_spec_{init}": dataclasses.replace(cfg_on, spec_window=args.spec_window, spec_init=init)
+            for init in SPEC_INITS} if args.spec_window else {}
+    for name, cfg in spec.items():
+        methods[name] = ours(name, cfg)
     if args.compile:
         methods["ours_compiled"] = lambda: sampler.generate(prompts, num_tokens, compiled_off)
         methods["ours_cfg_compiled"] = lambda: sampler.generate(prompts, num_tokens, compiled_on, uncond_ids=uncond)
@@ -241,7 +268,7 @@ def main() -> None:
           f"dtype {args.dtype}, threads {torch.get_num_threads()}, batch {args.batch}, {num_tokens} tokens/image, "
           f"{vocab.codebook_size} codes, vocab {vocab.embedding_rows}")
     configs = {"cfg_off": cfg_off, "cfg_on": cfg_on, **({"compiled_off": compiled_off, "compiled_on": compiled_on}
-                                                        if args.compile else {})}
+                                                        if args.compile else {}), **spec}
     print("settings:", json.dumps({name: c.to_dict() for name, c in configs.items()}))
     results: dict = {"settings": vars(args), "seconds_per_batch": {}, "images_per_second": {}}
     for name, fn in methods.items():  # first calls: warm-up (CUDA graph capture, compilation) and a validity check
@@ -263,8 +290,14 @@ def main() -> None:
         results["strongest_cfg_off_baseline"] = strongest
         results["ratios"] = {f"{ours}/{base}": ips[ours] / ips[base] for ours, base in pairs if ours in ips}
         print("ratios:", " ".join(f"{k} {v:.2f}x" for k, v in results["ratios"].items()))
-    results.setdefault("ratios", {})["unified_cfg/ours_cfg"] = ips["unified_cfg"] / ips["ours_cfg"]
-    print(f"unified model / generator-only model (CFG): {results['ratios']['unified_cfg/ours_cfg']:.2f}x")
+    if "unified_cfg" in ips:
+        results.setdefault("ratios", {})["unified_cfg/ours_cfg"] = ips["unified_cfg"] / ips["ours_cfg"]
+        print(f"unified model / generator-only model (CFG): {results['ratios']['unified_cfg/ours_cfg']:.2f}x")
+    results["forwards_per_batch"] = forwards
+    for name in spec:
+        results.setdefault("ratios", {})[f"{name}/ours_cfg"] = ips[name] / ips["ours_cfg"]
+        print(f"{name}: {forwards[name]} forwards per batch against {forwards['ours_cfg']} "
+              f"({forwards['ours_cfg'] / forwards[name]:.2f}x fewer), {ips[name] / ips['ours_cfg']:.2f}x the images/s")
     if device.type == "cuda":
         bw = copy_bandwidth(device)
         width = max(len(r) for r in all_rows)

@@ -194,13 +194,16 @@ def tiny_text_to_image(tmp_path) -> TextToImage:
     return TextToImage(model.eval(), tokenizer, vocab, vqrae)
 
 
-def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path):
+@pytest.mark.parametrize("spec_window", [0, 4])
+def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path, spec_window):
+    """One code per forward or speculative Jacobi decoding: a run resumed after lost prompts, or batched otherwise,
+    writes byte-identical images."""
     from eval.geneval_generation import generate, read_prompts
 
     t2i = tiny_text_to_image(tmp_path)
     write_geneval_prompts(tmp_path / "prompts.jsonl")
     prompts = read_prompts(tmp_path / "prompts.jsonl")[::60][:5]
-    sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=100, seed=42)
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=100, seed=42, spec_window=spec_window)
     generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=2, model_name="tiny")
     images = sorted((tmp_path / "a").glob("*/samples/*.png"))
     assert len(images) == 10

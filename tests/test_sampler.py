@@ -2,7 +2,10 @@
 generate on a tiny random Qwen3."""
 
 import argparse
+import copy
 import dataclasses
+import itertools
+import json
 import math
 import re
 import subprocess
@@ -12,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 from transformers import LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -26,11 +30,13 @@ from llm.sampler import (
     apply_cfg,
     generate_codes,
     image_uniforms,
+    inverse_cdf,
     restrict_to_codes,
     sample_codes,
     sampling_from_arguments,
     top_k_mask,
     top_p_mask,
+    verify,
 )
 from llm.vocab import (
     ImageVocab,
@@ -216,7 +222,8 @@ def test_image_streams_are_the_documented_draws():
 def test_sampling_config_validation_and_record():
     cfg = SamplingConfig(cfg_scale=7.5, temperature=0.9, top_k=1000, top_p=0.95, seed=3)
     record = cfg.to_dict()
-    assert set(record) == {"cfg_scale", "temperature", "top_k", "top_p", "seed", "backend", "cuda_graph", "compile"}
+    assert set(record) == {"cfg_scale", "temperature", "top_k", "top_p", "seed", "backend", "cuda_graph", "compile",
+                           "spec_window", "spec_init"}
     assert SamplingConfig(**record) == cfg
     with pytest.raises(dataclasses.FrozenInstanceError):  # a config recorded with outputs cannot change afterwards
         cfg.seed = 4
@@ -226,11 +233,13 @@ def test_sampling_config_validation_and_record():
     assert (janus.cfg_scale, janus.temperature, janus.top_k, janus.top_p) == (5.0, 1.0, 0, 1.0)
     assert (PRESETS["greedy"].cfg_scale, PRESETS["greedy"].temperature) == (1.0, 0.0)
     assert SamplingConfig().to_dict() == {"cfg_scale": 5.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "seed": 0,
-                                          "backend": "fused", "cuda_graph": True, "compile": False}  # Janus's
+                                          "backend": "fused", "cuda_graph": True, "compile": False,
+                                          "spec_window": 0, "spec_init": "uniform"}  # Janus's
     for bad in ({"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": -0.5}, {"top_p": 1.5},
                 {"backend": "vllm"}, {"cfg_scale": float("nan")}, {"temperature": float("nan")},
                 {"temperature": float("inf")}, {"top_k": 2.0}, {"top_k": True}, {"top_p": float("nan")},
-                {"seed": -1}, {"seed": 1.5}):
+                {"seed": -1}, {"seed": 1.5}, {"spec_window": -1}, {"spec_window": 2.0}, {"spec_window": True},
+                {"spec_init": "zeros"}, {"spec_window": 4, "compile": True}):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 
@@ -483,12 +492,14 @@ def test_chat_template_and_empty_unconditional(setup):
 
 
 @pytest.mark.parametrize("backend", ["fused", "hf"])
-def test_sampled_codes_do_not_depend_on_the_batch(setup, backend):
-    """temperature > 0, top-k, top-p and CFG: a prompt's codes are those of its own (seed, image id) stream, whether
-    it is sampled alone, first, last, or beside other prompts."""
+@pytest.mark.parametrize("spec_window", [0, 3])
+def test_sampled_codes_do_not_depend_on_the_batch(setup, backend, spec_window):
+    """temperature > 0, top-k, top-p and CFG, one code per forward or speculative: a prompt's codes are those of its
+    own (seed, image id) stream, whether it is sampled alone, first, last, or beside other prompts."""
     _, model, vocab, prompts, uncond = setup
     sampler = CodeSampler(model, vocab)
-    cfg = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=64, top_p=0.95, seed=11, backend=backend)
+    cfg = SamplingConfig(cfg_scale=2.5, temperature=1.0, top_k=64, top_p=0.95, seed=11, backend=backend,
+                         spec_window=spec_window)
     ids = [40, 41, 42, 43]
     batched = sampler.generate(prompts, N, cfg, uncond_ids=uncond, image_ids=ids)
     for i in range(len(prompts)):
@@ -500,6 +511,140 @@ def test_sampled_codes_do_not_depend_on_the_batch(setup, backend):
     assert torch.equal(shuffled, batched[order])
     twice = sampler.generate([prompts[0]] * 2, N, cfg, uncond_ids=[uncond[0]] * 2, image_ids=[40, 99])
     assert torch.equal(twice[0], batched[0]) and not torch.equal(twice[1], twice[0])  # another stream
+
+
+# ----------------------------------------------------------------------------------------------- speculative Jacobi
+
+
+def test_verify_accepts_by_the_ratio_and_draws_the_residual():
+    """Hand-made windows: a draft with p >= q is always accepted; one with p = 0 is rejected and the code comes from
+    max(0, p - q); a fully accepted window draws the next code from p; drafts past `lengths` never count."""
+    p = torch.tensor([[[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (1, 3, 3): two drafts and the next
+    q = torch.tensor([[[0.25, 0.25, 0.5], [0.5, 0.5, 0.0]]])
+    draw = torch.tensor([0.999], dtype=torch.float64)
+    taken, drawn = verify(p, q, torch.tensor([[0, 1]]), torch.tensor([2]), torch.tensor([[0.999, 0.999]]), draw)
+    assert (taken.item(), drawn.item()) == (2, 2)  # p/q = 2 and 2: both accepted; the next code from p[2]
+    taken, drawn = verify(p, q, torch.tensor([[2, 1]]), torch.tensor([2]), torch.tensor([[1e-9, 0.5]]), draw)
+    assert taken.item() == 0 and drawn.item() == 1  # p(2) = 0: rejected; residual (0.25, 0.25, 0) -> code 1 at u ~ 1
+    taken, drawn = verify(p, q, torch.tensor([[0, 0]]), torch.tensor([2]), torch.tensor([[0.5, 0.5]]), draw)
+    assert (taken.item(), drawn.item()) == (1, 1)  # second draft p(0) = 0 under p[1]: residual = p[1] - q[1]+ = e1
+    taken, drawn = verify(p, q, torch.tensor([[0, 0]]), torch.tensor([1]), torch.tensor([[0.5, 0.5]]), draw)
+    assert (taken.item(), drawn.item()) == (1, 1)  # one draft counts: accepted, then a draw from p[1] itself
+    ratio = torch.tensor([[0.4, 0.6]])  # a draft of p 0.2 under q 0.5 is accepted iff u < 0.4
+    p2, q2 = torch.tensor([[[0.2, 0.8], [0.5, 0.5]]]), torch.tensor([[[0.5, 0.5]]])
+    for u, accepted in ((ratio[0, 0] - 1e-6, 1), (ratio[0, 0] + 1e-6, 0)):
+        taken, drawn = verify(p2, q2, torch.tensor([[0]]), torch.tensor([1]), u.view(1, 1), draw)
+        assert taken.item() == accepted
+    assert drawn.item() == 1  # rejected: residual (0, 0.3) -> code 1
+
+
+@pytest.mark.parametrize("backend", ["fused", "hf"])
+def test_speculative_greedy_is_the_one_code_path(setup, backend):
+    """Temperature 0, with and without CFG, any window and initialisation: exactly the one-code sampler's codes, and
+    the guided logits of every position those of the one-code path."""
+    _, model, vocab, prompts, uncond = setup
+    sampler = CodeSampler(model, vocab)
+    for scale in (1.0, 3.0):
+        base = SamplingConfig(cfg_scale=scale, temperature=0.0, backend=backend)
+        codes, logits = sampler.generate(prompts, N, base, uncond, return_logits=True)
+        for window, init in ((1, "uniform"), (4, "repeat"), (N + 5, "uniform")):
+            spec = dataclasses.replace(base, spec_window=window, spec_init=init)
+            spec_codes, spec_logits = sampler.generate(prompts, N, spec, uncond, return_logits=True)
+            assert torch.equal(spec_codes, codes), (scale, window, init)
+            assert torch.allclose(spec_logits, logits, atol=1e-5 * logits.abs().max().item())
+
+
+def test_speculative_window_accepts_whole_windows_of_a_certain_model(setup):
+    """A model whose every code logit is equal (greedy: always code 0) accepts a whole window and one more code per
+    forward once its drafts come from its own predictions: with spec_init "repeat", 1 prefill + 1 + ceil((N - 1) /
+    (window + 1)) forwards (the first forward rejects the uniform drafts unless they are 0 and predicts every window
+    position; later windows start past every prediction and repeat the last). Uniform drafts there are rejected."""
+    _, model, vocab, prompts, _ = setup
+    flat = copy.deepcopy(model)  # untied: zeroing the head leaves the embeddings
+    with torch.no_grad():
+        flat.get_output_embeddings().weight[vocab.code_offset : vocab.code_end] = 0.0
+    sampler = CodeSampler(flat, vocab)
+    for window in (1, 3, 7):
+        codes = sampler.generate(prompts, N, greedy(spec_window=window, spec_init="repeat"))
+        assert (codes == 0).all()
+        assert sampler.forwards == 2 + math.ceil((N - 1) / (window + 1)), window
+        assert (sampler.generate(prompts, N, greedy(spec_window=window)) == 0).all()
+        assert 2 + math.ceil((N - 1) / (window + 1)) < sampler.forwards <= 1 + N
+    sampler.generate(prompts, N, greedy())
+    assert sampler.forwards == N
+
+
+def _exact_code_distribution(model, vocab, prompt, uncond, num_tokens, scale) -> dict[tuple, float]:
+    """P(codes) of every code sequence by transformers forwards without a cache (no sampler code): at each prefix
+    softmax(u + s (c - u)) of the last position's code logits, multiplied along the sequence."""
+    out = {}
+    with torch.no_grad():
+        for codes in itertools.product(range(vocab.codebook_size), repeat=num_tokens):
+            prob = 1.0
+            for t in range(num_tokens):
+                heads = []
+                for p in (prompt, uncond):
+                    ids = image_prefix_ids(p, vocab) + [vocab.code_offset + c for c in codes[:t]]
+                    heads.append(model(input_ids=torch.tensor([ids])).logits[0, -1, vocab.code_offset:
+                                                                             vocab.code_end].double())
+                prob *= float((heads[1] + scale * (heads[0] - heads[1])).softmax(-1)[codes[t]])
+            out[codes] = prob
+    return out
+
+
+def _chi_square_p(sampler, prompt, uncond, cfg, exact, images=8000, batch=500) -> float:
+    """p-value of the sampled code sequences of `images` images (ids 0 ..) against `exact`; cells expected fewer
+    than 5 times pooled."""
+    counts = dict.fromkeys(exact, 0)
+    for first in range(0, images, batch):
+        codes = sampler.generate([prompt] * batch, len(next(iter(exact))), cfg, [uncond] * batch,
+                                 image_ids=range(first, first + batch))
+        for row in codes.tolist():
+            counts[tuple(row)] += 1
+    expected = np.array([exact[c] for c in exact]) * images
+    observed = np.array([counts[c] for c in exact], dtype=float)
+    small = expected < 5
+    expected = np.append(expected[~small], expected[small].sum())
+    observed = np.append(observed[~small], observed[small].sum())
+    return float(chisquare(observed, expected * observed.sum() / expected.sum()).pvalue)
+
+
+def test_speculative_sampling_keeps_the_distribution(tmp_path, monkeypatch):
+    """At temperature 1 with CFG, the speculative sampler's code sequences (3 codes of 4) follow the exact
+    distribution computed from full forwards, as the one-code sampler's do (chi-square over the whole joint: every
+    marginal and pair); a mutant that accepts every draft, and one that redraws a rejected code from p instead of the
+    residual, fail the same test."""
+    tok = shapes_world_tokenizer(tmp_path / "tok")
+    model = build_tiny_qwen3(tok, tie_word_embeddings=False)
+    vocab = expand_vocabulary(model, tok, codebook_size=4)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # distributions neither flat nor certain: the likeliest sequence has p 0.18
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    prompt = build_prompt_ids(tok, CAPTIONS[0])
+    uncond = unconditional_prompt_ids(tok, prompt, vocab)
+    exact = _exact_code_distribution(model, vocab, prompt, uncond, 3, 2.0)
+    assert 0.1 < max(exact.values()) < 0.3
+    sampler = CodeSampler(model, vocab)
+    base = SamplingConfig(cfg_scale=2.0, temperature=1.0, seed=3)
+    assert _chi_square_p(sampler, prompt, uncond, base, exact) > 1e-3
+    for window, init in ((2, "uniform"), (1, "repeat")):
+        spec = dataclasses.replace(base, spec_window=window, spec_init=init)
+        assert _chi_square_p(sampler, prompt, uncond, spec, exact) > 1e-3, (window, init)
+    import llm.sampler
+
+    rule = llm.sampler.verify
+    spec = dataclasses.replace(base, spec_window=2)
+    monkeypatch.setattr(llm.sampler, "verify", lambda p, q, d, n, u, w: rule(p, q, d, n, torch.zeros_like(u), w))
+    assert _chi_square_p(sampler, prompt, uncond, spec, exact) < 1e-6  # every draft accepted
+
+    def redraw_from_p(p, q, drafts, lengths, u, w):
+        taken, _ = rule(p, q, drafts, lengths, u, w)
+        return taken, inverse_cdf(p[torch.arange(len(p)), taken], w)
+
+    monkeypatch.setattr(llm.sampler, "verify", redraw_from_p)
+    assert _chi_square_p(sampler, prompt, uncond, spec, exact) < 1e-6
 
 
 def test_sampler_follows_writes_through_param_data(setup):
@@ -652,7 +797,12 @@ def test_cuda_graph_matches_eager_and_generate(setup):
 def test_bench_script_runs(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_generate.py"), "--device", "cpu",
-                           "--batch", "2", "--repeats", "1", "--json", str(out)],
+                           "--batch", "2", "--repeats", "1", "--spec-window", "3", "--json", str(out)],
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ratios:" in proc.stdout and "unified model / generator-only model" in proc.stdout and out.is_file()
+    results = json.loads(out.read_text())
+    assert results["forwards_per_batch"]["ours_cfg"] == 64  # one per code of the tiny model's 8 x 8 grid
+    for init in ("uniform", "repeat"):
+        assert 1 < results["forwards_per_batch"][f"ours_cfg_spec_{init}"] <= 65  # the prefill, then <= one per code
+        assert f"ours_cfg_spec_{init}/ours_cfg" in results["ratios"]
