@@ -10,6 +10,7 @@ recorded in OUT/generation.json, is refused, not mixed). Image k of prompt i dra
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,10 +46,11 @@ def prompt_done(folder: Path, n: int) -> bool:
 
 
 def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
-             model_name: str) -> None:
+             model_name: str) -> dict[str, float]:
     """Write n images per prompt of `t2i` (an llm.pipeline.TextToImage) in GenEval's layout, skipping finished
     prompts; image k of prompt i is sampled from stream i * n + k. A folder started with other settings is refused
-    rather than mixed."""
+    rather than mixed. Returns what this call drew: images, batches, forwards (the model forwards of all batches, each
+    batch's images drawn together) and seconds (in `t2i.generate`, decoding included)."""
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": model_name, "images_per_prompt": n, "sampling": sampling.to_dict(),
               "image_streams": "image k of prompt i: (seed, i * images_per_prompt + k)",
@@ -57,10 +59,16 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
     if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
         (out / SETTINGS_FILE).unlink(missing_ok=True)
     ensure_settings(out / SETTINGS_FILE, record)
+    stats = {"images": 0, "batches": 0, "forwards": 0, "seconds": 0.0}
     for start in tqdm(range(0, len(todo), prompts_per_batch), desc="generate", unit="batch"):
         batch = todo[start : start + prompts_per_batch]
         texts = [prompts[i]["prompt"] for i in batch for _ in range(n)]
+        began = time.perf_counter()
         images, _ = t2i.generate(texts, sampling, image_ids=[i * n + k for i in batch for k in range(n)])
+        stats["seconds"] += time.perf_counter() - began
+        stats["images"] += len(texts)
+        stats["batches"] += 1
+        stats["forwards"] += t2i.sampler.forwards
         for b, i in enumerate(batch):
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
@@ -69,3 +77,4 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
                     to_pil(images[b * n + k].float().cpu()).save(f, format="PNG")
             with atomic_write(folder / "metadata.jsonl") as f:
                 f.write(json.dumps(prompts[i]) + "\n")
+    return stats

@@ -336,6 +336,26 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
 # Summary
 
 
+def overall_standard_error(results: Sequence[Mapping[str, Any]]) -> float:
+    """Standard error of `summarize`'s overall score, the images of one prompt taken as one draw (they share the
+    prompt, so they are not independent): per task, the standard deviation of its prompts' mean correctness over the
+    square root of their number (0 for a task of one prompt); overall, the root sum of their squares over the number
+    of tasks."""
+    if not results:
+        raise ValueError("cannot summarise an empty GenEval result list")
+    per_prompt: dict[str, dict[str, list[bool]]] = {}
+    for r in results:
+        key = r["metadata"] if isinstance(r["metadata"], str) else json.dumps(r["metadata"])
+        per_prompt.setdefault(r["tag"], {}).setdefault(key, []).append(bool(r["correct"]))
+    variance = 0.0
+    for prompts in per_prompt.values():
+        means = [sum(c) / len(c) for c in prompts.values()]
+        if len(means) > 1:
+            mean = sum(means) / len(means)
+            variance += sum((m - mean) ** 2 for m in means) / (len(means) - 1) / len(means)
+    return variance**0.5 / len(per_prompt)
+
+
 def summarize(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """GenEval's summary: per-task accuracy over images, overall = mean of the task scores.
 

@@ -80,8 +80,8 @@ run() {  # NAME or NAME:SECONDS
         trainers) section trainers ${limit:-150} bash -c "$(declare -f trainers); trainers" ;;
         understanding) section understanding ${limit:-150} bash -c "$(declare -f understanding); understanding" ;;
         quantizer) section quantizer ${limit:-40} "$PY" scripts/bench_quantizer.py --device cuda ;;
-        generate) section generate ${limit:-300} "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
-            --dtype bfloat16 --repeats 3 --json "$OUT/generate.json" ;;
+        generate) section generate ${limit:-360} "$PY" scripts/bench_generate.py --qwen3-0.6b-shape --device cuda \
+            --dtype bfloat16 --repeats 3 --spec-window 16 --json "$OUT/generate.json" ;;
         generate_compile) section generate_compile ${limit:-360} "$PY" scripts/bench_generate.py --qwen3-0.6b-shape \
             --device cuda --dtype bfloat16 --compile --repeats 3 --json "$OUT/generate_compile.json" ;;
         tokenizer) section tokenizer ${limit:-120} "$PY" scripts/bench_tokenizer.py --preset siglip2-so400m-p16-256 \

@@ -204,7 +204,12 @@ def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path, spec
     write_geneval_prompts(tmp_path / "prompts.jsonl")
     prompts = read_prompts(tmp_path / "prompts.jsonl")[::60][:5]
     sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=100, seed=42, spec_window=spec_window)
-    generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=2, model_name="tiny")
+    stats = generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=2, model_name="tiny")
+    assert (stats["images"], stats["batches"]) == (10, 3)  # 5 prompts x 2 images in batches of 2 prompts
+    if spec_window:  # the prefill, then at most one forward per code of the batch's slowest image
+        assert 3 < stats["forwards"] <= 3 * (1 + t2i.num_tokens)
+    else:
+        assert stats["forwards"] == 3 * t2i.num_tokens
     images = sorted((tmp_path / "a").glob("*/samples/*.png"))
     assert len(images) == 10
     reference = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in images}
@@ -213,7 +218,7 @@ def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path, spec
         for p in (tmp_path / "a" / killed).rglob("*"):
             if p.is_file():
                 p.unlink()
-    generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=3, model_name="tiny")
+    assert generate(t2i, prompts, tmp_path / "a", 2, sampling, prompts_per_batch=3, model_name="tiny")["images"] == 6
     generate(t2i, prompts, tmp_path / "b", 2, sampling, prompts_per_batch=5, model_name="tiny")
     for folder in ("a", "b"):
         assert {p.relative_to(tmp_path / folder): p.read_bytes()

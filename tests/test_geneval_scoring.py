@@ -17,6 +17,7 @@ from eval.geneval_scoring import (
     filter_detections,
     format_summary,
     load_results,
+    overall_standard_error,
     relative_offset,
     relative_position,
     score_image,
@@ -505,3 +506,23 @@ def test_evaluate_folder_errors(tmp_path: Path):
     (tmp_path / "00000" / "metadata.jsonl").write_text(json.dumps({"tag": "x", "include": []}))
     with pytest.raises(FileNotFoundError, match="no GenEval images"):
         evaluate_folder(tmp_path, BrightnessDetector(), progress=False)
+
+
+def test_overall_standard_error_takes_prompts_as_the_unit():
+    """Against numpy: per task the sample standard deviation of prompt means over sqrt(prompts), combined as the
+    root sum of squares over the number of tasks; images of one prompt are averaged first, a task of one prompt adds
+    nothing, and a score equal for every prompt has no error."""
+    correct = {("counting", "a"): [1, 1, 0, 0], ("counting", "b"): [1, 1, 1, 1], ("counting", "c"): [0, 0, 0, 1],
+               ("colors", "d"): [1, 0, 1, 0], ("colors", "e"): [0, 0, 0, 0], ("position", "f"): [1, 1, 0, 1]}
+    results = [{"tag": tag, "metadata": {"prompt": prompt}, "correct": bool(c)}
+               for (tag, prompt), values in correct.items() for c in values]
+    expected = 0.0
+    for tag in ("counting", "colors"):
+        means = np.array([np.mean(v) for (t, _), v in correct.items() if t == tag])
+        expected += means.var(ddof=1) / len(means)
+    assert overall_standard_error(results) == pytest.approx(np.sqrt(expected) / 3)
+    assert summarize(results)["overall"] == pytest.approx((np.mean([0.5, 1, 0.25]) + np.mean([0.5, 0]) + 0.75) / 3)
+    same = [{"tag": "colors", "metadata": f"p{i}", "correct": c} for i in range(5) for c in (True, False)]
+    assert overall_standard_error(same) == 0.0
+    with pytest.raises(ValueError, match="empty"):
+        overall_standard_error([])
