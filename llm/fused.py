@@ -150,7 +150,7 @@ class FusedDecoder:
 
         Args:
             ids, positions: (R, T); written to cache columns slot .. slot + T - 1.
-            slot: (1,) long tensor, the first cache column written.
+            slot: (1,) long tensor, the first cache column written; or (R, T), each token's own column.
             bias: (R, 1, T, >= kv_len) additive attention bias in the model dtype: 0 attend, -inf not.
             cache: the KV cache.
             kv_len: number of cache columns attended (static under CUDA graphs / compile).
@@ -161,7 +161,9 @@ class FusedDecoder:
         groups = heads // kv_heads
         cos = self.cos.index_select(0, positions.flatten()).view(rows, steps, 1, d)
         sin = self.sin.index_select(0, positions.flatten()).view(rows, steps, 1, d)
-        columns = slot if steps == 1 else slot + torch.arange(steps, device=ids.device)  # (T,)
+        per_row = slot.dim() == 2
+        columns = slot if steps == 1 or per_row else slot + torch.arange(steps, device=ids.device)  # (T,) / (R, T)
+        row = torch.arange(rows, device=ids.device)[:, None]
         # the query heads of one kv head are folded into the query axis: (R, Hkv, G*T, d) against (R, Hkv, S, d)
         bias = bias[..., :kv_len]
         if steps > 1:  # (R, 1, G*T, S); with one step (R, 1, 1, S) broadcasts over the G queries
@@ -176,8 +178,12 @@ class FusedDecoder:
             if self.qk_norm:
                 qk = F.rms_norm(qk, (d,), None, self.eps) * w["qk_norm"]
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)  # RoPE, (R, T, H + Hkv, d)
-            cache.keys[i].index_copy_(2, columns, qk[:, :, heads:].transpose(1, 2))
-            cache.values[i].index_copy_(2, columns, v.transpose(1, 2))
+            if per_row:  # keys[i][row, :, columns] is (R, T, Hkv, d), the layout of qk and v
+                cache.keys[i][row, :, columns] = qk[:, :, heads:]
+                cache.values[i][row, :, columns] = v
+            else:
+                cache.keys[i].index_copy_(2, columns, qk[:, :, heads:].transpose(1, 2))
+                cache.values[i].index_copy_(2, columns, v.transpose(1, 2))
             q = qk[:, :, :heads].reshape(rows, steps, kv_heads, groups, d).permute(0, 2, 3, 1, 4)
             q = q.reshape(rows, kv_heads, groups * steps, d)
             k_all, v_all = cache.keys[i][:, :, :kv_len], cache.values[i][:, :, :kv_len]

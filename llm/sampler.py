@@ -23,8 +23,8 @@ redrawn from the residual max(0, p - q) (after a fully accepted window, one more
 therefore distributed exactly as the one-code sampler's; temperature 0 makes p and q one-hot and gives the one-code
 path's codes. The draws come from each image's own stream (seed, image id), a fixed number per iteration of that
 image, so an image's codes do not depend on its batch. The cache keeps the columns every image has accepted; each
-forward re-reads from there (an image ahead of the slowest re-feeds its extra accepted codes), eagerly (no CUDA
-graphs: the window's width changes per forward).
+forward runs each image's window at that image's own cache columns (the fused backend; the transformers backend, whose
+cache has one length, re-feeds from the slowest image's codes), eagerly (no CUDA graphs).
 
     sampler = CodeSampler(model, vocab)
     codes = sampler.generate([prompt_ids], num_tokens=64, cfg=SamplingConfig(cfg_scale=5.0), uncond_ids=[uncond])
@@ -504,7 +504,7 @@ class CodeSampler:
         """`generate` with spec_window > 0 (see the module docstring)."""
         device, window, size, offset = self.device, cfg.spec_window, self.vocab.codebook_size, self.vocab.code_offset
         opened = self._fused_windows if cfg.backend == "fused" else self._hf_windows
-        forward, prompt = opened(rows, num_tokens)
+        forward, prefilled = opened(rows, num_tokens, window)
         streams = [image_stream(cfg.seed, image, JACOBI_STREAM) for image in image_ids]
         # seq[b, 1 + i]: code i of image b as a vocabulary id after <|image_start|>; column N + 1 takes the writes
         # of positions past the end
@@ -515,28 +515,21 @@ class CodeSampler:
         proposals = uniform.expand(batch, window, size)  # q of each draft
         drafts = inverse_cdf(proposals, self._draws(streams, range(batch), window))
         steps = torch.arange(window + 1, device=device)
-        self.forwards = int(prompt > 0)
+        self.forwards = int(prefilled)
         accepted = [0] * batch
         while active := [b for b in range(batch) if accepted[b] < num_tokens]:
-            low = min(accepted[b] for b in active)  # the cache holds <|image_start|>'s column onwards from here
             lengths = (num_tokens - done).clamp(max=window)  # drafts each image verifies
-            fed = done - low + 1 + lengths  # tokens each image feeds: its accepted codes past `low`, then drafts
-            width = int(fed[active].max())
-            index = torch.arange(width, device=device)
-            position = low - 1 + index  # code position each fed column holds (-1: <|image_start|>)
-            from_seq = position[None] < done[:, None]
-            tokens = torch.where(from_seq, seq[:, (position + 1).clamp(max=num_tokens + 1)],
-                                 drafts.gather(1, (position[None] - done[:, None]).clamp(0, window - 1)) + offset)
-            real = index[None] < fed[:, None]
+            # each image's window: its last code (or <|image_start|>), then its drafts; column j predicts code done + j
+            tokens = torch.cat([seq.gather(1, done[:, None]), drafts + offset], 1)
+            real = steps[None] <= lengths[:, None]
             tokens = tokens.masked_fill(~real, self.vocab.pad_id)
-            logits = forward(prompt + low, tokens.repeat(len(rows) // batch, 1), real.repeat(len(rows) // batch, 1))
+            groups = len(rows) // batch
+            logits = forward(done.repeat(groups), tokens.repeat(groups, 1), real.repeat(groups, 1), seq, active)
             self.forwards += 1
             logits = logits.float()
-            if batch < len(rows):
-                logits = apply_cfg(logits[:batch], logits[batch:], cfg.cfg_scale)  # (B, T, K)
-            target = target_probs(logits, cfg)
-            at = (done - low)[:, None] + steps  # fed column predicting positions done .. done + window
-            p = target.gather(1, at.clamp(max=width - 1)[..., None].expand(-1, -1, size))  # (B, window + 1, K)
+            if groups > 1:
+                logits = apply_cfg(logits[:batch], logits[batch:], cfg.cfg_scale)  # (B, window + 1, K)
+            p = target_probs(logits, cfg)
 
             u = self._draws(streams, active, 2 * window + 1)
             taken, drawn = verify(p, proposals, drafts, lengths, u[:, :window], u[:, window])
@@ -546,17 +539,17 @@ class CodeSampler:
             values = torch.cat([drafts, drawn[:, None]], 1).scatter(1, taken[:, None], drawn[:, None])
             seq.scatter_(1, column, values + offset)
             if trace is not None:
-                trace.scatter_(1, column[..., None].expand(-1, -1, size),
-                               logits.gather(1, at.clamp(max=width - 1)[..., None].expand(-1, -1, size)))
+                trace.scatter_(1, column[..., None].expand(-1, -1, size), logits)
 
             # the next window: the model's prediction where this forward made one, else the initial proposal
             new_done = (done + taken + 1).clamp(max=num_tokens)
-            position = new_done[:, None] + steps[:window]
-            predicted = position <= (done + lengths)[:, None]
-            last = target.gather(1, (fed - 1).clamp(max=width - 1)[:, None, None].expand(-1, 1, size))
-            initial = uniform.expand(batch, window, size) if cfg.spec_init == "uniform" else last.expand(-1, window, -1)
-            ahead = target.gather(1, (position - low).clamp(max=width - 1)[..., None].expand(-1, -1, size))
-            proposals = torch.where(predicted[..., None], ahead, initial)
+            ahead = new_done[:, None] - done[:, None] + steps[:window]  # window column predicting each new draft
+            if cfg.spec_init == "uniform":
+                initial = uniform.expand(batch, window, size)
+            else:  # the prediction past the last draft
+                initial = p.gather(1, lengths[:, None, None].expand(-1, 1, size)).expand(-1, window, -1)
+            predicted = p.gather(1, ahead.clamp(max=window)[..., None].expand(-1, -1, size))
+            proposals = torch.where((ahead <= lengths[:, None])[..., None], predicted, initial)
             drafts = inverse_cdf(proposals, u[:, window + 1 :])
             done = new_done
             accepted = done.tolist()
@@ -570,44 +563,58 @@ class CodeSampler:
             out[b] = open_uniforms(streams[b], n)
         return torch.from_numpy(out).to(self.device)
 
-    def _fused_windows(self, rows, num_tokens):
-        """(forward, P - 1) for speculative decoding on the fused decoder: the left-padded prompts but their last
-        token (<|image_start|>) prefilled, and forward(column, tokens, real) running (R, T) tokens from cache column
-        `column` on (every earlier column kept; `real` False: a padding token nothing attends to) and returning the
-        code logits after each, (R, T, K)."""
-        dec = self._refreshed_decoder()
+    def _prompt_columns(self, rows, extra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded prompts (R, P), their first real columns (R,), and which of P + `extra` cache columns hold
+        real tokens (the prompt's, then every code column)."""
         ids, starts = left_pad(rows, self.vocab.pad_id, self.device)
+        valid = torch.cat([torch.arange(ids.shape[1], device=self.device)[None] >= starts[:, None],
+                           torch.ones(len(ids), extra, dtype=torch.bool, device=self.device)], 1)
+        return ids, starts, valid
+
+    def _fused_windows(self, rows, num_tokens, window):
+        """(forward, prefilled) for speculative decoding on the fused decoder: the prompts but their last token
+        (<|image_start|>) prefilled; forward(done, tokens, real, seq, active) runs each row's window of W + 1 tokens
+        (R, W + 1) after its `done` accepted codes, at its own cache columns (stale columns past them masked), and
+        returns the code logits after each token, (R, W + 1, K); `real` False marks a padding token that nothing
+        attends to. `seq` and `active` are unused here."""
+        dec = self._refreshed_decoder()
+        ids, starts, valid = self._prompt_columns(rows, num_tokens + window + 1)
         n_rows, width = ids.shape
-        length = round_up(width + num_tokens, CACHE_ALIGN)
+        length = round_up(width + num_tokens + window + 1, CACHE_ALIGN)
         if dec.ensure_rope(length):
             self.caches.clear()
         cache = self._cache(n_rows, length)
-        valid = torch.cat([torch.arange(width, device=self.device)[None] >= starts[:, None],
-                           torch.ones(n_rows, num_tokens, dtype=torch.bool, device=self.device)], 1)
 
-        def forward(column: int, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        def run(first: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+            """Tokens (R, T) at columns first + 0 .. T - 1 of each row, attending its real columns below `first`."""
             steps = tokens.shape[1]
             index = torch.arange(steps, device=self.device)
-            window = (index[:, None] >= index[None]) & real[:, None, :] | (index[:, None] == index[None])
-            allowed = torch.cat([valid[:, None, :column].expand(-1, steps, -1), window], -1)  # (R, T, column + T)
-            positions = (column + index[None] - starts[:, None]).clamp_min(0)
-            slot = torch.full((1,), column, dtype=torch.long, device=self.device)
-            return dec.forward(tokens, positions, slot, attention_bias(allowed[:, None], dec.param.dtype), cache,
-                               kv_len=column + steps, every=True)
+            kv_len = int(first.max()) + steps
+            offset = torch.arange(kv_len, device=self.device)[None] - first[:, None]  # (R, S): column - first
+            window_real = real.gather(1, offset.clamp(0, steps - 1)) & (offset >= 0)  # a real window column
+            allowed = (((offset < 0) & valid[:, :kv_len])[:, None]  # (R, T, S)
+                       | window_real[:, None] & (offset[:, None] <= index[None, :, None])
+                       | (offset[:, None] == index[None, :, None]))
+            positions = (first[:, None] + index[None] - starts[:, None]).clamp_min(0)
+            return dec.forward(tokens, positions, first[:, None] + index[None],
+                               attention_bias(allowed[:, None], dec.param.dtype), cache, kv_len=kv_len, every=True)
+
+        def forward(done, tokens, real, seq, active) -> torch.Tensor:
+            return run(width - 1 + done, tokens, real)
 
         if width > 1:
-            forward(0, ids[:, :-1], valid[:, : width - 1])
-        return forward, width - 1
+            run(torch.zeros(n_rows, dtype=torch.long, device=self.device), ids[:, :-1], valid[:, : width - 1])
+        return forward, width > 1
 
-    def _hf_windows(self, rows, num_tokens):
-        """`_fused_windows` on the transformers model and a DynamicCache cut back to `column` before each forward."""
-        ids, starts = left_pad(rows, self.vocab.pad_id, self.device)
+    def _hf_windows(self, rows, num_tokens, window):
+        """`_fused_windows` on the transformers model: its DynamicCache holds one length for every row, so it is cut
+        back to the codes every active image has accepted, and an image ahead of the slowest feeds its further
+        accepted codes again before its window."""
+        ids, starts, valid = self._prompt_columns(rows, num_tokens)
         n_rows, width = ids.shape
-        valid = torch.cat([torch.arange(width, device=self.device)[None] >= starts[:, None],
-                           torch.ones(n_rows, num_tokens, dtype=torch.bool, device=self.device)], 1)
         cache = DynamicCache(config=self.model.config)
 
-        def forward(column: int, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        def run(column: int, tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
             if cache.get_seq_length() > column:
                 cache.crop(column - cache.get_seq_length())  # the number of columns to drop, negated
             positions = (column + torch.arange(tokens.shape[1], device=self.device)[None] - starts[:, None])
@@ -615,9 +622,25 @@ class CodeSampler:
                              position_ids=positions.clamp_min(0), cache=cache, use_cache=True)
             return restrict_to_codes(out.logits, self.vocab)
 
+        def forward(done, tokens, real, seq, active) -> torch.Tensor:
+            groups = len(done) // len(seq)
+            low = int(done[active].min())  # every active image has accepted this many codes
+            lengths = real.sum(1)  # window tokens per row
+            fed = done - low + lengths  # its accepted codes from `low` - 1 on, then its drafts
+            steps = int(fed[active].max())
+            position = low - 1 + torch.arange(steps, device=self.device)  # code index each column holds
+            from_seq = position[None] < done[:, None]
+            j = (position[None] - done[:, None] + 1).clamp(0, tokens.shape[1] - 1)  # its window column
+            fed_tokens = torch.where(from_seq, seq.repeat(groups, 1)[:, (position + 1).clamp(max=seq.shape[1] - 1)],
+                                     tokens.gather(1, j))
+            fed_real = from_seq | (real.gather(1, j) & (position[None] >= done[:, None] - 1))
+            logits = run(width - 1 + low, fed_tokens.masked_fill(~fed_real, self.vocab.pad_id), fed_real)
+            at = (done - low)[:, None] + torch.arange(tokens.shape[1], device=self.device)
+            return logits.gather(1, at.clamp(max=steps - 1)[..., None].expand(-1, -1, logits.shape[-1]))
+
         if width > 1:
-            forward(0, ids[:, :-1], valid[:, : width - 1])
-        return forward, width - 1
+            run(0, ids[:, :-1], valid[:, : width - 1])
+        return forward, width > 1
 
     # ----- transformers backend --------------------------------------------------------------------------------
 

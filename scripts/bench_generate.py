@@ -3,7 +3,8 @@ settings, in one run.
 
     python scripts/bench_generate.py --device cpu --compile
     python scripts/bench_generate.py --qwen3-0.6b-shape --device cuda --dtype bfloat16 --compile
-    python scripts/bench_generate.py --generator runs/tiny-ar/export --spec-window 8 --skip-baselines
+    python scripts/bench_generate.py --generator runs/tiny-ar/export --spec-window 16 --skip-baselines --batch 32 \
+        --cfg-scale 2.5 --top-k 0
 
 Methods (batch B prompts, N = grid^2 codes each; temperature and top-k identical and active everywhere, top-k
 applied to the code logits by every method):
@@ -221,7 +222,7 @@ def main() -> None:
     model, vocab, num_tokens = build(args, tokenizer)
     if args.top_k is None:
         args.top_k = min(1000, vocab.codebook_size // 4)
-    if not 0 < args.top_k < vocab.codebook_size:
+    if not args.skip_baselines and not 0 < args.top_k < vocab.codebook_size:  # every method must filter alike
         raise SystemExit(f"--top-k must be active: between 1 and {vocab.codebook_size - 1}")
     captions = [p["prompt"] for p in geneval_prompts()][: args.batch]
     if args.generator:

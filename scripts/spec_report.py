@@ -4,7 +4,7 @@ in one run; per setting the overall score with its standard error (prompts as th
 (a batch's images are drawn together, so this is the number of sequential steps) and the seconds per image.
 Writes runs/spec_report.json and prints a markdown table. Every setting is drawn afresh, so the timings are whole runs.
 
-    python scripts/spec_report.py                          # windows 4 and 16, both initialisations
+    python scripts/spec_report.py                          # windows 2, 4 and 16, both initialisations
     python scripts/spec_report.py --window 8 --prompts runs/world/geneval_prompts_val.jsonl
 """
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=Path, default=None,
                         help="GenEval prompts (default: RUNS/world/geneval_prompts.jsonl, the held-out set)")
     parser.add_argument("-n", type=int, default=4, help="images per prompt")
-    parser.add_argument("--window", type=int, action="append", help="spec_window values (default: 4 and 16)")
+    parser.add_argument("--window", type=int, action="append", help="spec_window values (default: 2, 4 and 16)")
     parser.add_argument("--prompts-per-batch", type=int, default=8)
     args = parser.parse_args()
     prompts_file = args.prompts or args.runs / "world" / "geneval_prompts.jsonl"
@@ -43,7 +43,7 @@ def main() -> None:
     t2i = TextToImage.from_pretrained(export)
     base = generator_sampling(args.runs)
     settings = {"one code per forward": base}
-    for window in args.window or [4, 16]:
+    for window in args.window or [2, 4, 16]:
         for init in SPEC_INITS:
             settings[f"window {window}, {init}"] = dataclasses.replace(base, spec_window=window, spec_init=init)
     rows = {}
