@@ -93,7 +93,10 @@ def test_draw_writes_the_generators_images_and_settings_change_them(models, tmp_
         saved = Image.open(path)
         assert saved.size == (32, 32) and saved.mode == "RGB"
         assert np.array_equal(np.asarray(saved), np.asarray(to_pil(image)))
-    assert len(chat.handle("/settings draw.count=1")["settings"]) == 9
+    shown = chat.handle("/settings draw.count=1 draw.spec_window=4")["settings"]
+    assert set(shown) == {"answer.temperature", "answer.top_p", "answer.max_new_tokens"} | {
+        f"draw.{k}" for k in ("cfg_scale", "temperature", "top_k", "top_p", "seed", "spec_window", "spec_init", "count")}
+    assert (shown["draw.count"], shown["draw.spec_window"]) == (1, 4)
     assert len(chat.handle("/draw two squares")["paths"]) == 1
 
 
