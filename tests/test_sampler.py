@@ -36,8 +36,8 @@ from llm.sampler import (
     sampling_from_arguments,
     top_k_mask,
     top_p_mask,
-    verify,
 )
+from llm.speculative import verify
 from llm.vocab import (
     ImageVocab,
     build_prompt_ids,
@@ -632,18 +632,18 @@ def test_speculative_sampling_keeps_the_distribution(tmp_path, monkeypatch):
     for window, init in ((2, "uniform"), (1, "repeat")):
         spec = dataclasses.replace(base, spec_window=window, spec_init=init)
         assert _chi_square_p(sampler, prompt, uncond, spec, exact) > 1e-3, (window, init)
-    import llm.sampler
+    import llm.speculative
 
-    rule = llm.sampler.verify
+    rule = llm.speculative.verify
     spec = dataclasses.replace(base, spec_window=2)
-    monkeypatch.setattr(llm.sampler, "verify", lambda p, q, d, n, u, w: rule(p, q, d, n, torch.zeros_like(u), w))
+    monkeypatch.setattr(llm.speculative, "verify", lambda p, q, d, n, u, w: rule(p, q, d, n, torch.zeros_like(u), w))
     assert _chi_square_p(sampler, prompt, uncond, spec, exact) < 1e-6  # every draft accepted
 
     def redraw_from_p(p, q, drafts, lengths, u, w):
         taken, _ = rule(p, q, drafts, lengths, u, w)
         return taken, inverse_cdf(p[torch.arange(len(p)), taken], w)
 
-    monkeypatch.setattr(llm.sampler, "verify", redraw_from_p)
+    monkeypatch.setattr(llm.speculative, "verify", redraw_from_p)
     assert _chi_square_p(sampler, prompt, uncond, spec, exact) < 1e-6
 
 
