@@ -163,7 +163,7 @@ class FusedDecoder:
         sin = self.sin.index_select(0, positions.flatten()).view(rows, steps, 1, d)
         per_row = slot.dim() == 2
         columns = slot if steps == 1 or per_row else slot + torch.arange(steps, device=ids.device)  # (T,) / (R, T)
-        row = torch.arange(rows, device=ids.device)[:, None]
+        row = torch.arange(rows, device=ids.device)[:, None] if per_row else None
         # the query heads of one kv head are folded into the query axis: (R, Hkv, G*T, d) against (R, Hkv, S, d)
         bias = bias[..., :kv_len]
         if steps > 1:  # (R, 1, G*T, S); with one step (R, 1, 1, S) broadcasts over the G queries
