@@ -36,6 +36,7 @@ declare -A TESTS=(
     [train/ema.py]="tests/test_train_parts.py::ema"
     [train/guard.py]="tests/test_train_parts.py::nonfinite"
     [train/checkpoint.py]="tests/test_train_parts.py::rng or checkpoint"
+    [data/transforms.py]="tests/test_transforms.py"
     [train/data_order.py]="tests/test_train_parts.py tests/test_shards.py::sampler or loader or shard_order or resume_at_any or workers_split or killed_reader"
 )
 EXCLUDED='core/ReplaceBinaryOperator_.*_(BitOr|BitAnd|BitXor|LShift|RShift|Mod|FloorDiv|Pow)$|core/ReplaceUnaryOperator_.*Invert'

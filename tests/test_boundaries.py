@@ -33,6 +33,7 @@ from tests.test_ar_gen import tiny_text_to_image
 from tests.test_encoder_loading import CLIP_MEAN, CLIP_STD, siglip
 from tests.test_understanding import shapes_images, small_internvit, tiny_vqrae
 from tokenizer import VQRAE, get_preset
+from tokenizer.decoder import unpatchify
 from world.shapes import shapes_world_tokenizer
 
 
@@ -200,3 +201,30 @@ def test_benchmark_images_on_disk_are_the_pipelines_images(tmp_path):
     images, _ = t2i.generate(["a photo of a red circle"] * tiles, sampling, image_ids=list(range(tiles)))
     for k, crop in enumerate(dpg_generation.crops(Image.open(tmp_path / "dpg" / "item.png"))):
         assert_nearest_uint8(crop, images[k], f"DPG-Bench tile {k}")
+
+
+# ----------------------------------------------------------------------------------------------- token grid
+
+
+def test_decoder_token_k_paints_the_block_the_encoders_token_k_reads():
+    """Encoder and decoder share one token grid: the encoder's token k embeds pixel block (k // g, k % g) and the
+    decoder's head output of token k lands in that block, its p*p*3 values in (row, column, channel) order."""
+    torch.manual_seed(0)
+    model = VQRAE(get_preset("tiny")).eval()
+    p, g = model.config.encoder.patch_size, model.config.grid_size
+    embeddings = model.encoder.tower.embeddings
+    x = torch.rand(1, 3, g * p, g * p) * 2 - 1
+    with torch.no_grad():
+        base = embeddings(x)
+        for r, c in ((0, 1), (g - 1, 2), (3, g - 1)):
+            y = x.clone()
+            y[:, :, r * p : (r + 1) * p, c * p : (c + 1) * p] += 0.5
+            changed = (embeddings(y) - base).abs().amax(-1)[0].nonzero().flatten().tolist()
+            assert changed == [r * g + c]
+    head = torch.randn(2, g * g, p * p * 3)
+    out = unpatchify(head, g, p)
+    for k in (0, 5, g * g - 1):
+        block = out[:, :, (k // g) * p : (k // g + 1) * p, (k % g) * p : (k % g + 1) * p]  # (2, 3, p, p)
+        expected = torch.stack([head[:, k, [(i * p + j) * 3 + ch for i in range(p) for j in range(p)]].view(2, p, p)
+                                for ch in range(3)], dim=1)
+        assert torch.equal(block, expected)

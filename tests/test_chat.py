@@ -111,6 +111,28 @@ def test_reconstruct_reports_the_psnr_of_what_it_saved(models, exports, tmp_path
     assert f"PSNR {expected:.2f} dB" in record["text"]
 
 
+@pytest.mark.parametrize("size", [(48, 32), (32, 52)])
+def test_reconstruct_centre_crops_a_non_square_image_to_the_models_size(models, exports, tmp_path, size):
+    """A wide or tall image whose short side is the model's: the middle square (floor offset) is what is encoded,
+    saved and compared; the reconstruction is the model's decode of that square's codes."""
+    width, height = size
+    rng = np.random.default_rng(width)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    chat, _ = session(models, tmp_path)
+    record = chat.handle(f"/reconstruct {tmp_path / 'wide.png'}")
+    top, left = (height - 32) // 2, (width - 32) // 2
+    square = pixels[top : top + 32, left : left + 32].astype(np.float64)
+    rebuilt = np.asarray(Image.open(record["paths"][0]), np.float64)
+    assert rebuilt.shape == (32, 32, 3)
+    assert record["psnr"] == pytest.approx(10 * np.log10(255.0**2 / np.mean((square - rebuilt) ** 2)), abs=1e-4)
+    vqrae = models.vqrae
+    with torch.no_grad():
+        codes = vqrae.encode(torch.from_numpy(square / 127.5 - 1).permute(2, 0, 1)[None].float()).indices
+        expected = ((vqrae.decode(codes).clamp(-1, 1)[0] + 1) * 127.5).round().permute(1, 2, 0).numpy()
+    assert np.abs(rebuilt - expected).max() <= 1
+
+
 @pytest.mark.parametrize("message, prompt", [
     ("draw a photo of a red circle", "a photo of a red circle"),
     ("Please draw me a picture of a cat", "a cat"),

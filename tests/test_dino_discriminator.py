@@ -8,6 +8,7 @@ import json
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from common.config import ConfigError
@@ -81,6 +82,51 @@ def test_uint8_rounding_and_diffaugment():
     with torch.no_grad():
         assert torch.equal(disc(images), disc(round_to_uint8_grid(images)))
         assert disc(images).shape == (2, 2 * 16)  # two heads x 4 x 4 tokens (ViT-S/8 at 32 px)
+
+
+def diffaugment_reference(x: torch.Tensor, policy: str) -> torch.Tensor:
+    """DiffAugment as its authors' PyTorch code computes it (mit-han-lab/data-efficient-gans, DiffAugment_pytorch.py),
+    followed step by step: the same draws in the same order, the translation as a gather from a 1-pixel zero-padded
+    copy, the cutout as a mask written at clamped indices."""
+    b, _, h, w = x.shape
+    for name in policy.split(","):
+        if name == "color":
+            x = x + (torch.rand(b, 1, 1, 1) - 0.5)
+            x = (x - x.mean(dim=1, keepdim=True)) * (torch.rand(b, 1, 1, 1) * 2) + x.mean(dim=1, keepdim=True)
+            mean = x.mean(dim=[1, 2, 3], keepdim=True)
+            x = (x - mean) * (torch.rand(b, 1, 1, 1) + 0.5) + mean
+        elif name == "translation":
+            sx, sy = int(h * 0.125 + 0.5), int(w * 0.125 + 0.5)
+            tx = torch.randint(-sx, sx + 1, size=[b, 1, 1])
+            ty = torch.randint(-sy, sy + 1, size=[b, 1, 1])
+            gb, gx, gy = torch.meshgrid(torch.arange(b), torch.arange(h), torch.arange(w), indexing="ij")
+            gx = torch.clamp(gx + tx + 1, 0, h + 1)
+            gy = torch.clamp(gy + ty + 1, 0, w + 1)
+            x = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0]).permute(0, 2, 3, 1)[gb, gx, gy].permute(0, 3, 1, 2)
+        elif name == "cutout":
+            size = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
+            ox = torch.randint(0, h + (1 - size[0] % 2), size=[b, 1, 1])
+            oy = torch.randint(0, w + (1 - size[1] % 2), size=[b, 1, 1])
+            gb, gx, gy = torch.meshgrid(torch.arange(b), torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+            gx = torch.clamp(gx + ox - size[0] // 2, min=0, max=h - 1)
+            gy = torch.clamp(gy + oy - size[1] // 2, min=0, max=w - 1)
+            mask = torch.ones(b, h, w)
+            mask[gb, gx, gy] = 0
+            x = x * mask.unsqueeze(1)
+    return x
+
+
+@pytest.mark.parametrize("policy", ["color", "translation", "cutout", "color,translation,cutout"])
+@pytest.mark.parametrize("size", [(16, 16), (15, 20)])
+def test_diff_augment_is_diffaugments_own_computation(policy, size):
+    x = torch.rand(64, 3, *size) * 2 - 1
+    torch.manual_seed(7)
+    ours = diff_augment(x, policy)
+    torch.manual_seed(7)
+    assert torch.allclose(ours, diffaugment_reference(x, policy), atol=1e-6)
+    if policy == "cutout":  # every image loses part of a square; one well inside loses all of it
+        lost = (ours == 0).all(1).flatten(1).sum(1)
+        assert lost.min() > 0 and lost.max() == ((size[0] + 1) // 2) * ((size[1] + 1) // 2)
 
 
 def test_refusals():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVi
 
 from common.config import ConfigError, apply_overrides, from_dict, to_dict
 from tokenizer import PRESETS, VQRAE, EncoderConfig, VQRAEConfig, get_preset
+from tokenizer.decoder import sincos_2d
 from tokenizer.encoder import VisionEncoder
 from tokenizer.quantizer import SimVQ, nearest_code, nearest_code_full, perplexity
 
@@ -610,3 +612,18 @@ def test_push_to_hub_uploads_the_vqrae_folder(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "my-vqrae", push_to_hub=True)  # no repo_id: the folder's name, in the user's
     assert uploaded["repo"] == "someone/my-vqrae"
     assert uploaded["files"] == sorted(p.name for p in (tmp_path / "my-vqrae").iterdir())
+
+
+def test_decoder_positions_start_as_the_2d_sincos_table_of_rows_then_columns():
+    """Token (y, x) of a g x g grid starts at [sin(y w), cos(y w), sin(x w), cos(x w)], w_i = 10000^(-i / (d/4))."""
+    g, d = 5, 16
+    table = sincos_2d(g, d)
+    w = [10000 ** (-i / (d // 4)) for i in range(d // 4)]
+    for y, x in ((0, 0), (1, 3), (4, 2)):
+        expected = ([math.sin(y * f) for f in w] + [math.cos(y * f) for f in w] + [math.sin(x * f) for f in w]
+                    + [math.cos(x * f) for f in w])
+        assert torch.allclose(table[y * g + x], torch.tensor(expected), atol=1e-6)
+    model = VQRAE(get_preset("tiny"))
+    assert torch.equal(model.decoder.pos_embed.table[0], sincos_2d(model.config.grid_size, model.config.decoder.hidden_size))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 6)

@@ -130,7 +130,8 @@ def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     oy = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device)
     ox = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device)
     gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-    inside = ((gy[None] - oy + ch // 2).abs() < (ch + 1) // 2) & ((gx[None] - ox + cw // 2).abs() < (cw + 1) // 2)
+    top, left = oy - ch // 2, ox - cw // 2  # a ch x cw square from (top, left), cut where it leaves the image
+    inside = (gy[None] >= top) & (gy[None] < top + ch) & (gx[None] >= left) & (gx[None] < left + cw)
     return x * (~inside)[:, None].to(x.dtype)
 
 
