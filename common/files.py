@@ -4,6 +4,7 @@ check that refuses to mix outputs made with different settings in one folder."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -96,6 +97,17 @@ def ensure_settings(path: str | Path, settings: Mapping[str, Any], *, ignore: Co
         with atomic_write(path) as f:
             json.dump(settings, f, indent=2)
             f.write("\n")
+
+
+def json_digest(value: Any) -> str:
+    """A short fingerprint of a JSON-able value (sha1 of its canonical text): what a resumable output records of the
+    inputs it was made from, so that other inputs are refused rather than mixed in."""
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """A short fingerprint of a file's bytes (sha1)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def resume_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from common.files import atomic_write, ensure_settings
+from common.files import atomic_write, ensure_settings, json_digest
 from data.transforms import to_pil
 from llm.sampler import SamplingConfig
 
@@ -65,7 +65,7 @@ def generate(t2i, prompts: list[tuple[str, str]], out: Path, sampling: SamplingC
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": model_name, "images_per_prompt": TILES, "sampling": sampling.to_dict(),
               "image_streams": "image k of prompt i (sorted by item_id): (seed, 4 i + k)",
-              "dtype": str(next(t2i.model.parameters()).dtype)}
+              "dtype": str(next(t2i.model.parameters()).dtype), "prompts": json_digest(prompts)}
     todo = [i for i, (item, _) in enumerate(prompts) if not (out / f"{item}.png").is_file()]
     if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
         (out / SETTINGS_FILE).unlink(missing_ok=True)

@@ -21,24 +21,24 @@ is the mean of its question scores over all prompts and crops, x 100.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
 
-from common.files import atomic_write, ensure_settings, resume_jsonl
+from common.files import atomic_write, ensure_settings, file_digest, json_digest, resume_jsonl
 from eval.dpg_generation import TILES, crops
 
 VARIANT = "fixed"
 REQUIRED_COLUMNS = ("item_id", "proposition_id", "dependency", "tuple", "question_natural_language")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Question:
     """One proposition of a prompt: id, parents (0 = none), DPG tuple, natural-language question."""
 
@@ -144,6 +144,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def question_digest(questions: list[Question]) -> str:
+    """A fingerprint of a prompt's questions (ids, texts, dependencies): what a judge's recorded answers answered."""
+    return json_digest([dataclasses.astuple(q) for q in questions])
+
+
 def score_folder(images: Path, questions: dict[str, list[Question]], judge, out: Path, prompts_per_batch: int = 8
                  ) -> dict[str, Any]:
     """Score every tile of `images` named after a prompt of the question csv; resumable through OUT/answers.jsonl."""
@@ -155,8 +160,11 @@ def score_folder(images: Path, questions: dict[str, list[Question]], judge, out:
     out.mkdir(parents=True, exist_ok=True)
     ensure_settings(out / "settings.json", {"images": str(images.resolve()), "judge": judge.name})
     path = out / "answers.jsonl"
+    tile_digest = {p.stem: file_digest(p) for p in tiles}
     done = {row["item_id"]: [{int(k): v for k, v in crop.items()} for crop in row["answers"]]
-            for row in resume_jsonl(path)}
+            for row in resume_jsonl(path)  # answers to this very tile and these very questions only
+            if row.get("tile") == tile_digest.get(row["item_id"])
+            and row.get("questions") == question_digest(questions.get(row["item_id"], []))}
     todo = [p for p in tiles if p.stem not in done]
     with open(path, "a") as f:
         for start in tqdm(range(0, len(todo), prompts_per_batch), desc="judge", unit="batch"):
@@ -172,7 +180,8 @@ def score_folder(images: Path, questions: dict[str, list[Question]], judge, out:
                     per_crop.append({q.proposition_id: a for q, a in zip(qs, answers[position : position + len(qs)])})
                     position += len(qs)
                 done[p.stem] = per_crop
-                f.write(json.dumps({"item_id": p.stem, "answers": per_crop}) + "\n")
+                f.write(json.dumps({"item_id": p.stem, "tile": tile_digest[p.stem],
+                                    "questions": question_digest(questions[p.stem]), "answers": per_crop}) + "\n")
             f.flush()
     results = {p.stem: score_prompt(questions[p.stem], done[p.stem]) for p in tiles}
     with atomic_write(out / "scores.jsonl") as f:

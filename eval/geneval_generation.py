@@ -2,9 +2,11 @@
 OUT/NNNNN/metadata.jsonl (the prompt's line) and OUT/NNNNN/samples/NNNN.png, resumably (`generate`); run by
 eval/geneval.py and the CPU default's report.
 
-Generation resumes: prompt folders that already hold their images are kept (a folder started with other settings,
-recorded in OUT/generation.json, is refused, not mixed). Image k of prompt i draws from its own random stream
-(seed, i * images_per_prompt + k), so a resumed or re-batched run writes the very images an uninterrupted one does.
+Generation resumes: prompt folders that already hold their prompt's metadata and exactly its images are kept (a
+folder started with other settings or another prompt file, recorded in OUT/generation.json, is refused, not mixed;
+images a scorer would count beside a prompt's own are removed when it is written). Image k of prompt i draws from
+its own random stream (seed, i * images_per_prompt + k), so a resumed or re-batched run writes the very images an
+uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.files import atomic_write, ensure_settings
+from common.files import atomic_write, ensure_settings, json_digest
 from data.transforms import to_pil
 from llm.sampler import SamplingConfig
 
@@ -39,10 +41,18 @@ def read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def prompt_done(folder: Path, n: int) -> bool:
-    """True when a prompt's folder holds its metadata and all n images (resume skips it)."""
-    return (folder / "metadata.jsonl").is_file() and all((folder / "samples" / f"{j:04d}.png").is_file()
-                                                         for j in range(n))
+def sample_files(folder: Path) -> set[str]:
+    """The image names GenEval's scorer reads in a prompt folder (every digit-named PNG of samples/)."""
+    samples = folder / "samples"
+    return {p.name for p in samples.glob("*.png") if p.stem.isdigit()} if samples.is_dir() else set()
+
+
+def prompt_done(folder: Path, n: int, row: dict) -> bool:
+    """True when a prompt's folder holds this prompt's metadata and exactly its n images (resume skips it); a folder
+    of another prompt, or with images a scorer would count beside them, is written again."""
+    metadata = folder / "metadata.jsonl"
+    return (metadata.is_file() and metadata.read_text() == json.dumps(row) + "\n"
+            and sample_files(folder) == {f"{j:04d}.png" for j in range(n)})
 
 
 def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
@@ -54,8 +64,8 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
     out.mkdir(parents=True, exist_ok=True)
     record = {"model": model_name, "images_per_prompt": n, "sampling": sampling.to_dict(),
               "image_streams": "image k of prompt i: (seed, i * images_per_prompt + k)",
-              "dtype": str(next(t2i.model.parameters()).dtype)}
-    todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n)]
+              "dtype": str(next(t2i.model.parameters()).dtype), "prompts": json_digest(prompts)}
+    todo = [i for i in range(len(prompts)) if not prompt_done(out / f"{i:05d}", n, prompts[i])]
     if len(todo) == len(prompts):  # nothing generated yet: the settings may be new
         (out / SETTINGS_FILE).unlink(missing_ok=True)
     ensure_settings(out / SETTINGS_FILE, record)
@@ -72,6 +82,8 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
         for b, i in enumerate(batch):
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
+            for stale in sample_files(folder) - {f"{k:04d}.png" for k in range(n)}:
+                (folder / "samples" / stale).unlink()
             for k in range(n):
                 with atomic_write(folder / "samples" / f"{k:04d}.png", "wb") as f:
                     to_pil(images[b * n + k].float().cpu()).save(f, format="PNG")

@@ -59,7 +59,7 @@ class FusedDecoder:
                 f"frequencies do not depend on the length ({', '.join(STATIC_ROPE_TYPES)}); this model is "
                 f"{config.model_type!r} with rope {rope!r}: use SamplingConfig(backend='hf')"
             )
-        if has_peft_adapters(body):
+        if has_peft_adapters(model):  # the body's layers or the head the code logits are read from
             raise ValueError("the model holds peft adapters, which the fused backend would not apply: merge them "
                              "first or use SamplingConfig(backend='hf')")
         if any(p.numel() == 0 for p in model.parameters()):

@@ -204,8 +204,7 @@ def expand_vocabulary(
 
     mean_in = embed_in.weight[:text_size].float().mean(0)
     embed_out = model.get_output_embeddings()
-    tied = embed_out is None or embed_out.weight.data_ptr() == embed_in.weight.data_ptr()
-    mean_out = None if tied else embed_out.weight[:text_size].float().mean(0)
+    mean_out = None if embed_out is None else embed_out.weight[:text_size].float().mean(0)
     new_rows = max(len(tokenizer), embed_in.weight.shape[0])
     model.resize_token_embeddings(new_rows, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
 
@@ -214,8 +213,8 @@ def expand_vocabulary(
     if init == "codebook":
         weight[code_offset : code_offset + codebook_size] = codebook_rows(
             codebook, weight[:text_size], seed).to(weight.dtype)
-    if not tied:
-        out = model.get_output_embeddings()
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != weight.data_ptr():  # transformers re-ties per config on resize
         out.weight[text_size:] = mean_out.to(out.weight.dtype)
         if getattr(out, "bias", None) is not None:
             out.bias[text_size:] = out.bias[:text_size].float().mean().to(out.bias.dtype)

@@ -227,6 +227,36 @@ def test_geneval_resumed_or_rebatched_run_writes_identical_images(tmp_path, spec
         generate(t2i, prompts, tmp_path / "a", 2, SamplingConfig(cfg_scale=3.0, seed=42), 2, "tiny")
 
 
+def test_geneval_folders_hold_their_prompts_images_and_nothing_a_scorer_would_count_beside_them(tmp_path):
+    """A prompt folder is kept only when its metadata is its prompt's and its samples are exactly its n images: one
+    with an upstream-named image beside them, or another prompt's metadata, is written again (stray images removed);
+    another prompt file into a started folder is refused; a fresh start with fewer images per prompt leaves none of
+    the old ones behind."""
+    from eval.geneval_generation import generate, read_prompts
+    from eval.geneval_scoring import find_prompt_folders
+
+    t2i = tiny_text_to_image(tmp_path)
+    write_geneval_prompts(tmp_path / "prompts.jsonl")
+    prompts = read_prompts(tmp_path / "prompts.jsonl")[::60][:3]
+    sampling = SamplingConfig(cfg_scale=2.0, temperature=1.0, top_k=100, seed=42)
+    out = tmp_path / "a"
+    generate(t2i, prompts, out, 2, sampling, prompts_per_batch=3, model_name="tiny")
+    reference = {p.relative_to(out): p.read_bytes() for p in out.glob("*/samples/*.png")}
+    (out / "00000" / "samples" / "00000.png").write_bytes(reference[Path("00001/samples/0000.png")])  # upstream name
+    (out / "00002" / "metadata.jsonl").write_text(json.dumps(prompts[0]) + "\n")
+    assert generate(t2i, prompts, out, 2, sampling, prompts_per_batch=3, model_name="tiny")["images"] == 4
+    assert {p.relative_to(out): p.read_bytes() for p in out.glob("*/samples/*.png")} == reference
+    assert [json.loads((out / f"{i:05d}" / "metadata.jsonl").read_text()) for i in range(3)] == prompts
+    other = [prompts[0], *read_prompts(tmp_path / "prompts.jsonl")[1::60][:2]]  # shares the first prompt
+    with pytest.raises(ConfigError, match="prompts"):
+        generate(t2i, other, out, 2, sampling, prompts_per_batch=3, model_name="tiny")
+    for p in out.glob("*/metadata.jsonl"):  # as if killed before any prompt was finished
+        p.unlink()
+    generate(t2i, prompts, out, 1, sampling, prompts_per_batch=3, model_name="tiny")
+    assert sorted(p.name for p in out.glob("*/samples/*.png")) == ["0000.png"] * 3
+    assert all(len(images) == 1 for _, _, images in find_prompt_folders(out))
+
+
 def test_sample_settings_are_a_sampling_config():
     import yaml
 

@@ -161,6 +161,12 @@ def test_generation_and_scoring_resume_to_the_same_files(tmp_path):
     resumed = score_folder(tmp_path / "a", questions, Counting(), tmp_path / "scores")
     assert resumed["overall"] == full["overall"] and resumed["l2"] == full["l2"]
     assert Counting.calls == 4 * sum(len(questions[json.loads(a)["item_id"]]) for a in answers[2:])
+    redrawn = sorted((tmp_path / "a").glob("*.png"))[0]  # a tile drawn again (another model) in the same folder
+    tile([Image.new("RGB", (32, 32), BACKGROUND)] * 4).save(redrawn)
+    Counting.calls = 0
+    again = score_folder(tmp_path / "a", questions, Counting(), tmp_path / "scores")
+    assert Counting.calls == 4 * len(questions[redrawn.stem])  # its recorded answers were to the old tile
+    assert again["missing_images"] == 0
 
 
 def test_the_scenes_prompts_name_what_the_questions_ask():

@@ -806,3 +806,16 @@ def test_bench_script_runs(tmp_path):
     for init in ("uniform", "repeat"):
         assert 1 < results["forwards_per_batch"][f"ours_cfg_spec_{init}"] <= 65  # the prefill, then <= one per code
         assert f"ours_cfg_spec_{init}/ours_cfg" in results["ratios"]
+
+
+def test_the_fused_backend_refuses_an_adapter_on_the_head_alone(setup):
+    """The code logits are read from the output embeddings' weight: a LoRA adapter there (and nowhere in the body)
+    would be skipped, so the fused backend refuses it and transformers' backend applies it."""
+    from peft import LoraConfig, get_peft_model
+
+    tok, model, vocab, prompts, _ = setup
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["lm_head"])).get_base_model()
+    with pytest.raises(ValueError, match="peft adapters"):
+        CodeSampler(wrapped, vocab).generate(prompts[:1], 2, greedy())
+    codes = CodeSampler(wrapped, vocab).generate(prompts[:1], 2, greedy(backend="hf"))
+    assert codes.shape == (1, 2)

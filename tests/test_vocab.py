@@ -103,6 +103,20 @@ def test_mean_expansion_keeps_text_and_initialises_new_rows(tok_dir, tied):
     assert tok.decode([vocab.code_offset + 42]) == "<|img_00042|>"
 
 
+def test_a_head_stored_apart_from_a_tied_config_gets_the_input_rows_after_transformers_reties_it(tok_dir):
+    """A checkpoint whose config ties the embeddings but whose head is a separate tensor: transformers re-ties them
+    when resizing, so the new rows are the input rows' mean, never overwritten by the stale head's mean."""
+    tok = fresh(tok_dir)
+    model = build_tiny_qwen3(tok, tie_word_embeddings=True)
+    text = len(tok)
+    w_in = model.get_input_embeddings().weight.detach().clone()
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(w_in) + 5.0)  # untied, far from the input rows
+    expand_vocabulary(model, tok, codebook_size=10)
+    new_in, new_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert new_in.data_ptr() == new_out.data_ptr()
+    assert torch.allclose(new_in[text:], w_in[:text].mean(0).expand(new_in.shape[0] - text, -1), atol=1e-6)
+
+
 def test_codebook_init_is_a_scaled_linear_map_of_the_codebook(tok_dir):
     tok = fresh(tok_dir)
     model = build_tiny_qwen3(tok, tie_word_embeddings=False)
