@@ -82,10 +82,11 @@ CHAT_FORMATS = {f.name: f for f in (
                "<|im_end|>", ("<|im_start|>", "<|im_end|>")),
     # LLaVA-1.5's conv_vicuna_v1 (Vicuna / LLaMA-family LLMs): "SYSTEM USER: q ASSISTANT: a</s>USER: ...". The BOS
     # is the tokenizer's to add, as in LLaVA and llava-hf's templates (a template writing it gets two from the
-    # standard `processor(text=apply_chat_template(...))`).
+    # standard `processor(text=apply_chat_template(...))`). The space after "ASSISTANT:" is inside the supervised
+    # block: LLaVA's preprocess_v1 masks up to the colon, so a lone "▁" before an answer ("▁" "2") is trained.
     ChatFormat("vicuna_v1",
                VICUNA_SYSTEM + " {% for message in messages %}"
-               "{% if message['role'] == 'assistant' %}ASSISTANT: {% generation %}" + _CONTENT +
+               "{% if message['role'] == 'assistant' %}ASSISTANT:{% generation %} " + _CONTENT +
                "{{ eos_token }}{% endgeneration %}{% else %}USER: " + _CONTENT + " {% endif %}{% endfor %}"
                "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
                "eos"),
@@ -194,8 +195,9 @@ def image_processor(vqrae: VQRAE) -> LlavaImageProcessor:
     encoder's resolution (bicubic), scale to [0, 1], normalise by its mean / std. A square image gets exactly what
     SigLIP's own image processor gives."""
     cfg = vqrae.config.encoder
+    side = {"height": cfg.image_size, "width": cfg.image_size}  # crop_size too: tools count image tokens from it
     return LlavaImageProcessor(do_pad=True, do_center_crop=False, resample=PILImageResampling.BICUBIC,
-                               size={"height": cfg.image_size, "width": cfg.image_size},
+                               size=side, crop_size=side,
                                image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
 
 

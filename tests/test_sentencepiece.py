@@ -165,6 +165,11 @@ def test_understanding_with_a_sentencepiece_llm_uses_vicuna_v1(vicuna):
     runs += [current] if current else []
     answers = [t for r, t in turns if r == "assistant"]
     assert [tok.decode(r).strip() for r in runs] == [a + "</s>" for a in answers]
+    # LLaVA's preprocess_v1 masks each round's instruction up to "ASSISTANT:" (its length less the BOS and the lone
+    # "▁" that " ASSISTANT: " ends in): a lone "▁" before an answer that does not merge with it ("▁" "2") is trained
+    starts = [k for k in range(1, len(ids)) if labels[k] != IGNORE_INDEX and labels[k - 1] == IGNORE_INDEX]
+    assert [tok.convert_ids_to_tokens(ids[k - 1]) for k in starts] == [":"] * len(answers)
+    assert any(tok.convert_ids_to_tokens(ids[k]) == "▁" for k in starts)  # the case this holds
     # the evaluation prompt is the training prefix, one BOS, by the standard recipe (lmms-eval's llava_hf)
     question = turns[0][1].removeprefix("<image>\n")
     text = processor.apply_chat_template([user_turn(question, True)], add_generation_prompt=True, tokenize=False)

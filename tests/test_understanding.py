@@ -161,6 +161,21 @@ def test_the_export_stops_a_plain_generate_at_the_end_of_turn(llava_export):
     assert processor.tokenizer.eos_token_id == eos  # the training tokenizer is left as it was
 
 
+def test_the_exported_processor_counts_the_image_tokens_it_inserts(llava_export):
+    """Serving tools (vLLM's transformers backend) ask the processor how many tokens an image takes, from its crop
+    size: the count must be the number of <image> tokens it writes, whatever the image's size."""
+    from transformers import AutoProcessor
+
+    root, _, _, _, _ = llava_export
+    processor = AutoProcessor.from_pretrained(root / "export")
+    image = Image.new("RGB", (50, 20), (200, 10, 10))
+    ids = processor(images=image, text="<image>\nWhat is it?", return_tensors="pt")["input_ids"][0]
+    written = int((ids == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    grid = processor.image_processor.size["height"] // processor.patch_size
+    assert written == grid * grid
+    assert processor._get_num_multimodal_tokens(image_sizes=[(20, 50)])["num_image_tokens"] == [written]
+
+
 def test_replace_vision_tower_keeps_projector_and_llm(tmp_path):
     tokenizer = shapes_world_tokenizer(tmp_path / "tok")
     add_image_token(tokenizer)
