@@ -77,16 +77,24 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
 
 
 def normalize_turns(sample: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(role, text) turns with roles user / assistant; with an image, `<image>` removed wherever it was and put at
-    the start of the first human turn as "<image>\\n" (LLaVA's convention)."""
+    """(role, text) turns with roles user / assistant, as LLaVA's preprocessing makes them: a conversation that opens
+    with an assistant turn loses that turn; with an image, each turn holding `<image>` has it moved to its start as
+    "<image>\\n" and is stripped (a turn of the placeholder alone is "<image>"), the other turns left as written; a
+    sample with an image whose turns never name it gets it at the start of its first user turn."""
     turns = [("user" if t["from"] == "human" else "assistant", t["value"]) for t in sample["conversations"]]
+    if turns and turns[0][0] == "assistant":
+        turns = turns[1:]
     if sample.get("image") is None:
         return turns
-    turns = [(role, text.replace(IMAGE_PLACEHOLDER, "").strip() if role == "user" else text)
-             for role, text in turns]
-    first = next(i for i, (role, _) in enumerate(turns) if role == "user")
-    role, text = turns[first]
-    turns[first] = (role, f"{IMAGE_PLACEHOLDER}\n{text}" if text else IMAGE_PLACEHOLDER)
+
+    def placed(text: str) -> str:
+        return f"{IMAGE_PLACEHOLDER}\n{text.replace(IMAGE_PLACEHOLDER, '').strip()}".strip()
+
+    if any(IMAGE_PLACEHOLDER in text for _, text in turns):
+        return [(role, placed(text) if IMAGE_PLACEHOLDER in text else text) for role, text in turns]
+    first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+    if first is not None:
+        turns[first] = ("user", placed(turns[first][1]))
     return turns
 
 
@@ -164,6 +172,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if isinstance(encoded, str):
             return {"skipped": encoded, "id": sample.get("id")}
         ids, labels = encoded
+        if ids.count(self.image_id) != (pixels is not None):  # an image named twice, or text naming none it has
+            return {"skipped": "bad_sample", "id": sample.get("id")}
         if pixels is not None:
             at = ids.index(self.image_id)
             ids = ids[:at] + [self.image_id] * self.num_image_tokens + ids[at + 1 :]

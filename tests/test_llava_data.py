@@ -142,6 +142,13 @@ def test_skipped_samples_are_counted_by_reason_and_collation(world, tmp_path):
     assert short[0]["skipped"] == "truncated_image"  # never cut through the image tokens
     three_turns = {"id": "p", "image": samples[0]["image"], "conversations": good["conversations"][:3]}
     assert ConversationDataset([three_turns], tmp_path, processor, 64, "plain")[0]["skipped"] == "template_mismatch"
+    # what LLaVA cannot train exactly either: an image named in two turns, a text-only sample naming an image
+    twice = {"id": "t", "image": samples[0]["image"], "conversations": [
+        {"from": "human", "value": "<image>\nA?"}, {"from": "gpt", "value": "B"},
+        {"from": "human", "value": "<image>\nC?"}, {"from": "gpt", "value": "D"}]}
+    text_only = {"id": "u", "conversations": [{"from": "human", "value": "<image>\nA?"}, {"from": "gpt", "value": "B"}]}
+    dataset = ConversationDataset([twice, text_only], tmp_path, processor, 64, "chat")
+    assert [dataset[i].get("skipped") for i in range(2)] == ["bad_sample", "bad_sample"]
 
 
 def test_reading_and_normalising_conversations(tmp_path):
@@ -150,6 +157,16 @@ def test_reading_and_normalising_conversations(tmp_path):
         {"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A cat."}]}]))
     turns = normalize_turns(read_conversations(path)[0])
     assert turns == [("user", "<image>\nWhat is this?"), ("assistant", "A cat.")]  # moved to the start
+    # LLaVA's preprocess_multimodal and its dataset: a turn of the placeholder alone is "<image>" (stripped), turns
+    # without it are kept as written, a conversation opening with the assistant loses that turn
+    sample = {"id": 2, "image": "a.png", "conversations": [
+        {"from": "gpt", "value": "Hello."}, {"from": "human", "value": " <image> "}, {"from": "gpt", "value": "Hi."},
+        {"from": "human", "value": " And now? "}, {"from": "gpt", "value": "Yes."}]}
+    assert normalize_turns(sample) == [("user", "<image>"), ("assistant", "Hi."), ("user", " And now? "),
+                                       ("assistant", "Yes.")]
+    unnamed = {"id": 3, "image": "a.png", "conversations": [{"from": "human", "value": "Why?"},
+                                                            {"from": "gpt", "value": "No."}]}
+    assert normalize_turns(unnamed)[0] == ("user", "<image>\nWhy?")
     path.write_text(json.dumps([{"id": 1, "conversations": [{"from": "robot", "value": "x"}]}]))
     with pytest.raises(ValueError, match="sample 0 is not a LLaVA sample"):
         read_conversations(path)
