@@ -39,7 +39,7 @@ from data.images import DECODE_ERRORS, SHARD_INDEX, TAR_IMAGE_EXTS
 from data.keys import epoch_and_index
 from data.shards import ShardDataset, write_index
 from data.tar_files import write_tar_shard
-from data.transforms import to_rgb
+from data.transforms import open_rgb
 from llm.understanding import chat_tokens, leading_special_ids
 from llm.vocab import IGNORE_INDEX
 
@@ -144,9 +144,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not path.is_file():
             return "missing_image"
         try:
-            with Image.open(path) as raw:
-                raw.load()
-                image = to_rgb(raw)
+            image = open_rgb(path)
         except DECODE_ERRORS:
             return "unreadable_image"
         return self.pixels(image)

@@ -34,7 +34,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Args:
         image: a decoded PIL image of any mode.
     """
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
         grey = np.asarray(image, dtype=np.float64) / 257.0
@@ -52,6 +52,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file decoded whole and made 8-bit RGB by `to_rgb`: how every reader of images for a model (training
+    data, evaluation, the chat) turns a file into pixels."""
+    with Image.open(path) as raw:
+        raw.load()
+        return to_rgb(raw)
 
 
 def adm_center_crop(image: Image.Image, size: int) -> Image.Image:

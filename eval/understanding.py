@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
 from common.files import atomic_write, ensure_settings, resume_jsonl
+from data.transforms import open_rgb
 from eval.understanding_scoring import (
     BENCHMARKS,
     LABELS,
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for start in tqdm(range(0, len(todo), args.batch_size), desc="answer", unit="batch"):
             batch = todo[start : start + args.batch_size]
             images = [None if "image" not in q else blank if args.blank_images else
-                      Image.open(images_root / q["image"]).convert("RGB") for q in batch]
+                      open_rgb(images_root / q["image"]) for q in batch]
             texts = [q["text"].replace("<image>", "").strip() for q in batch]
             answers = answer(model, processor, images, texts, args.max_new_tokens, short=False, hook=hook)
             for q, text in zip(batch, answers):

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from common.cli import add_device_arguments, dtype_of, reported_errors
+from data.transforms import open_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
                                 "CPU default's held-out questions, or pass --questions")
     questions = read_questions(args.questions, "shapes")[: args.num_questions]
     root = args.images or args.questions.parent
-    images = [Image.open(root / q["image"]).convert("RGB") for q in questions]
+    images = [open_rgb(root / q["image"]) for q in questions]
     texts = [q["text"] for q in questions]
     model, processor = load_llava(args.model, args.device, dtype_of(args.dtype))
     torch.set_grad_enabled(False)

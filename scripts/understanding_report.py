@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from common.cli import reported_errors
 from common.files import atomic_write
+from data.transforms import open_rgb
 from eval.understanding_scoring import majority_answers, score_exact_match
 from world.captions import caption_facts, caption_is_true
 from world.probes import read_split
@@ -47,7 +47,7 @@ def caption_truth(export: Path, split: Path, batch_size: int = 64) -> dict[str, 
     metas = read_split(split)
     captions = []
     for start in range(0, len(metas), batch_size):
-        images = [Image.open(split / m["image"]).convert("RGB") for m in metas[start : start + batch_size]]
+        images = [open_rgb(split / m["image"]) for m in metas[start : start + batch_size]]
         captions += caption(model, processor, images)
     parsed = [caption_facts(c) is not None for c in captions]
     true = [caption_is_true(c, m["objects"]) for c, m in zip(captions, metas)]
@@ -86,7 +86,7 @@ def feature_cosine(reference: Path, other: Path, images: list[Path]) -> float:
     a, b = VQRAE.from_pretrained(reference).eval(), VQRAE.from_pretrained(other).eval()
     total = 0.0
     for start in range(0, len(images), 64):
-        x = torch.stack([pil_to_tensor(Image.open(p).convert("RGB")) for p in images[start : start + 64]])
+        x = torch.stack([pil_to_tensor(open_rgb(p)) for p in images[start : start + 64]])
         total += torch.cosine_similarity(a.encode_features(x), b.encode_features(x), dim=-1).mean(-1).sum().item()
     return total / len(images)
 

@@ -12,6 +12,7 @@ from data.transforms import (
     ImageTransform,
     adm_center_crop,
     make_grid_png,
+    open_rgb,
     pil_to_tensor,
     random_crop,
     sample_seed,
@@ -62,6 +63,22 @@ def test_to_rgb_composites_alpha_on_white():
     np.testing.assert_array_equal(out[1], np.full((3, 3), 255))
     half = np.array(to_rgb(Image.fromarray(np.array([[[0, 0, 0, 128]]], dtype=np.uint8), mode="RGBA")))
     assert abs(int(half[0, 0, 0]) - 127) <= 1
+
+
+def test_an_rgb_file_with_a_transparent_colour_is_composited_too(tmp_path):
+    """PNG's tRNS chunk on an RGB image: the pixels of that colour are transparent, so they become white, as on an
+    RGBA image; what every model reader opens a file with (`open_rgb`) does the same."""
+    pixels = np.zeros((2, 2, 3), dtype=np.uint8)
+    pixels[0] = (10, 20, 30)  # the transparent colour
+    pixels[1] = (200, 100, 0)
+    image = Image.fromarray(pixels, mode="RGB")
+    image.save(tmp_path / "t.png", transparency=(10, 20, 30))
+    with Image.open(tmp_path / "t.png") as raw:
+        assert raw.mode == "RGB" and "transparency" in raw.info
+        converted = np.array(to_rgb(raw))
+    expected = np.array([[[255, 255, 255]] * 2, [[200, 100, 0]] * 2], dtype=np.uint8)
+    np.testing.assert_array_equal(converted, expected)
+    np.testing.assert_array_equal(np.array(open_rgb(tmp_path / "t.png")), expected)
 
 
 def test_to_rgb_palette_grey_cmyk_and_16_bit():
