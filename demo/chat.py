@@ -1,6 +1,7 @@
 """The chat's logic: the exports it loads (`Models`), one conversation (`Session`: answering, drawing,
 reconstructing, settings), the drawing rule, and the transcript loop. The commands and rules users see are documented
-in scripts/chat.py, the command that runs it; demo/web.py serves the same sessions as a web page.
+in `HELP` (what `/help` prints and scripts/chat.py, the command that runs it, shows under --help); demo/web.py serves
+the same sessions as a web page.
 """
 
 from __future__ import annotations
@@ -27,6 +28,26 @@ from eval.metrics import psnr
 from llm.sampler import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[1]
+HELP = """\
+A message is a question about the attached image (the conversation's history is kept; the image goes into the first
+question only, as LLaVA's CLI does; a message with no image attached is a text-only question), or a command:
+
+    /image PATH         attach an image and start a new conversation (a message starting with an image path does too)
+    /draw PROMPT        generate draw.count images of PROMPT, save PNGs, print their paths
+    /reconstruct PATH   image -> codes -> image: save the round trip, print PSNR and the number of codes
+    /settings [k=v ..]  show or change settings: answer.temperature (0 = greedy), answer.top_p,
+                        answer.max_new_tokens; draw.cfg_scale, draw.temperature, draw.top_k, draw.top_p, draw.seed,
+                        draw.count, draw.spec_window, draw.spec_init
+    /reset              forget the image and the history
+    /help, /quit        (an empty line or end of input quits too)
+
+Drawing requests in plain words: a message that is not a question (no "?" in it) starting with "draw" or
+"paint" (optionally "me", then "an image of", "a picture of" or "a drawing of"), or with "generate" or "create"
+followed by one of those three, is `/draw` of the rest ("draw a photo of a red circle" -> "a photo of a red
+circle"; "generate an image of two squares" -> "two squares"; "Create a caption for this image" is a question).
+Drawing uses the generator export's recommended sampling settings (its sampling.json: what it was tuned and
+reported with) unless draw.* settings say otherwise.
+"""
 DEFAULTS = {"und": REPO / "runs" / "tiny-und-stage2" / "export", "gen": REPO / "runs" / "tiny-ar" / "export"}
 MAKES = {"und": "deepspeed train/understanding.py, then its stage 2 (train/configs/understanding/tiny-stage2.yaml)",
          "gen": "deepspeed train/ar_gen.py", "tok": "deepspeed train/tokenizer.py"}
@@ -78,7 +99,7 @@ def default_export(key: str) -> Path | None:
 
 
 def draw_prompt(message: str) -> str | None:
-    """The prompt of a drawing request in plain words (the rule in the module docstring), else None."""
+    """The prompt of a drawing request in plain words (the rule in `HELP`), else None."""
     match = DRAW_REQUEST.match(message)
     return match.group("prompt").strip() if match else None
 
@@ -227,8 +248,7 @@ class Session:
         return self.draw(prompt) if prompt is not None else self.ask(line)
 
     def help(self, _: str = "") -> dict[str, Any]:
-        text = __doc__.split("A message is", 1)[1].split("Answers stream")[0].strip()
-        return {"kind": "help", "text": "A message is " + text}
+        return {"kind": "help", "text": HELP.strip()}
 
     def reset(self) -> dict[str, Any]:
         self.image = self.image_path = None

@@ -7,24 +7,7 @@
     python scripts/chat.py --image cat.png --prompt "What is in the image?"
     printf '/image a.png\\nHow many circles are there?\\n/draw a photo of a red circle\\n' | python scripts/chat.py --json
 
-A message is a question about the attached image (the conversation's history is kept; the image goes into the first
-question only, as LLaVA's CLI does; a message with no image attached is a text-only question), or a command:
-
-    /image PATH         attach an image and start a new conversation (a message starting with an image path does too)
-    /draw PROMPT        generate draw.count images of PROMPT, save PNGs, print their paths
-    /reconstruct PATH   image -> codes -> image: save the round trip, print PSNR and the number of codes
-    /settings [k=v ..]  show or change settings: answer.temperature (0 = greedy), answer.top_p,
-                        answer.max_new_tokens; draw.cfg_scale, draw.temperature, draw.top_k, draw.top_p, draw.seed,
-                        draw.count
-    /reset              forget the image and the history
-    /help, /quit        (an empty line or end of input quits too)
-
-Drawing requests in plain words: a message that is not a question (no "?" at its end) starting with "draw" or
-"paint" (optionally "me", then "an image of", "a picture of" or "a drawing of"), or with "generate" or "create"
-followed by one of those three, is `/draw` of the rest ("draw a photo of a red circle" -> "a photo of a red
-circle"; "generate an image of two squares" -> "two squares"; "Create a caption for this image" is a question).
-Drawing uses the generator export's recommended sampling settings (its sampling.json: what it was tuned and
-reported with) unless draw.* settings say otherwise.
+The messages and commands are in `/help` (and below, under --help).
 
 Answers stream token by token; --json prints one JSON object per turn instead ({"kind", "text" or "paths", ...,
 "seconds"}). Bad input (a missing file, not an image, an unknown command, an absent model) is one line and the chat
@@ -42,11 +25,12 @@ import torch
 
 from common.cli import reported_errors
 from common.config import apply_overrides
-from demo.chat import MAKES, ChatSettings, Models, Session, add_model_arguments, chat, input_lines
+from demo.chat import HELP, MAKES, ChatSettings, Models, Session, add_model_arguments, chat, input_lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__ + "\n" + HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--image", type=Path, default=None, help="attach this image first")
     parser.add_argument("--prompt", default=None, help="one message, then quit (after --image, if given)")
@@ -64,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         print("not loaded: " + "; ".join(missing), file=sys.stderr)
     if models.gen is not None and not args.json:
         source = "the generator's recommendation" if models.gen.recommended else "the defaults"
+        if any(item.startswith("draw.") for item in args.settings):
+            source += " and the settings given"
         print(f"drawing with {source}: cfg_scale {settings.draw.cfg_scale}, temperature {settings.draw.temperature} "
               "(/settings changes them)", file=sys.stderr)
     torch.manual_seed(args.seed)
@@ -73,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         with reported_errors():
             record = session.attach(str(args.image))
         print(json.dumps(record) if args.json else record["text"], flush=True)
-    interactive = args.image is None and args.prompt is None and sys.stdin.isatty()
+    interactive = args.prompt is None and sys.stdin.isatty()
     # lazily: a line typed at a terminal is answered before the next is read
     lines = [args.prompt] if args.prompt is not None else input_lines(">>> ") if interactive else sys.stdin
     chat(session, lines, sys.stdout, args.json, interactive)

@@ -100,6 +100,16 @@ def test_draw_writes_the_generators_images_and_settings_change_them(models, tmp_
     assert len(chat.handle("/draw two squares")["paths"]) == 1
 
 
+def test_help_lists_every_command_and_setting(models, tmp_path):
+    chat, _ = session(models, tmp_path)
+    record = chat.handle("/help")
+    assert record["kind"] == "help"
+    commands = ("/image", "/draw", "/reconstruct", "/settings", "/reset", "/help", "/quit")
+    assert all(c in record["text"] for c in commands)
+    settings = chat.handle("/settings")["settings"]
+    assert all(name in record["text"] for name in settings)
+
+
 def test_reconstruct_reports_the_psnr_of_what_it_saved(models, exports, tmp_path):
     chat, _ = session(models, tmp_path)
     record = chat.handle(f"/reconstruct {exports / 'scene.png'}")
