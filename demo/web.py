@@ -25,24 +25,29 @@ class Demo:
     def __init__(self, models: Models, out_dir: Path, max_sessions: int = MAX_SESSIONS):
         self.models, self.out_dir, self.max_sessions = models, out_dir, max_sessions
         self.lock = threading.Lock()
+        self.folders_lock = threading.Lock()  # the list below (requests run in several threads)
         self.folders: list[Path] = []  # session folders, oldest first
 
     def session(self, state: Session | None) -> Session:
         """The browser session's own conversation and output folder (made on its first request; past
-        max_sessions folders the oldest is removed)."""
+        max_sessions folders the oldest is removed). A session whose first request failed is lost to the page (gradio
+        keeps no state from a failed call) and wrote nothing: its folder does not exist and it is dropped from the
+        count, so failed requests never push a live session's outputs out."""
         if state is not None:
             return state
         folder = self.out_dir / uuid.uuid4().hex
-        self.folders.append(folder)
-        while len(self.folders) > self.max_sessions:
-            shutil.rmtree(self.folders.pop(0), ignore_errors=True)
+        with self.folders_lock:
+            self.folders = [f for f in self.folders if f.exists()] + [folder]
+            while len(self.folders) > self.max_sessions:
+                shutil.rmtree(self.folders.pop(0), ignore_errors=True)
         return Session(self.models, folder)  # drawing from the generator's recommended settings
 
     def forget(self, state: Session | None) -> None:
         """A browser session ended: its output folder goes."""
         if state is not None:
             shutil.rmtree(state.out_dir, ignore_errors=True)
-            self.folders = [f for f in self.folders if f != state.out_dir]
+            with self.folders_lock:
+                self.folders = [f for f in self.folders if f != state.out_dir]
 
     def ask(self, image: str | None, question: str, history: list, state: Session | None):
         """Understanding: (chat history, cleared question box, session). A new image starts a new conversation."""

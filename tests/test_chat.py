@@ -418,5 +418,9 @@ def test_web_demo_runs_one_model_call_at_a_time_and_checks_the_pages_numbers(mod
             demo.draw("a circle", values["cfg_scale"], values["temperature"], values["seed"], values["count"], None)
     _, session = demo.draw("a circle", 2.5, 1.0, 3, 1, None)
     assert session.settings.draw.seed == 3 and session.out_dir.is_dir()
+    for _ in range(3):  # failed first requests (their sessions never reach the page) push no live folder out
+        with pytest.raises(gr.Error):
+            demo.draw("", 2.5, 1.0, 0, 1, None)
+    assert session.out_dir.is_dir()
     demo.forget(session)
     assert not session.out_dir.exists()

@@ -516,6 +516,7 @@ def test_the_shipped_configs_parse(name):
     (["model.init_from=", "generation.generator=Y"], "needs model.projector"),
     (["model.init_from=X", "generation.ratio=1"], "generation.ratio must be in [0, 1)"),
     (["model.init_from=X", "image_input=pixels"], "image_input must be one of"),
+    (["model.init_from=X", "image_input=codes", "model.train_tower=true"], "the tower never runs on codes"),
 ])
 def test_config_errors_are_one_line(tmp_path, extra, message):
     proc = run(SCRIPT, f"run.output_dir={tmp_path / 'o'}", "generation.codes=C", *extra, check=False)

@@ -91,6 +91,9 @@ class UnifiedTrainConfig(UnderstandingTrainConfig):
             raise ConfigError(f"generation.loss must be one of {LOSSES}, got {gen.loss!r}")
         if self.image_input not in IMAGE_INPUTS:
             raise ConfigError(f"image_input must be one of {IMAGE_INPUTS}, got {self.image_input!r}")
+        if self.image_input == "codes" and self.model.train_tower:
+            raise ConfigError("model.train_tower=true with image_input=codes: the tower never runs on codes, so it "
+                              "would get no gradient (only weight decay)")
         if gen.init not in INITS:
             raise ConfigError(f"generation.init must be one of {INITS}, got {gen.init!r}")
         if gen.generator and (Path(gen.generator) / FORMAT_FILE).is_file():  # before the run folder is written
