@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--split", default="heldout", help="the split measured on (heldout; val to choose settings)")
     parser.add_argument("--probe-train", type=int, default=4000, help="training images of the probes")
+    parser.add_argument("--lm-questions", choices=("first", "all"), default="first",
+                        help="the Qwen3 reading a description answers each image's first question (as its "
+                             "conversations begin) or every question (each asked first, the short-answer prompt)")
     args = parser.parse_args()
     with reported_errors():
         from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipModel, SiglipTokenizer
@@ -73,9 +76,9 @@ def main() -> None:
             ("pixels", lambda x: x.flatten(1)))}
         lm = AutoModelForCausalLM.from_pretrained(lm_dir)
         reading = lm_reading(lm, AutoTokenizer.from_pretrained(lm_dir), test_metas, json.loads(
-            (world / "data.json").read_text())[args.split]["seed"])
+            (world / "data.json").read_text())[args.split]["seed"], questions=args.lm_questions)
     report = {"split": args.split, "images": len(test_metas), "siglip_retrieval": retrieval, "probes": probes,
-              "probe_train_images": len(train_metas), "lm_reading": reading}
+              "probe_train_images": len(train_metas), "lm_reading": reading, "lm_questions": args.lm_questions}
     with atomic_write(args.runs / "foundation_report.json") as f:
         json.dump(report, f, indent=2)
     print(f"SigLIP zero-shot retrieval on {len(test_metas)} {args.split} images: GenEval prompts "

@@ -322,3 +322,48 @@ def test_lm_conversations_are_qwens_chatml_with_the_answers_supervised():
         supervised = tokenizer.decode([t for t in labels if t >= 0])
         assert supervised == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
         assert messages[0]["content"].startswith("a photo of ") and "\n" in messages[0]["content"]
+
+
+def test_lm_reading_scores_every_question_or_each_images_first(prepared):
+    """An LM that always answers "yes" scores, per type, the share of "yes" answers among the questions asked: all of
+    them (each after the image's description, with the short-answer prompt) or each image's first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm.understanding import SHORT_ANSWER
+    from world.export import conversation_order
+    from world.lm import scene_text
+    from world.probes import lm_reading, read_split
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "qwen3")
+    model = AutoModelForCausalLM.from_pretrained(prepared / "qwen3")
+    metas = read_split(prepared / "val")
+    texts = [scene_text(m) + "\n" + qa["question"] + SHORT_ANSWER for m in metas for qa in m["qa"]]
+    texts += [scene_text(m) + "\n" + qa["question"] for m in metas for qa in m["qa"]]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                             add_generation_prompt=True) for t in texts]
+    answer = tokenizer("yes<|im_end|>", add_special_tokens=False)["input_ids"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(40):  # a yes-sayer: "yes" then the end of turn after any question
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer
+            labels = [-100] * (len(ids) - len(answer)) + answer
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        if loss.item() < 1e-3:
+            break
+    seed = json.loads((prepared / "data.json").read_text())["val"]["seed"]
+
+    def yes_share(questions: list[dict]) -> dict[str, float]:
+        types = sorted({q["type"] for q in questions})
+        share = {t: float(np.mean([q["answer"] == "yes" for q in questions if q["type"] == t])) for t in types}
+        return share | {"overall": float(np.mean([q["answer"] == "yes" for q in questions]))}
+
+    every = [qa for m in metas for qa in m["qa"]]
+    first = [m["qa"][conversation_order(len(m["qa"]), seed, i)[0][0]] for i, m in enumerate(metas)]
+    assert lm_reading(model, tokenizer, metas, seed, batch_size=3, questions="all") == pytest.approx(yes_share(every))
+    assert lm_reading(model, tokenizer, metas, seed, batch_size=3) == pytest.approx(yes_share(first))
+    with pytest.raises(ValueError, match="'first' or 'all'"):
+        lm_reading(model, tokenizer, metas, seed, questions="some")

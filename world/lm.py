@@ -57,12 +57,18 @@ def lm_tokenizer_corpus() -> list[str]:
     return [*world_texts(), *caption_corpus(), *question_texts(), SHORT_ANSWER.strip(), " ".join(answers)]
 
 
-def conversation(meta: dict, seed: int, index: int) -> list[dict[str, str]]:
-    """An image's questions as a ChatML conversation whose first user turn holds its description instead of the
-    image: the questions in the LLaVA export's order, with its short-answer instruction or without."""
-    order, short = conversation_order(len(meta["qa"]), seed, index)
+def scene_text(meta: dict) -> str:
+    """What the LM reads in place of an image: its description, naming the relation its position question asks
+    about (`world.captions.description` with that pair)."""
     position = [qa["pair"] for qa in meta["qa"] if qa["type"] == "position"]
-    context = description(meta["objects"], tuple(position[0]) if position else None)
+    return description(meta["objects"], tuple(position[0]) if position else None)
+
+
+def conversation(meta: dict, seed: int, index: int) -> list[dict[str, str]]:
+    """An image's questions as a ChatML conversation whose first user turn holds its description (`scene_text`)
+    instead of the image: the questions in the LLaVA export's order, with its short-answer instruction or without."""
+    order, short = conversation_order(len(meta["qa"]), seed, index)
+    context = scene_text(meta)
     messages = []
     for k, j in enumerate(order):
         qa = meta["qa"][j]

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm.understanding import SHORT_ANSWER
 from world.captions import caption_is_true, description
 from world.export import conversation_order
-from world.lm import conversation
+from world.lm import conversation, scene_text
 from world.shapes import COLOR_NAMES, RELATIONS, SHAPE_NAMES, TAGS, relation_strength, task_records
 
 ATTRIBUTES = ("presence", "count", "color", "position")
@@ -140,21 +141,33 @@ def attribute_probes(train_features: torch.Tensor, train_metas: Sequence[dict], 
 
 
 @torch.no_grad()
-def lm_reading(model, tokenizer, metas: Sequence[dict], seed: int, batch_size: int = 64) -> dict[str, float]:
-    """Exact match, per question type and overall, of the LM answering each image's first question after reading its
-    description (the first turn of `world.lm.conversation`; greedy, left-padded batches).
+def lm_reading(model, tokenizer, metas: Sequence[dict], seed: int, batch_size: int = 64, questions: str = "first"
+               ) -> dict[str, float]:
+    """Exact match, per question type and overall, of the LM answering questions after reading an image's
+    description (greedy, left-padded batches).
 
     Args:
         model, tokenizer: the causal LM and its tokenizer (ChatML template).
         metas: the images' metadata. seed: their world seed (it draws the question order).
+        questions: "first": each image's first question, the first turn of `world.lm.conversation`; "all": every
+            question of every image, each asked as the first turn after the description with LLaVA's short-answer
+            instruction (as the understanding model is evaluated).
     """
+    if questions not in ("first", "all"):
+        raise ValueError(f"questions must be 'first' or 'all', got {questions!r}")
     model.eval()
-    prompts, answers, types = [], [], []
+    turns = []  # (first user turn, answer, type)
     for i, meta in enumerate(metas):
-        messages = conversation(meta, seed, i)
-        prompts.append(tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True))
-        answers.append(messages[1]["content"])
-        types.append(meta["qa"][conversation_order(len(meta["qa"]), seed, i)[0][0]]["type"])
+        if questions == "first":
+            messages = conversation(meta, seed, i)
+            first = meta["qa"][conversation_order(len(meta["qa"]), seed, i)[0][0]]
+            turns.append((messages[0]["content"], messages[1]["content"], first["type"]))
+        else:
+            turns += [(scene_text(meta) + "\n" + qa["question"] + SHORT_ANSWER, qa["answer"], qa["type"])
+                      for qa in meta["qa"]]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True) for text, _, _ in turns]
+    answers, types = [a for _, a, _ in turns], [t for _, _, t in turns]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     right: dict[str, list[bool]] = {}
