@@ -160,11 +160,11 @@ def score_folder(images: Path, questions: dict[str, list[Question]], judge, out:
     out.mkdir(parents=True, exist_ok=True)
     ensure_settings(out / "settings.json", {"images": str(images.resolve()), "judge": judge.name})
     path = out / "answers.jsonl"
-    tile_digest = {p.stem: file_digest(p) for p in tiles}
+    made_from = {p.stem: {"tile": file_digest(p), "questions": question_digest(questions[p.stem])} for p in tiles}
     done = {row["item_id"]: [{int(k): v for k, v in crop.items()} for crop in row["answers"]]
             for row in resume_jsonl(path)  # answers to this very tile and these very questions only
-            if row.get("tile") == tile_digest.get(row["item_id"])
-            and row.get("questions") == question_digest(questions.get(row["item_id"], []))}
+            if row["item_id"] in made_from
+            and {k: row.get(k) for k in ("tile", "questions")} == made_from[row["item_id"]]}
     todo = [p for p in tiles if p.stem not in done]
     with open(path, "a") as f:
         for start in tqdm(range(0, len(todo), prompts_per_batch), desc="judge", unit="batch"):
@@ -180,8 +180,7 @@ def score_folder(images: Path, questions: dict[str, list[Question]], judge, out:
                     per_crop.append({q.proposition_id: a for q, a in zip(qs, answers[position : position + len(qs)])})
                     position += len(qs)
                 done[p.stem] = per_crop
-                f.write(json.dumps({"item_id": p.stem, "tile": tile_digest[p.stem],
-                                    "questions": question_digest(questions[p.stem]), "answers": per_crop}) + "\n")
+                f.write(json.dumps({"item_id": p.stem, **made_from[p.stem], "answers": per_crop}) + "\n")
             f.flush()
     results = {p.stem: score_prompt(questions[p.stem], done[p.stem]) for p in tiles}
     with atomic_write(out / "scores.jsonl") as f:

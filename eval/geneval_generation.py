@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from common.files import atomic_write, ensure_settings, json_digest
 from data.transforms import to_pil
+from eval.geneval_scoring import sample_images
 from llm.sampler import SamplingConfig
 
 SETTINGS_FILE = "generation.json"
@@ -41,18 +42,17 @@ def read_prompts(path: Path) -> list[dict]:
     return rows
 
 
-def sample_files(folder: Path) -> set[str]:
-    """The image names GenEval's scorer reads in a prompt folder (every digit-named PNG of samples/)."""
-    samples = folder / "samples"
-    return {p.name for p in samples.glob("*.png") if p.stem.isdigit()} if samples.is_dir() else set()
+def sample_names(n: int) -> set[str]:
+    """The names of a prompt's n images in samples/."""
+    return {f"{k:04d}.png" for k in range(n)}
 
 
 def prompt_done(folder: Path, n: int, row: dict) -> bool:
     """True when a prompt's folder holds this prompt's metadata and exactly its n images (resume skips it); a folder
-    of another prompt, or with images a scorer would count beside them, is written again."""
+    of another prompt, or with images the scorer would count beside them (`sample_images`), is written again."""
     metadata = folder / "metadata.jsonl"
     return (metadata.is_file() and metadata.read_text() == json.dumps(row) + "\n"
-            and sample_files(folder) == {f"{j:04d}.png" for j in range(n)})
+            and {p.name for p in sample_images(folder)} == sample_names(n))
 
 
 def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConfig, prompts_per_batch: int,
@@ -82,8 +82,8 @@ def generate(t2i, prompts: list[dict], out: Path, n: int, sampling: SamplingConf
         for b, i in enumerate(batch):
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
-            for stale in sample_files(folder) - {f"{k:04d}.png" for k in range(n)}:
-                (folder / "samples" / stale).unlink()
+            for stale in (p for p in sample_images(folder) if p.name not in sample_names(n)):
+                stale.unlink()
             for k in range(n):
                 with atomic_write(folder / "samples" / f"{k:04d}.png", "wb") as f:
                     to_pil(images[b * n + k].float().cpu()).save(f, format="PNG")

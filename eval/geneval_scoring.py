@@ -254,6 +254,13 @@ def score_image(
 # Folder evaluation
 
 
+def sample_images(folder: Path) -> list[Path]:
+    """The images GenEval scores in a prompt folder: every file of samples/ named NNNN.png, sorted by number."""
+    samples = folder / "samples"
+    files = samples.iterdir() if samples.is_dir() else []
+    return sorted((p for p in files if p.is_file() and IMAGE_NAME.fullmatch(p.name)), key=lambda p: (int(p.stem), p.name))
+
+
 def find_prompt_folders(outdir: str | Path) -> list[tuple[Path, dict[str, Any], list[Path]]]:
     """The prompt folders of a GenEval generation run.
 
@@ -273,10 +280,7 @@ def find_prompt_folders(outdir: str | Path) -> list[tuple[Path, dict[str, Any], 
             raise FileNotFoundError(f"GenEval prompt folder without metadata.jsonl: {folder}")
         metadata = json.loads(meta_path.read_text())
         validate_metadata(metadata)
-        samples = folder / "samples"
-        files = sorted(samples.iterdir()) if samples.is_dir() else []
-        images = [p for p in files if p.is_file() and IMAGE_NAME.fullmatch(p.name)]
-        prompts.append((folder, metadata, sorted(images, key=lambda p: int(p.stem))))
+        prompts.append((folder, metadata, sample_images(folder)))
     if not any(images for _, _, images in prompts):
         raise FileNotFoundError(f"no GenEval images (NNNNN/samples/NNNN.png) found under {outdir}")
     return prompts
