@@ -163,8 +163,8 @@ def lm_reading(model, tokenizer, metas: Sequence[dict], seed: int, batch_size: i
             first = meta["qa"][conversation_order(len(meta["qa"]), seed, i)[0][0]]
             turns.append((messages[0]["content"], messages[1]["content"], first["type"]))
         else:
-            turns += [(scene_text(meta) + "\n" + qa["question"] + SHORT_ANSWER, qa["answer"], qa["type"])
-                      for qa in meta["qa"]]
+            scene = scene_text(meta)
+            turns += [(scene + "\n" + qa["question"] + SHORT_ANSWER, qa["answer"], qa["type"]) for qa in meta["qa"]]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True) for text, _, _ in turns]
     answers, types = [a for _, a, _ in turns], [t for _, _, t in turns]
